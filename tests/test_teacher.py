@@ -1,0 +1,195 @@
+"""Stage 1: cache schema, row order, pipeline equivalence, cache hits, truncation, input formats."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pytest
+from conftest import CLASS_NAMES, CORPUS, run_script
+
+import teacher_infer
+from zsdistill import cache, targets
+from zsdistill import teacher as zs_teacher
+
+LONG_TEXT = "an extremely long line about sports and finance " * 400  # far beyond the 64-token max length
+
+
+def read_via_manifest(cache_path: str) -> pa.Table:
+    """Rebuild the table from manifest.json alone, as any Arrow reader would."""
+    with open(os.path.join(cache_path, "manifest.json")) as f:
+        manifest = json.load(f)
+    return pa.concat_tables(ipc.open_stream(os.path.join(cache_path, s["file"])).read_all() for s in manifest["shards"])
+
+
+def test_schema_and_row_order_across_shards(teachers, tmp_path):
+    texts = [f"example number {i} about {CLASS_NAMES[i % 6]}" for i in range(23)]
+    (tmp_path / "texts.txt").write_text("\n\n".join(texts) + "\n\n")  # blank lines are skipped
+    (tmp_path / "classes.txt").write_text("\n".join(CLASS_NAMES) + "\n")
+    path = teacher_infer.main(
+        data_file=str(tmp_path / "texts.txt"), class_names_file=str(tmp_path / "classes.txt"), teacher_name_or_path=teachers["upper"],
+        cache_dir=str(tmp_path / "cache"), shard_size=5,
+    )
+    manifest = json.load(open(os.path.join(path, "manifest.json")))
+    assert manifest["complete"] and manifest["format_version"] == cache.FORMAT_VERSION
+    assert [s["rows"] for s in manifest["shards"]] == [5, 5, 5, 5, 3]
+    assert [s["file"] for s in manifest["shards"]] == [f"shard-{i:05d}.arrow" for i in range(5)]
+    assert manifest["class_names"] == CLASS_NAMES
+    assert manifest["hypotheses"] == [f"This example is {c}." for c in CLASS_NAMES]
+    assert manifest["teacher"]["entailment_index"] == 2 and manifest["teacher"]["contradiction_index"] == 0
+    assert manifest["score_columns"] == ["entailment", "contradiction", "neutral"]
+    assert manifest["num_examples"] == 23 and manifest["forward_passes"]["computed"] == 23 * 6
+    for shard in manifest["shards"]:
+        shard_table = ipc.open_stream(os.path.join(path, shard["file"])).read_all()
+        assert shard_table.column_names == ["index", "text", "entailment", "contradiction", "neutral"]
+        assert shard_table.num_rows == shard["rows"] == shard["stop"] - shard["start"]
+    table = read_via_manifest(path)
+    assert table.column("text").to_pylist() == texts
+    assert table.column("index").to_pylist() == list(range(23))
+    assert table.schema.field("entailment").type == pa.list_(pa.float32())
+    assert all(len(v) == 6 for v in table.column("neutral").to_pylist())
+    # datasets reads each shard too.
+    from datasets import Dataset
+
+    first = Dataset.from_file(os.path.join(path, "shard-00000.arrow"))
+    assert first["text"] == texts[:5]
+
+
+@pytest.mark.parametrize("style", ["upper", "lower", "two"])
+def test_cached_logits_reproduce_zero_shot_pipeline(teachers, tmp_path, style):
+    from transformers import pipeline
+
+    texts = CORPUS + [LONG_TEXT]
+    (tmp_path / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "classes.txt").write_text("\n".join(CLASS_NAMES))
+    template = "The topic is {}."
+    path = teacher_infer.main(
+        data_file=str(tmp_path / "texts.jsonl"), class_names_file=str(tmp_path / "classes.txt"), teacher_name_or_path=teachers[style],
+        hypothesis_template=template, cache_dir=str(tmp_path / "cache"), shard_size=4, teacher_batch_size=7,
+    )
+    manifest, table = cache.load_cache(path)
+    columns = cache.logit_columns(manifest, table)
+    classifier = pipeline("zero-shot-classification", model=teachers[style], device="cpu")
+    for multi_label in (False, True):
+        ours = targets.teacher_probabilities(columns, multi_label=multi_label)
+        results = classifier(texts, candidate_labels=CLASS_NAMES, hypothesis_template=template, multi_label=multi_label, batch_size=5)
+        theirs = np.array([[dict(zip(r["labels"], r["scores"]))[c] for c in CLASS_NAMES] for r in results])
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+    # The long text was truncated (to the teacher's 64 tokens), not crashed: its scores equal the pipeline's above.
+    assert manifest["max_length"] == 64
+
+
+def test_rerun_is_a_cache_hit_without_loading_the_model(teachers, corpus_files, tmp_path, monkeypatch, capsys):
+    data_file, classes_file = corpus_files
+    kwargs = dict(teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "cache"), shard_size=3)
+    calls = {"forward": 0, "load": 0}
+    real_load = zs_teacher.load_model
+
+    def counting_load(*args, **kw):
+        calls["load"] += 1
+        model, tokenizer = real_load(*args, **kw)
+        real_forward = model.forward
+
+        def forward(*a, **k):
+            calls["forward"] += 1
+            return real_forward(*a, **k)
+
+        model.forward = forward
+        return model, tokenizer
+
+    monkeypatch.setattr(zs_teacher, "load_model", counting_load)
+    first = teacher_infer.main(data_file=data_file, class_names_file=classes_file, **kwargs)
+    assert calls["load"] == 1 and calls["forward"] > 0
+    shard_state = {f: os.stat(os.path.join(first, f)).st_mtime_ns for f in os.listdir(first)}
+    calls.update(load=0, forward=0)
+    capsys.readouterr()
+    second = teacher_infer.main(data_file=data_file, class_names_file=classes_file, **kwargs)
+    assert second == first
+    assert calls == {"load": 0, "forward": 0}
+    assert {f: os.stat(os.path.join(first, f)).st_mtime_ns for f in os.listdir(first)} == shard_state
+    assert capsys.readouterr().out.strip().splitlines()[-1] == first
+
+
+def test_key_changes_with_classes_and_template(teachers, corpus_files, tmp_path):
+    data_file, classes_file = corpus_files
+    kwargs = dict(teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "cache"))
+    base = teacher_infer.main(data_file=data_file, class_names_file=classes_file, **kwargs)
+    more = tmp_path / "more.txt"
+    more.write_text("\n".join(CLASS_NAMES + ["politics"]))
+    with_more = teacher_infer.main(data_file=data_file, class_names_file=str(more), **kwargs)
+    other_template = teacher_infer.main(data_file=data_file, class_names_file=classes_file, hypothesis_template="It is about {}.", **kwargs)
+    assert len({base, with_more, other_template}) == 3
+
+
+@pytest.mark.parametrize("fmt", ["txt", "csv", "jsonl", "parquet"])
+def test_input_formats_give_the_same_cache(teachers, tmp_path, fmt):
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    texts = CORPUS[:5] + ['a text with "quotes", commas, and\ttabs']
+    data_file = tmp_path / f"data.{fmt}"
+    table = pa.table({"id": list(range(len(texts))), "body": texts})
+    if fmt == "txt":
+        data_file.write_text("\n".join(texts) + "\n")
+    elif fmt == "csv":
+        pacsv.write_csv(table, str(data_file))
+    elif fmt == "jsonl":
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in table.to_pylist()))
+    else:
+        pq.write_table(table, str(data_file))
+    (tmp_path / "classes.txt").write_text("\n".join(CLASS_NAMES))
+    path = teacher_infer.main(
+        data_file=str(data_file), class_names_file=str(tmp_path / "classes.txt"), teacher_name_or_path=teachers["two"], text_column="body",
+        cache_dir=str(tmp_path / "cache"),
+    )
+    manifest, table = cache.load_cache(path)
+    assert table.column("text").to_pylist() == texts
+    assert manifest["score_columns"] == ["entailment", "contradiction"]  # not_entailment stored as contradiction
+    # The data fingerprint hashes the texts, not the file: every format lands on the same key.
+    (tmp_path / "ref.txt").write_text("\n".join(texts))
+    reference = teacher_infer.main(
+        data_file=str(tmp_path / "ref.txt"), class_names_file=str(tmp_path / "classes.txt"), teacher_name_or_path=teachers["two"], cache_dir=str(tmp_path / "cache")
+    )
+    assert reference == path
+
+
+def test_cli_help_and_last_stdout_line(teachers, corpus_files, tmp_path):
+    help_text = run_script("teacher_infer.py", "--help")
+    for flag in ("--data_file", "--class_names_file", "--teacher_name_or_path", "--hypothesis_template", "--teacher_batch_size",
+                 "--cache_dir", "--max_length", "--text_column", "--shard_size", "--fp16", "--bf16", "--no_cuda"):
+        assert flag in help_text.stdout + help_text.stderr, flag
+    data_file, classes_file = corpus_files
+    result = run_script(
+        "teacher_infer.py", "--data_file", data_file, "--class_names_file", classes_file,
+        "--teacher_name_or_path", teachers["lower"], "--cache_dir", str(tmp_path / "cache"),
+    )
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    assert os.path.isfile(os.path.join(last, "manifest.json"))
+    assert "pairs/s" in result.stderr  # the progress bar reports throughput
+
+
+def test_pair_encoder_matches_tokenizer_pairs(teachers):
+    from transformers import AutoTokenizer
+
+    for style in ("upper", "lower"):
+        tokenizer = AutoTokenizer.from_pretrained(teachers[style])
+        encoder = zs_teacher.PairEncoder(tokenizer, 24)
+        premises = CORPUS[:3] + [LONG_TEXT]
+        hypotheses = ["This example is sports.", "finance"]
+        premise_ids, hypothesis_ids = encoder.tokenize(premises), encoder.tokenize(hypotheses)
+        for p, p_ids in zip(premises, premise_ids):
+            for h, h_ids in zip(hypotheses, hypothesis_ids):
+                expected = tokenizer(p, h, truncation="only_first", max_length=24, return_token_type_ids=True)
+                ids, types = encoder.encode(p_ids, h_ids)
+                assert ids == expected["input_ids"]
+                assert types == expected["token_type_ids"]
+
+
+def test_length_sorted_batches_respect_budgets():
+    lengths = np.array([5, 50, 7, 30, 30, 6, 100, 8])
+    batches = zs_teacher.length_sorted_batches(lengths, max_pairs=3, max_tokens=100)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(8))
+    for batch in batches:
+        assert len(batch) <= 3 and (len(batch) == 1 or len(batch) * lengths[batch].max() <= 100)

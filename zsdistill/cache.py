@@ -1,0 +1,214 @@
+"""The teacher cache: `<cache_dir>/<key>/manifest.json` plus Arrow IPC shards (schema in README).
+
+Writing is crash-safe: a shard is written to a temporary name, fsynced and renamed, and only then gets
+its completion record (`shard-NNNNN.done.json`, with row count and checksum). The manifest says
+`"complete": true` only once every shard has one. Readers verify all of it.
+"""
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from zsdistill.data import file_sha256
+from zsdistill.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def cache_key(fields: dict) -> str:
+    """Deterministic digest of everything the cached logits depend on."""
+    canonical = json.dumps(fields, sort_keys=True, ensure_ascii=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:20]
+
+
+def shard_file(index: int) -> str:
+    return f"shard-{index:05d}.arrow"
+
+
+def done_file(index: int) -> str:
+    return f"shard-{index:05d}.done.json"
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """An exclusive advisory lock (released by the OS if the process dies)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def list_array(values: np.ndarray) -> pa.Array:
+    """(N, K) float array -> Arrow list<float32> column."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    n, k = values.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1)))
+
+
+def list_column_to_numpy(column: pa.ChunkedArray | pa.Array, width: int) -> np.ndarray:
+    """Arrow list<float32> column -> (N, width) float32 array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, width).astype(np.float32, copy=False)
+
+
+def write_shard(cache_path: str, index: int, table: pa.Table, record: dict) -> dict:
+    """Write shard `index` atomically, then its completion record; return that record."""
+    final = os.path.join(cache_path, shard_file(index))
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{shard_file(index)}-", dir=cache_path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            with ipc.new_stream(f, table.schema) as writer:
+                writer.write_table(table)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(cache_path)
+    record = {
+        "file": shard_file(index),
+        **record,
+        "rows": table.num_rows,
+        "bytes": os.path.getsize(final),
+        "sha256": file_sha256(final),
+    }
+    write_json_atomic(os.path.join(cache_path, done_file(index)), record)
+    return record
+
+
+def read_done_record(cache_path: str, index: int, start: int, stop: int, verify: bool = True) -> dict | None:
+    """The shard's completion record if the shard is complete and intact, else None."""
+    record_path = os.path.join(cache_path, done_file(index))
+    try:
+        with open(record_path) as f:
+            record = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    shard_path = os.path.join(cache_path, shard_file(index))
+    if record.get("start") != start or record.get("stop") != stop or not os.path.exists(shard_path):
+        return None
+    if os.path.getsize(shard_path) != record.get("bytes"):
+        return None
+    if verify and file_sha256(shard_path) != record.get("sha256"):
+        return None
+    return record
+
+
+def read_manifest(cache_path: str) -> dict | None:
+    try:
+        with open(os.path.join(cache_path, MANIFEST)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def is_complete(cache_path: str) -> bool:
+    """A cheap check for the cache-hit path: complete manifest, every shard present with its size."""
+    manifest = read_manifest(cache_path)
+    if not manifest or not manifest.get("complete"):
+        return False
+    return all(
+        os.path.exists(p := os.path.join(cache_path, s["file"])) and os.path.getsize(p) == s["bytes"]
+        for s in manifest["shards"]
+    )
+
+
+def open_table(cache_path: str, manifest: dict) -> pa.Table:
+    """The whole cache as one Arrow table, memory-mapped (no copy into RAM)."""
+    tables = [ipc.open_stream(pa.memory_map(os.path.join(cache_path, s["file"]))).read_all() for s in manifest["shards"]]
+    return pa.concat_tables(tables)
+
+
+def load_cache(cache_path: str, verify: bool = True) -> tuple[dict, pa.Table]:
+    """Open a complete cache for reading; refuse anything missing, corrupt or from a newer format."""
+    if not os.path.isdir(cache_path):
+        raise UserError(f"cache {cache_path!r} does not exist: pass the directory teacher_infer.py printed")
+    try:
+        manifest = read_manifest(cache_path)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{os.path.join(cache_path, MANIFEST)} is not valid JSON ({e}); rerun teacher_infer.py to rebuild it") from None
+    if manifest is None:
+        raise UserError(
+            f"{cache_path!r} is not a teacher cache (no {MANIFEST}); pass the directory that teacher_infer.py printed, "
+            f"e.g. cache/<key>"
+        )
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(
+            f"{cache_path}: cache format version {version!r} is newer than this zsdistill reads ({FORMAT_VERSION}); "
+            f"upgrade zsdistill"
+        )
+    command = manifest.get("command", "the teacher_infer.py command that made it")
+    if not manifest.get("complete"):
+        missing = [
+            s["file"]
+            for i, s in enumerate(manifest["shards"])
+            if read_done_record(cache_path, i, s["start"], s["stop"], verify=False) is None
+        ]
+        raise UserError(
+            f"cache {cache_path} is incomplete: {len(missing)} of {len(manifest['shards'])} shards missing "
+            f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); complete it by rerunning: {command}"
+        )
+    bad = []
+    for shard in manifest["shards"]:
+        path = os.path.join(cache_path, shard["file"])
+        if not os.path.exists(path):
+            bad.append(f"{shard['file']} (missing)")
+        elif os.path.getsize(path) != shard["bytes"] or (verify and file_sha256(path) != shard["sha256"]):
+            bad.append(f"{shard['file']} (checksum mismatch)")
+    if bad:
+        raise UserError(
+            f"cache {cache_path} is corrupt: {', '.join(bad)}; delete those files and their .done.json records, "
+            f"then rerun: {command}"
+        )
+    table = open_table(cache_path, manifest)
+    if table.num_rows != manifest["num_examples"]:
+        raise UserError(f"cache {cache_path}: shards hold {table.num_rows} rows, manifest says {manifest['num_examples']}; rerun: {command}")
+    return manifest, table
+
+
+def logit_columns(manifest: dict, table: pa.Table) -> dict[str, np.ndarray]:
+    """Every per-class score column of the cache as an (N, K) array."""
+    width = len(manifest["class_names"])
+    return {name: list_column_to_numpy(table.column(name), width) for name in manifest["score_columns"]}

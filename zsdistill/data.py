@@ -1,0 +1,217 @@
+"""Data readers shared by the stages: unlabeled texts (streamed), class names, labeled test sets.
+
+Supported inputs: `.txt` (one example per line, blank lines skipped), `.csv`, `.jsonl`/`.json` (one
+object per line), `.parquet`; labeled sets also `.tsv` (`label<TAB>text`). Every problem is raised as a
+UserError naming the file and line/row.
+"""
+
+import hashlib
+import json
+import os
+import string
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from zsdistill.errors import UserError
+
+TEXT_FORMATS = (".txt", ".csv", ".jsonl", ".json", ".parquet")
+LABELED_FORMATS = (".jsonl", ".json", ".csv", ".parquet", ".tsv", ".txt")
+ENCODING_ERRORS = ("strict", "replace", "ignore")
+
+
+def _suffix(path: str, allowed: tuple[str, ...], what: str) -> str:
+    if not os.path.exists(path):
+        raise UserError(f"{what} {path!r} does not exist: check the path")
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is a directory: give a file")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in allowed:
+        raise UserError(f"{what} {path!r} has unsupported extension {suffix!r}: use one of {', '.join(allowed)}")
+    return suffix
+
+
+def _decode(raw: bytes, path: str, line_number: int, errors: str) -> str:
+    try:
+        return raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{path}, line {line_number}: invalid UTF-8 ({e.reason} at byte {e.start}); fix the file or pass "
+            f"--encoding_errors replace to substitute undecodable bytes"
+        ) from None
+
+
+def _table_column(table_path: str, columns: list[str], column: str, flag: str) -> None:
+    if column not in columns:
+        raise UserError(
+            f"{table_path} has no column {column!r} (it has: {', '.join(map(repr, columns))}); pass {flag} with one of them"
+        )
+
+
+def _iter_tabular_rows(path: str, suffix: str, columns: list[str], encoding_errors: str) -> Iterator[dict]:
+    """Yield dict rows holding `columns`, in file order, streaming (never the whole file in memory)."""
+    if suffix == ".parquet":
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow says what is wrong with the file
+            raise UserError(f"{path}: not a readable parquet file ({e})") from None
+        names = parquet.schema_arrow.names
+        for column in columns:
+            _table_column(path, names, column, "--text_column/--label_column")
+        for batch in parquet.iter_batches(columns=columns, batch_size=4096):
+            yield from batch.to_pylist()
+    elif suffix == ".csv":
+        try:
+            reader = pacsv.open_csv(
+                path,
+                read_options=pacsv.ReadOptions(block_size=1 << 22),
+                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            )
+            names = reader.schema.names
+        except pa.ArrowInvalid as e:
+            if "Empty CSV file" in str(e):
+                raise UserError(f"{path} is empty: give a CSV file with a header and rows") from None
+            raise UserError(f"{path}: cannot read as CSV ({e}); check it is UTF-8 CSV with a header row") from None
+        for column in columns:
+            _table_column(path, names, column, "--text_column/--label_column")
+        try:
+            for batch in reader:
+                yield from batch.select(columns).to_pylist()
+        except pa.ArrowInvalid as e:
+            raise UserError(f"{path}: cannot read as CSV ({e}); check its encoding (UTF-8) and quoting") from None
+    else:  # jsonl
+        with open(path, "rb") as f:
+            for line_number, raw in enumerate(f, 1):
+                line = _decode(raw, path, line_number, encoding_errors).strip()
+                if not line:
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}, line {line_number}: not valid JSON ({e.msg}); expected one object per line") from None
+                if not isinstance(row, dict):
+                    raise UserError(f"{path}, line {line_number}: expected a JSON object per line, got {type(row).__name__}")
+                for column in columns:
+                    if column not in row:
+                        raise UserError(
+                            f"{path}, line {line_number}: no key {column!r} (it has: {', '.join(map(repr, row))}); "
+                            f"pass --text_column/--label_column with the right name"
+                        )
+                row["_line"] = line_number
+                yield row
+
+
+def iter_texts(path: str, text_column: str = "text", encoding_errors: str = "strict") -> Iterator[str]:
+    """Yield the examples' texts in file order, one at a time."""
+    if encoding_errors not in ENCODING_ERRORS:
+        raise UserError(f"--encoding_errors {encoding_errors!r} is not one of {', '.join(ENCODING_ERRORS)}")
+    suffix = _suffix(path, TEXT_FORMATS, "data file")
+    if suffix == ".txt":
+        with open(path, "rb") as f:
+            for line_number, raw in enumerate(f, 1):
+                text = _decode(raw, path, line_number, encoding_errors).rstrip("\r\n")
+                if text.strip():  # blank lines are skipped, as in the reference script
+                    yield text
+        return
+    for index, row in enumerate(_iter_tabular_rows(path, suffix, [text_column], encoding_errors)):
+        text = row[text_column]
+        where = f"line {row['_line']}" if "_line" in row else f"row {index + 1}"
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{path}, {where}: column {text_column!r} is empty or not a string; every row must hold a text")
+        yield text
+
+
+def scan_texts(path: str, text_column: str = "text", encoding_errors: str = "strict") -> tuple[int, str]:
+    """One streaming pass: validate every row, count them, and fingerprint the texts.
+
+    The fingerprint hashes the texts themselves (length-prefixed), so the same texts in another file
+    format share a fingerprint, and so a teacher cache.
+    """
+    digest = hashlib.sha256()
+    count = 0
+    for text in iter_texts(path, text_column, encoding_errors):
+        encoded = text.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "little"))
+        digest.update(encoded)
+        count += 1
+    if count == 0:
+        raise UserError(f"data file {path!r} holds no examples (it is empty or has only blank lines)")
+    return count, digest.hexdigest()
+
+
+def read_class_names(path: str) -> list[str]:
+    """Class names, one per line; trailing blank lines are ignored, any other blank or duplicate is an error."""
+    if not os.path.isfile(path):
+        raise UserError(f"class names file {path!r} does not exist: give a file with one class name per line")
+    with open(path, "rb") as f:
+        raw_lines = f.read().split(b"\n")
+    lines = [_decode(raw, path, i, "strict").strip() for i, raw in enumerate(raw_lines, 1)]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise UserError(f"class names file {path!r} is empty: write one class name per line")
+    seen: dict[str, int] = {}
+    for line_number, name in enumerate(lines, 1):
+        if not name:
+            raise UserError(f"{path}, line {line_number}: blank class name; remove the empty line")
+        if name in seen:
+            raise UserError(f"{path}, line {line_number}: duplicate class name {name!r} (also on line {seen[name]}); remove one")
+        seen[name] = line_number
+    return lines
+
+
+def check_template(template: str) -> None:
+    """A hypothesis template must hold exactly one positional `{}` placeholder."""
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise UserError(f"--hypothesis_template {template!r} is not a valid format string ({e}); use one {{}} for the class name") from None
+    if len(fields) != 1 or fields[0] != "":
+        raise UserError(
+            f"--hypothesis_template {template!r} must contain exactly one '{{}}' placeholder for the class name "
+            f"(found {len(fields)}{': ' + ', '.join(repr('{' + f + '}') for f in fields) if fields else ''}), e.g. 'This example is {{}}.'"
+        )
+
+
+def read_labeled(path: str, text_column: str = "text", label_column: str = "label") -> tuple[list[str], list]:
+    """Texts and labels of a labeled set. A label is a class name, or a list of names (multi-label)."""
+    suffix = _suffix(path, LABELED_FORMATS, "test file")
+    texts: list[str] = []
+    labels: list = []
+    if suffix in (".tsv", ".txt"):
+        with open(path, "rb") as f:
+            for line_number, raw in enumerate(f, 1):
+                line = _decode(raw, path, line_number, "strict").rstrip("\r\n")
+                if not line.strip():
+                    continue
+                if "\t" not in line:
+                    raise UserError(f"{path}, line {line_number}: expected 'label<TAB>text'")
+                label, text = line.split("\t", 1)
+                texts.append(text)
+                labels.append(label.strip())
+    else:
+        for index, row in enumerate(_iter_tabular_rows(path, suffix, [text_column, label_column], "strict")):
+            where = f"line {row['_line']}" if "_line" in row else f"row {index + 1}"
+            text, label = row[text_column], row[label_column]
+            if not isinstance(text, str):
+                raise UserError(f"{path}, {where}: column {text_column!r} is not a string")
+            if isinstance(label, str) and label.startswith("[") and suffix != ".jsonl":
+                label = json.loads(label)  # a list stored as JSON text in a CSV cell
+            if label is None or label == "":
+                raise UserError(f"{path}, {where}: column {label_column!r} is empty; every row needs a label")
+            texts.append(text)
+            labels.append(label)
+    if not texts:
+        raise UserError(f"test file {path!r} holds no examples")
+    return texts, labels
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,61 @@
+"""Soft-target math, in one place: stage 2 trains on it, stage 3 rebuilds teacher predictions with it.
+
+All functions take numpy arrays of shape (N, K) (one column per class) and return probabilities (N, K).
+"""
+
+import math
+
+import numpy as np
+
+from zsdistill.errors import UserError
+
+# Cosine similarities of sentence embeddings sit in a narrow band (about 0.0-0.6), so a plain softmax
+# over them is nearly uniform. Dividing by SIMILARITY_SCALE (tau) first makes T=1 meaningful; 0.05 is the
+# scale (20x) sentence-transformers trains these models with (MultipleNegativesRankingLoss).
+SIMILARITY_SCALE = 0.05
+
+
+def check_temperature(temperature) -> float:
+    try:
+        value = float(temperature)
+    except (TypeError, ValueError):
+        raise UserError(f"--temperature {temperature!r} is not a number; give a positive number such as 1.0") from None
+    if isinstance(temperature, bool) or math.isnan(value) or value <= 0 or math.isinf(value):
+        raise UserError(f"--temperature {temperature!r} must be a finite number > 0, e.g. 1.0 or 2.0")
+    return value
+
+
+def _softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = x - x.max(axis=axis, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def single_label_targets(entailment: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Softmax over the K classes of entailment logits / T (the zero-shot pipeline's multi_label=False)."""
+    return _softmax(np.asarray(entailment, dtype=np.float64) / temperature).astype(np.float32)
+
+
+def multi_label_targets(entailment: np.ndarray, contradiction: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Per class, softmax of (contradiction, entailment) / T, keep entailment (the pipeline's multi_label=True)."""
+    difference = (np.asarray(entailment, dtype=np.float64) - np.asarray(contradiction, dtype=np.float64)) / temperature
+    return (1.0 / (1.0 + np.exp(-difference))).astype(np.float32)
+
+
+def similarity_targets(similarity: np.ndarray, temperature: float = 1.0, scale: float = SIMILARITY_SCALE) -> np.ndarray:
+    """Softmax over the K classes of cosine similarity / (scale * T)."""
+    return _softmax(np.asarray(similarity, dtype=np.float64) / (scale * temperature)).astype(np.float32)
+
+
+def teacher_probabilities(columns: dict[str, np.ndarray], multi_label: bool, temperature: float = 1.0) -> np.ndarray:
+    """Targets from a cache's logit columns: NLI caches hold `entailment`/`contradiction`, embedding caches `similarity`."""
+    if "similarity" in columns:
+        if multi_label:
+            raise UserError(
+                "multi-label targets need an NLI teacher: an embedding teacher's similarities have no per-class "
+                "yes/no calibration; drop --multi_class or rebuild the cache with an NLI teacher"
+            )
+        return similarity_targets(columns["similarity"], temperature)
+    if multi_label:
+        return multi_label_targets(columns["entailment"], columns["contradiction"], temperature)
+    return single_label_targets(columns["entailment"], temperature)
