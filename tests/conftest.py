@@ -138,3 +138,50 @@ def run_script(script: str, *args: str, env: dict | None = None, cwd: str | None
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600
     )
+
+
+def write_toy_cache(path: str, texts: list[str], class_names: list[str], columns: dict, kind: str = "nli", shard_size: int = 100) -> str:
+    """A cache in the real format with scores we choose (a 'toy teacher'), written with the cache module."""
+    import numpy as np
+    import pyarrow as pa
+
+    from zsdistill import cache
+
+    os.makedirs(path, exist_ok=True)
+    records = []
+    for index, start in enumerate(range(0, len(texts), shard_size)):
+        stop = min(start + shard_size, len(texts))
+        table = pa.table({
+            "index": pa.array(np.arange(start, stop, dtype=np.int64)),
+            "text": pa.array(texts[start:stop]),
+            **{name: cache.list_array(values[start:stop]) for name, values in columns.items()},
+        })
+        records.append(cache.write_shard(path, index, table, {"start": start, "stop": stop, "forward_passes": 0, "reused_pairs": 0}))
+    manifest = {
+        "format_version": cache.FORMAT_VERSION, "key": os.path.basename(path), "complete": True,
+        "teacher": {"name_or_path": "toy", "fingerprint": "toy", "kind": kind}, "hypothesis_template": "{}",
+        "class_names": class_names, "hypotheses": class_names, "score_columns": list(columns), "precision": "fp32",
+        "data": {"path": "toy", "fingerprint": "toy", "text_column": "text"}, "num_examples": len(texts), "shards": records,
+        "command": "python teacher_infer.py ...",
+    }
+    cache.write_json_atomic(os.path.join(path, cache.MANIFEST), manifest)
+    return path
+
+
+def keyword_task(num_examples: int, class_names: list[str], seed: int = 0):
+    """Texts that each mention one class keyword among filler words; a toy teacher that knows the keyword."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    filler = "the a of and to in is was for on with as by at from this that it be or".split()
+    texts, labels = [], []
+    for _ in range(num_examples):
+        label = int(rng.integers(len(class_names)))
+        words = list(rng.choice(filler, size=int(rng.integers(4, 12))))
+        words.insert(int(rng.integers(len(words) + 1)), class_names[label])
+        texts.append(" ".join(words))
+        labels.append(label)
+    entailment = rng.normal(0, 0.5, size=(num_examples, len(class_names))).astype(np.float32)
+    entailment[np.arange(num_examples), labels] += 3.0
+    contradiction = -entailment
+    return texts, np.array(labels), {"entailment": entailment, "contradiction": contradiction}

@@ -1,0 +1,125 @@
+"""Stage 2: target math, students trained from a cache alone, learning a toy teacher, flag errors."""
+
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASS_NAMES, CORPUS, keyword_task, make_student_base, run_script, write_toy_cache
+
+import teacher_infer
+import train_student
+from zsdistill import targets
+
+QUICK = dict(max_steps=2, per_device_train_batch_size=4, use_cpu=True, save_strategy="no", disable_tqdm=True)
+
+
+def test_target_math_against_hand_computation():
+    entailment = np.array([[1.0, 2.0, 3.0]])
+    contradiction = np.array([[0.0, 2.0, 5.0]])
+    e = [math.exp(1), math.exp(2), math.exp(3)]
+    np.testing.assert_allclose(targets.single_label_targets(entailment, 1.0), [[x / sum(e) for x in e]], rtol=1e-6)
+    e2 = [math.exp(0.5), math.exp(1.0), math.exp(1.5)]
+    np.testing.assert_allclose(targets.single_label_targets(entailment, 2.0), [[x / sum(e2) for x in e2]], rtol=1e-6)
+    # Multi-label: per class softmax over (contradiction, entailment) / T, entailment side.
+    by_hand = [math.exp(1) / (math.exp(1) + math.exp(0)), 0.5, math.exp(3) / (math.exp(3) + math.exp(5))]
+    np.testing.assert_allclose(targets.multi_label_targets(entailment, contradiction, 1.0), [by_hand], rtol=1e-6)
+    by_hand_t2 = [math.exp(0.5) / (math.exp(0.5) + 1), 0.5, math.exp(1.5) / (math.exp(1.5) + math.exp(2.5))]
+    np.testing.assert_allclose(targets.multi_label_targets(entailment, contradiction, 2.0), [by_hand_t2], rtol=1e-6)
+    # Similarity: softmax of cosine / (scale * T).
+    similarity = np.array([[0.1, 0.3]])
+    s = [math.exp(0.1 / 0.05), math.exp(0.3 / 0.05)]
+    np.testing.assert_allclose(targets.similarity_targets(similarity, 1.0), [[x / sum(s) for x in s]], rtol=1e-6)
+    probabilities = targets.teacher_probabilities({"entailment": entailment, "contradiction": contradiction}, multi_label=False, temperature=2.0)
+    np.testing.assert_allclose(probabilities, targets.single_label_targets(entailment, 2.0))
+
+
+def test_two_students_from_one_cache_without_the_teacher(teachers, corpus_files, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
+    teacher_dir = shutil.copytree(teachers["upper"], tmp_path / "teacher")
+    data_file, classes_file = corpus_files
+    cache_path = teacher_infer.main(data_file=data_file, class_names_file=classes_file, teacher_name_or_path=str(teacher_dir), cache_dir=str(tmp_path / "cache"))
+    shutil.rmtree(teacher_dir)  # stage 2 must never need it
+    base = make_student_base(str(tmp_path / "base"))
+    single = train_student.main(cache=cache_path, output_dir=str(tmp_path / "single"), student_name_or_path=base, temperature=1.0, **QUICK)
+    multi = train_student.main(cache=cache_path, output_dir=str(tmp_path / "multi"), student_name_or_path=base, temperature=2.0, multi_label=True, **QUICK)
+
+    text = CORPUS[0]
+    for directory, multi_label in ((single, False), (multi, True)):
+        info = json.load(open(os.path.join(directory, "distill_info.json")))
+        assert info["multi_class"] is multi_label and info["temperature"] == (2.0 if multi_label else 1.0)
+        assert info["cache_key"] == os.path.basename(cache_path) and info["student_base"] == base
+        assert "holdout" in info["metrics"] and "training_arguments" in info
+        classifier = pipeline("text-classification", model=directory, top_k=None)
+        scores = {r["label"]: r["score"] for r in classifier([text])[0]}
+        assert sorted(scores) == sorted(CLASS_NAMES)
+        model = AutoModelForSequenceClassification.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        with torch.no_grad():
+            logits = model(**tokenizer(text, return_tensors="pt")).logits[0]
+        expected = torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)
+        np.testing.assert_allclose([scores[c] for c in CLASS_NAMES], expected.numpy(), atol=1e-5)
+        if not multi_label:
+            assert abs(sum(scores.values()) - 1) < 1e-5
+        assert model.config.problem_type == ("multi_label_classification" if multi_label else "single_label_classification")
+
+
+def test_tiny_student_learns_a_toy_teacher(tmp_path):
+    classes = ["apple", "river", "guitar", "soccer"]
+    texts, labels, columns = keyword_task(400, classes)
+    cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
+    base = make_student_base(str(tmp_path / "base"))
+    output = train_student.main(
+        cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=base, holdout_fraction=0.2,
+        num_train_epochs=15, learning_rate=3e-3, per_device_train_batch_size=16, use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+    )
+    holdout = json.load(open(os.path.join(output, "distill_info.json")))["metrics"]["holdout"]
+    assert holdout["examples"] == 80
+    assert holdout["agreement"] >= 0.7, holdout  # chance is 0.25
+    # Tokenization is cached per student tokenizer: the next run reuses it.
+    assert len(os.listdir(os.path.join(cache_path, "tokenized"))) >= 1
+
+
+def test_multi_label_student_learns_two_true_classes(tmp_path):
+    """BCE can express two true classes at once (softmax cross-entropy could not)."""
+    classes = ["apple", "river", "guitar"]
+    rng = np.random.default_rng(0)
+    texts, truth = [], []
+    for _ in range(300):
+        present = rng.random(3) < 0.5
+        words = ["the", "a", "of", "and"] + [c for c, p in zip(classes, present) if p]
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        truth.append(present)
+    truth = np.array(truth)
+    entailment = np.where(truth, 3.0, -3.0).astype(np.float32)
+    cache_path = write_toy_cache(str(tmp_path / "cache" / "multi"), texts, classes, {"entailment": entailment, "contradiction": -entailment})
+    output = train_student.main(
+        cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")),
+        multi_class=True, holdout_fraction=0.2, num_train_epochs=40, learning_rate=3e-3, per_device_train_batch_size=16,
+        use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+    )
+    holdout = json.load(open(os.path.join(output, "distill_info.json")))["metrics"]["holdout"]
+    assert holdout["agreement"] >= 0.75 and holdout["f1_vs_teacher"] >= 0.75, holdout  # chance: 0.5
+
+
+def test_holdout_split_is_deterministic_and_disjoint():
+    train_a, hold_a = train_student.holdout_split(1000, 0.05)
+    train_b, hold_b = train_student.holdout_split(1000, 0.05)
+    assert (hold_a == hold_b).all() and len(hold_a) == 50
+    assert not set(train_a) & set(hold_a) and len(train_a) + len(hold_a) == 1000
+
+
+def test_unknown_flag_is_an_error_naming_it(tmp_path):
+    classes = ["apple", "river"]
+    texts, _, columns = keyword_task(20, classes)
+    cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
+    result = run_script("train_student.py", "--cache", cache_path, "--output_dir", tmp_path / "out", "--learning_rat", "1e-4")
+    assert result.returncode == 2
+    assert "unknown flag --learning_rat" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()

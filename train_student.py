@@ -1,0 +1,273 @@
+"""Stage 2: train a standard classifier (the student) on soft targets rebuilt from a teacher cache.
+
+    python train_student.py --cache cache/<key> --output_dir students/topics --temperature 2
+    torchrun --nproc_per_node 4 train_student.py --cache ... --output_dir ...
+
+Never loads the teacher: targets come from the cached logits, so one teacher pass serves any number of
+student runs (other temperatures, single- or multi-label, other students). Every TrainingArguments field
+passes through as a flag (--learning_rate, --num_train_epochs, --per_device_train_batch_size, ...).
+The result loads with from_pretrained and pipeline("text-classification", model=output_dir, top_k=None).
+"""
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+from zsdistill import __version__, targets
+from zsdistill import cache as teacher_cache  # `cache` is the CLI flag
+from zsdistill.errors import UserError, run_cli
+
+INFO_FILE = "distill_info.json"  # written last: a student directory without it is not finished
+HOLDOUT_SEED = 1234  # the holdout split depends on the cache only, never on --seed
+
+
+def log(message: str) -> None:
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"[student] {message}", file=sys.stderr, flush=True)
+
+
+def holdout_split(num_examples: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, holdout) row indices."""
+    permutation = np.random.default_rng(HOLDOUT_SEED).permutation(num_examples)
+    size = int(round(num_examples * fraction))
+    if fraction > 0 and size == 0 and num_examples > 1:
+        size = 1
+    return np.sort(permutation[size:]), np.sort(permutation[:size])
+
+
+def holdout_metrics(student_logits: np.ndarray, teacher_targets: np.ndarray, multi_label: bool) -> dict:
+    """Student-teacher agreement and soft cross-entropy on rows the student never trained on."""
+    logits = student_logits.astype(np.float64)
+    t = teacher_targets.astype(np.float64)
+    if multi_label:
+        p = 1 / (1 + np.exp(-logits))
+        eps = 1e-12
+        bce = -(t * np.log(p + eps) + (1 - t) * np.log(1 - p + eps)).mean()
+        s_pos, t_pos = p > 0.5, t > 0.5
+        tp = (s_pos & t_pos).sum()
+        f1 = 2 * tp / max(s_pos.sum() + t_pos.sum(), 1)
+        return {"agreement": float((s_pos == t_pos).mean()), "f1_vs_teacher": float(f1), "binary_cross_entropy": float(bce)}
+    log_p = logits - logits.max(-1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
+    return {
+        "agreement": float((logits.argmax(-1) == t.argmax(-1)).mean()),
+        "soft_cross_entropy": float(-(t * log_p).sum(-1).mean()),
+        "teacher_entropy": float(-(t * np.log(np.clip(t, 1e-12, 1))).sum(-1).mean()),  # the floor of the soft CE
+    }
+
+
+def _check_output_dir(output_dir: str, overwrite: bool) -> str | None:
+    """Refuse a non-empty output_dir unless overwriting; return a checkpoint to resume from, if any."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not os.path.isdir(output_dir) or not os.listdir(output_dir) or overwrite:
+        return None
+    checkpoint = get_last_checkpoint(output_dir)
+    if checkpoint and not os.path.exists(os.path.join(output_dir, INFO_FILE)):
+        return checkpoint
+    raise UserError(
+        f"--output_dir {output_dir!r} exists and is not empty; pass --overwrite_output_dir to replace it, or choose another directory"
+    )
+
+
+def _publish(staging: str, output_dir: str) -> None:
+    """Move the finished student into output_dir; config.json and the info file go last, so a crash
+    midway never leaves a directory that loads as a model."""
+    names = sorted(os.listdir(staging), key=lambda n: (n == "config.json", n == INFO_FILE))
+    for name in names:
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        source = os.path.join(staging, name)
+        if os.path.isfile(source):
+            os.chmod(source, 0o644)  # staging files may be private; the student is meant to be shared
+        os.replace(source, target)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(
+    *,
+    cache: str,
+    output_dir: str,
+    student_name_or_path: str = "distilbert-base-uncased",
+    temperature: float = 1.0,
+    multi_class: bool = False,
+    multi_label: bool | None = None,
+    holdout_fraction: float = 0.05,
+    max_length: int | None = None,
+    overwrite_output_dir: bool = False,
+    trust_remote_code: bool = False,
+    **training_args,
+) -> str:
+    """Train a student classifier on soft targets from a teacher cache.
+
+    Args:
+        cache: a cache directory printed by teacher_infer.py.
+        output_dir: where the student (a standard Hugging Face classifier) is saved.
+        student_name_or_path: the student's base model (hub id or directory).
+        temperature: softens (T>1) or sharpens (T<1) the teacher's distribution before training.
+        multi_class: multi-label targets: each class independently (entailment vs contradiction).
+        multi_label: synonym of --multi_class.
+        holdout_fraction: fraction of the cache held out (deterministically) to measure student-teacher agreement.
+        max_length: truncate student inputs to this many tokens (default: the student's maximum).
+        overwrite_output_dir: replace a non-empty output_dir instead of refusing.
+        trust_remote_code: allow models whose code lives in their hub repository.
+        training_args: any transformers.TrainingArguments field, e.g. --learning_rate 5e-5 --num_train_epochs 3.
+    """
+    cache_path = cache
+    # 1. Validate flags before any expensive work.
+    temperature = targets.check_temperature(temperature)
+    if multi_label is not None:
+        if multi_class and not multi_label:
+            raise UserError("--multi_class and --multi_label are synonyms; give one of them")
+        multi_class = bool(multi_label)
+    multi_class = bool(multi_class)
+    try:
+        holdout_fraction = float(holdout_fraction)
+    except (TypeError, ValueError):
+        raise UserError(f"--holdout_fraction {holdout_fraction!r} is not a number; give a value in [0, 1)") from None
+    if not 0 <= holdout_fraction < 1:
+        raise UserError(f"--holdout_fraction {holdout_fraction} must be in [0, 1), e.g. 0.05")
+
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    unknown = sorted(set(training_args) - known)
+    if unknown:
+        raise UserError(
+            f"unknown flag{'s' if len(unknown) > 1 else ''} {', '.join('--' + u for u in unknown)}: neither a train_student.py "
+            f"flag nor a transformers.TrainingArguments field (see python train_student.py --help)"
+        )
+    if "output_dir" in training_args:
+        training_args.pop("output_dir")
+    resume_from = _check_output_dir(str(output_dir), overwrite_output_dir)
+
+    # 2. The cache: verified, then turned into soft targets. The teacher is never loaded.
+    manifest, table = teacher_cache.load_cache(str(cache_path))
+    class_names = manifest["class_names"]
+    if not multi_class and len(class_names) < 2:
+        raise UserError(
+            f"single-label training needs at least 2 classes; the cache has {len(class_names)} ({class_names[0]!r}); "
+            f"pass --multi_class or rebuild the cache with more class names"
+        )
+    soft_targets = targets.teacher_probabilities(teacher_cache.logit_columns(manifest, table), multi_class, temperature)
+    train_rows, holdout_rows = holdout_split(manifest["num_examples"], holdout_fraction)
+    log(f"cache {manifest['key']}: {manifest['num_examples']} examples x {len(class_names)} classes; "
+        f"{len(train_rows)} train, {len(holdout_rows)} held out; T={temperature}, {'multi' if multi_class else 'single'}-label")
+
+    try:
+        args = TrainingArguments(output_dir=str(output_dir), **{"report_to": "none", **training_args})
+    except (ValueError, TypeError, ImportError) as e:
+        raise UserError(f"invalid training arguments: {e}") from None
+
+    # 3. Tokenize the cache's texts once per student tokenizer; later runs reuse the result.
+    import torch
+    from datasets import Dataset, concatenate_datasets
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(student_name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            student_name_or_path,
+            num_labels=len(class_names),
+            id2label=dict(enumerate(class_names)),
+            label2id={name: i for i, name in enumerate(class_names)},
+            problem_type="multi_label_classification" if multi_class else "single_label_classification",
+            ignore_mismatched_sizes=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"student {student_name_or_path!r}: cannot load it ({str(e).splitlines()[0]}); check the name or path") from None
+    limit = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
+    if model.config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        limit = min(limit, model.config.max_position_embeddings - model.config.pad_token_id - 1)
+    student_max_length = min(int(max_length), limit) if max_length else limit
+    tokenizer_digest = hashlib.sha256(
+        (tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer)).encode()
+        + f"|{student_max_length}|{type(tokenizer).__name__}".encode()
+    ).hexdigest()[:16]
+    tokenized_dir = os.path.join(cache_path, "tokenized")
+    os.makedirs(tokenized_dir, exist_ok=True)
+    texts = concatenate_datasets([Dataset.from_file(os.path.join(cache_path, s["file"])) for s in manifest["shards"]]).select_columns(["text"])
+    with args.main_process_first(desc="tokenizing"):
+        tokenized = texts.map(
+            lambda batch: tokenizer(batch["text"], truncation=True, max_length=student_max_length),
+            batched=True,
+            remove_columns=["text"],
+            cache_file_name=os.path.join(tokenized_dir, f"{tokenizer_digest}.arrow"),
+            desc="tokenizing",
+        )
+    tokenized = tokenized.add_column("labels", soft_targets.tolist())
+    train_dataset, holdout_dataset = tokenized.select(train_rows), tokenized.select(holdout_rows)
+
+    # 4. Train with the Trainer; only the loss is ours.
+    class DistillationTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            soft = inputs["labels"].float()
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+            logits = outputs.logits.float()
+            if multi_class:
+                # Each class is its own yes/no question: BCE against the teacher's per-class probability.
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, soft)
+            else:
+                loss = -(soft * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+            return (loss, outputs) if return_outputs else loss
+
+    trainer = DistillationTrainer(
+        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer)
+    )
+    if resume_from:
+        log(f"resuming from {resume_from}")
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics = {"train": train_result.metrics}
+    if len(holdout_rows):
+        prediction = trainer.predict(holdout_dataset)
+        metrics["holdout"] = {"examples": int(len(holdout_rows)), **holdout_metrics(prediction.predictions, soft_targets[holdout_rows], multi_class)}
+        log(f"holdout ({len(holdout_rows)} examples): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["holdout"].items() if k != "examples"))
+
+    # 5. Save a standard classifier plus what made it, atomically.
+    if trainer.is_world_process_zero():
+        os.makedirs(str(output_dir), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".staging-", dir=str(output_dir))
+        trainer.save_model(staging)
+        info = {
+            "zsdistill_version": __version__,
+            "cache": os.path.abspath(cache_path),
+            "cache_key": manifest["key"],
+            "cache_summary": {
+                "teacher": manifest["teacher"]["name_or_path"],
+                "teacher_fingerprint": manifest["teacher"]["fingerprint"],
+                "teacher_kind": manifest["teacher"]["kind"],
+                "hypothesis_template": manifest["hypothesis_template"],
+                "class_names": class_names,
+                "num_examples": manifest["num_examples"],
+                "precision": manifest.get("precision"),
+                "data_fingerprint": manifest["data"]["fingerprint"],
+            },
+            "teacher": manifest["teacher"]["name_or_path"],
+            "student_base": student_name_or_path,
+            "temperature": temperature,
+            "multi_class": multi_class,
+            "similarity_scale": targets.SIMILARITY_SCALE if manifest["teacher"]["kind"] == "embedding" else None,
+            "holdout_fraction": holdout_fraction,
+            "max_length": student_max_length,
+            "training_arguments": json.loads(args.to_json_string()),
+            "metrics": metrics,
+        }
+        with open(os.path.join(staging, INFO_FILE), "w") as f:
+            json.dump(info, f, indent=2, default=lambda o: o if not isinstance(o, float) or math.isfinite(o) else str(o))
+        _publish(staging, str(output_dir))
+        log(f"saved student to {output_dir}")
+        print(output_dir)
+    return str(output_dir)
+
+
+if __name__ == "__main__":
+    run_cli(main)
