@@ -1,0 +1,380 @@
+"""Stage 3: score the student (and the teacher, from its cache) against held-out labels, with speed.
+
+    python evaluate.py --model students/topics --test_file test.jsonl --teacher_cache cache/<key> --time_teacher
+
+Writes report.json (every number, and what was evaluated), report.md (teacher vs student side by side)
+and confusion-matrix PNGs into --output_dir, and prints the table.
+"""
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from zsdistill import cache, data, targets
+from zsdistill import teacher as zs_teacher
+from zsdistill.errors import UserError, run_cli
+
+ECE_BINS = 15
+
+
+def log(message: str) -> None:
+    print(f"[evaluate] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _precision_recall_f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    precision = np.divide(tp, tp + fp, out=np.zeros(len(tp)), where=(tp + fp) > 0)
+    recall = np.divide(tp, tp + fn, out=np.zeros(len(tp)), where=(tp + fn) > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(tp)), where=(precision + recall) > 0)
+    return precision, recall, f1
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Sum over equal-width confidence bins of (bin share) x |accuracy - mean confidence|."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(ece)
+
+
+def single_label_metrics(true: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:
+    k = len(class_names)
+    predicted = probabilities.argmax(1)
+    confusion = np.zeros((k, k), dtype=np.int64)  # rows: true class, columns: predicted class
+    np.add.at(confusion, (true, predicted), 1)
+    tp = np.diag(confusion).astype(float)
+    precision, recall, f1 = _precision_recall_f1(tp, confusion.sum(0) - tp, confusion.sum(1) - tp)
+    return {
+        "accuracy": float((predicted == true).mean()),
+        "macro_f1": float(f1.mean()),
+        "ece": expected_calibration_error(probabilities.max(1), (predicted == true).astype(float)),
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(confusion[i].sum())}
+            for i, name in enumerate(class_names)
+        },
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def multi_label_metrics(true: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:
+    predicted = probabilities > 0.5
+    true = true.astype(bool)
+    tp = (predicted & true).sum(0).astype(float)
+    fp = (predicted & ~true).sum(0).astype(float)
+    fn = (~predicted & true).sum(0).astype(float)
+    precision, recall, f1 = _precision_recall_f1(tp, fp, fn)
+    _, _, micro_f1 = _precision_recall_f1(np.array([tp.sum()]), np.array([fp.sum()]), np.array([fn.sum()]))
+    return {
+        "subset_accuracy": float((predicted == true).all(1).mean()),
+        "micro_f1": float(micro_f1[0]),
+        "macro_f1": float(f1.mean()),
+        # Calibration of every per-class probability against whether the class is present.
+        "ece": expected_calibration_error(
+            np.where(predicted, probabilities, 1 - probabilities).ravel(), (predicted == true).astype(float).ravel()
+        ),
+        "per_class": {
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(true[:, i].sum())}
+            for i, name in enumerate(class_names)
+        },
+        "outcomes": [[int(len(true) - tp[i] - fp[i] - fn[i]), int(fp[i]), int(fn[i]), int(tp[i])] for i in range(len(class_names))],
+    }
+
+
+def agreement(a: np.ndarray, b: np.ndarray, multi_label: bool) -> float:
+    if multi_label:
+        return float(((a > 0.5) == (b > 0.5)).mean())
+    return float((a.argmax(1) == b.argmax(1)).mean())
+
+
+# ---------------------------------------------------------------- pieces of the story
+
+
+def hardware(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else platform.processor()
+    except OSError:
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu} ({torch.get_num_threads()} threads)"
+
+
+def load_student(model_dir: str, device):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    if not os.path.isdir(model_dir) or not os.path.exists(os.path.join(model_dir, "config.json")):
+        raise UserError(f"--model {model_dir!r} is not a model directory (no config.json); pass the --output_dir of train_student.py")
+    config = AutoConfig.from_pretrained(model_dir)
+    if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
+        raise UserError(
+            f"--model {model_dir!r} is not a sequence classifier (architectures: {config.architectures}); pass a student trained by train_student.py"
+        )
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval().to(device)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {model_dir!r}: cannot load it ({str(e).splitlines()[0]})") from None
+    return model, tokenizer
+
+
+def encode_labels(labels: list, class_names: list[str], multi_label: bool, test_file: str) -> np.ndarray:
+    """Class indices (single-label) or a 0/1 matrix (multi-label); unknown labels are an error."""
+    as_lists = [label if isinstance(label, list) else [label] for label in labels]
+    if not multi_label and any(len(names) != 1 for names in as_lists):
+        raise UserError(f"{test_file}: some rows hold several labels, but the model is single-label; give one label per row")
+    unknown = sorted({str(name) for names in as_lists for name in names if name not in class_names})
+    if unknown:
+        raise UserError(
+            f"{test_file}: labels not among the model's classes: {', '.join(map(repr, unknown[:10]))}"
+            f"{' ...' if len(unknown) > 10 else ''}; known classes: {', '.join(map(repr, class_names))}"
+        )
+    index = {name: i for i, name in enumerate(class_names)}
+    if not multi_label:
+        return np.array([index[names[0]] for names in as_lists])
+    matrix = np.zeros((len(labels), len(class_names)), dtype=np.int64)
+    for row, names in enumerate(as_lists):
+        matrix[row, [index[n] for n in names]] = 1
+    return matrix
+
+
+def predict_student(model, tokenizer, texts: list[str], batch_size: int, multi_label: bool) -> tuple[np.ndarray, float]:
+    """Class probabilities and examples/second, length-sorted batches, one warm-up batch untimed."""
+    import torch
+
+    device = next(model.parameters()).device
+    max_length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
+    if model.config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        max_length = min(max_length, model.config.max_position_embeddings - model.config.pad_token_id - 1)
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    lengths = np.array([len(ids) for ids in encoded])
+    batches = zs_teacher.length_sorted_batches(lengths, batch_size, batch_size * max_length)
+    out = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
+
+    def run(batch):
+        features = tokenizer.pad({"input_ids": [encoded[i] for i in batch.tolist()]}, return_tensors="pt")
+        logits = model(**{k: v.to(device) for k, v in features.items()}).logits.float()
+        return (torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)).cpu().numpy()
+
+    with torch.inference_mode():
+        run(batches[0])  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for batch in batches:
+            out[batch] = run(batch)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+    return out, len(texts) / elapsed
+
+
+def time_live_teacher(name_or_path: str, manifest: dict, texts: list[str], batch_size: int, device) -> dict:
+    """Examples/second of the live zero-shot teacher on a sample, through stage 1's code path."""
+    teacher = zs_teacher.resolve_teacher(name_or_path, kind=manifest["teacher"]["kind"])
+    model, tokenizer = zs_teacher.load_model(teacher, device)
+    max_length = zs_teacher.resolve_max_length(tokenizer, model, manifest.get("max_length"))
+    hypotheses = manifest["hypotheses"]
+    max_tokens = batch_size * 256
+
+    def run(sample):
+        if teacher.kind == "nli":
+            encoder = zs_teacher.PairEncoder(tokenizer, max_length)
+            return zs_teacher.nli_logits(model, encoder, encoder.tokenize(sample), encoder.tokenize(hypotheses), batch_size, max_tokens)
+        embeddings = zs_teacher.embed(model, tokenizer, sample, max_length, batch_size, max_tokens, teacher.pooling)
+        return embeddings @ zs_teacher.embed(model, tokenizer, hypotheses, max_length, batch_size, max_tokens, teacher.pooling).T
+
+    run(texts[: min(4, len(texts))])  # warm-up
+    started = time.perf_counter()
+    run(texts)
+    elapsed = time.perf_counter() - started
+    return {"teacher": name_or_path, "examples": len(texts), "examples_per_second": len(texts) / elapsed, "forward_passes_per_example": len(hypotheses) if teacher.kind == "nli" else 1}
+
+
+def confusion_png(path: str, confusion: list[list[int]], class_names: list[str], title: str, columns: list[str] | None = None) -> None:
+    """A confusion matrix (true x predicted), or per-class outcome counts (class x tn/fp/fn/tp) for multi-label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.array(confusion)
+    size = max(4.0, 0.6 * len(class_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(matrix.shape[1]), columns or class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("outcome" if columns else "predicted")
+    ax.set_ylabel("class" if columns else "true")
+    ax.set_title(title)
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", color="white" if value > matrix.max() / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown_report(report: dict) -> str:
+    multi = report["multi_label"]
+    rows = [("subset accuracy", "subset_accuracy"), ("micro-F1", "micro_f1")] if multi else [("accuracy", "accuracy")]
+    rows += [("macro-F1", "macro_f1"), ("ECE", "ece")]
+    teacher = report.get("teacher")
+    lines = [
+        f"# Evaluation: {report['model']}",
+        "",
+        f"Test set: `{report['test_file']}` ({report['num_examples']} examples, {len(report['class_names'])} classes, "
+        f"{'multi' if multi else 'single'}-label). Hardware: {report['hardware']}.",
+        "",
+        "| metric | teacher | student |",
+        "| --- | --- | --- |",
+    ]
+    for title, key in rows:
+        lines.append(f"| {title} | {teacher['metrics'][key]:.4f} | {report['student']['metrics'][key]:.4f} |" if teacher else
+                     f"| {title} | - | {report['student']['metrics'][key]:.4f} |")
+    speed = report.get("speed", {})
+    teacher_speed = speed.get("teacher_examples_per_second")
+    lines.append(f"| examples/second | {teacher_speed:.1f} | {speed['student_examples_per_second']:.1f} |" if teacher_speed else
+                 f"| examples/second | - | {speed['student_examples_per_second']:.1f} |")
+    if teacher:
+        lines += ["", f"Student-teacher agreement on the test set: {report['agreement']:.4f}."]
+    if teacher_speed:
+        lines.append(f"Student speedup over the live zero-shot teacher: {speed['speedup']:.1f}x.")
+    lines += ["", "## Per class (student)", "", "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
+    for name, m in report["student"]["metrics"]["per_class"].items():
+        lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def main(
+    *,
+    model: str,
+    test_file: str,
+    teacher_cache: str | None = None,
+    output_dir: str = "reports/report",
+    batch_size: int = 64,
+    text_column: str = "text",
+    label_column: str = "label",
+    time_teacher: bool | str = False,
+    time_teacher_samples: int = 32,
+    no_cuda: bool = False,
+) -> dict:
+    """Evaluate a student (and its teacher, from a cache) on labeled data, with speed.
+
+    Args:
+        model: a student directory written by train_student.py.
+        test_file: labeled data: .jsonl/.csv/.parquet with text and label columns, or .tsv/.txt lines 'label<TAB>text'.
+        teacher_cache: a cache made by teacher_infer.py on the test texts: adds the teacher's metrics.
+        output_dir: where report.json, report.md and the confusion-matrix PNGs go.
+        batch_size: student inference batch size.
+        text_column: text column of tabular test files.
+        label_column: label column of tabular test files (a class name, or a list of names for multi-label).
+        time_teacher: also time the live zero-shot teacher on a sample (True: the cache's teacher; or a model path).
+        time_teacher_samples: how many test texts the live teacher is timed on.
+        no_cuda: run on the CPU even when a GPU is present.
+    """
+    # 1. Cheap validation first: test file, model config, labels, cache.
+    texts, labels = data.read_labeled(str(test_file), text_column, label_column)
+    device = zs_teacher.select_device(no_cuda)
+    student, tokenizer = load_student(str(model), device)
+    class_names = [student.config.id2label[i] for i in range(student.config.num_labels)]
+    multi_label = student.config.problem_type == "multi_label_classification"
+    true = encode_labels(labels, class_names, multi_label, str(test_file))
+    manifest = None
+    if teacher_cache:
+        manifest, table = cache.load_cache(str(teacher_cache))
+        if table.column("text").to_pylist() != texts:
+            raise UserError(
+                f"--teacher_cache {teacher_cache} was not made from the texts of {test_file} (in the same order); run "
+                f"teacher_infer.py on the test file (--data_file {test_file} --text_column {text_column})"
+            )
+        if sorted(manifest["class_names"]) != sorted(class_names):
+            raise UserError(
+                f"--teacher_cache has classes {manifest['class_names']}, the model has {class_names}; use a cache made with the model's class names"
+            )
+    if time_teacher and manifest is None:
+        raise UserError("--time_teacher needs --teacher_cache: the cache names the teacher and its hypotheses")
+
+    # 2. The student on every test text, timed.
+    log(f"student {model} on {len(texts)} examples ({device})")
+    student_probabilities, student_speed = predict_student(student, tokenizer, texts, batch_size, multi_label)
+    metric_fn = multi_label_metrics if multi_label else single_label_metrics
+    report = {
+        "model": os.path.abspath(str(model)),
+        "test_file": os.path.abspath(str(test_file)),
+        "test_file_sha256": data.file_sha256(str(test_file)),
+        "num_examples": len(texts),
+        "class_names": class_names,
+        "multi_label": multi_label,
+        "hardware": hardware(device),
+        "student": {"metrics": metric_fn(true, student_probabilities, class_names)},
+        "speed": {"student_examples_per_second": student_speed, "student_batch_size": batch_size},
+    }
+    distill_info = os.path.join(str(model), "distill_info.json")
+    if os.path.exists(distill_info):
+        with open(distill_info) as f:
+            report["student"]["distill_info"] = {k: v for k, v in json.load(f).items() if k in ("cache_key", "teacher", "student_base", "temperature", "multi_class")}
+
+    # 3. The teacher, rebuilt from its cache with the same target math as stage 2 (T=1).
+    if manifest is not None:
+        order = [manifest["class_names"].index(name) for name in class_names]
+        columns = {name: values[:, order] for name, values in cache.logit_columns(manifest, table).items()}
+        teacher_probabilities = targets.teacher_probabilities(columns, multi_label, temperature=1.0)
+        report["teacher"] = {
+            "cache": os.path.abspath(str(teacher_cache)),
+            "cache_key": manifest["key"],
+            "name_or_path": manifest["teacher"]["name_or_path"],
+            "metrics": metric_fn(true, teacher_probabilities, class_names),
+        }
+        report["agreement"] = agreement(student_probabilities, teacher_probabilities, multi_label)
+    if time_teacher:
+        name = time_teacher if isinstance(time_teacher, str) else manifest["teacher"]["name_or_path"]
+        sample = texts[: max(1, int(time_teacher_samples))]
+        log(f"timing the live teacher {name} on {len(sample)} examples")
+        timing = time_live_teacher(name, manifest, sample, 32, device)
+        report["speed"].update(
+            teacher_examples_per_second=timing["examples_per_second"],
+            teacher_timed_examples=timing["examples"],
+            speedup=student_speed / timing["examples_per_second"],
+        )
+
+    # 4. Write the report (each file atomically; report.json last) and print the table.
+    os.makedirs(str(output_dir), exist_ok=True)
+    for who in ("student", "teacher"):
+        if who in report:
+            metrics = report[who]["metrics"]
+            matrix, columns = (metrics["outcomes"], ["tn", "fp", "fn", "tp"]) if multi_label else (metrics["confusion_matrix"], None)
+            confusion_png(os.path.join(str(output_dir), f"confusion_{who}.png"), matrix, class_names, who, columns)
+    markdown = markdown_report(report)
+    _write_atomic(os.path.join(str(output_dir), "report.md"), markdown)
+    _write_atomic(os.path.join(str(output_dir), "report.json"), json.dumps(report, indent=2) + "\n")
+    print(markdown)
+    return report
+
+
+if __name__ == "__main__":
+    run_cli(main)

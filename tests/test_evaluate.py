@@ -1,0 +1,109 @@
+"""Stage 3: metrics against hand computation, an end-to-end run, and the unknown-label error."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import CLASS_NAMES, CORPUS, make_student_base, run_script
+
+import evaluate
+import teacher_infer
+import train_student
+
+
+def test_single_label_metrics_by_hand():
+    true = np.array([0, 0, 1, 1, 2])
+    # predictions 0, 1, 1, 1, 0, each with confidence 0.8
+    probabilities = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1], [0.1, 0.8, 0.1], [0.8, 0.1, 0.1]])
+    m = evaluate.single_label_metrics(true, probabilities, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+    assert m["per_class"]["a"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert m["per_class"]["b"]["precision"] == pytest.approx(2 / 3) and m["per_class"]["b"]["recall"] == 1.0
+    assert m["per_class"]["b"]["f1"] == pytest.approx(0.8)
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert m["ece"] == pytest.approx(abs(0.6 - 0.8))  # one bin: accuracy 0.6 at confidence 0.8
+
+
+def test_ece_two_bins_by_hand():
+    confidence = np.array([0.95, 0.95, 0.55, 0.55])
+    correct = np.array([1.0, 1.0, 1.0, 0.0])
+    assert evaluate.expected_calibration_error(confidence, correct) == pytest.approx(0.5 * 0.05 + 0.5 * 0.05)
+
+
+def test_multi_label_metrics_by_hand():
+    true = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 1]])
+    probabilities = np.array([[0.9, 0.8, 0.1], [0.2, 0.3, 0.1], [0.7, 0.1, 0.6]])  # predicted: [1,1,0], [0,0,0], [1,0,1]
+    m = evaluate.multi_label_metrics(true, probabilities, ["a", "b", "c"])
+    assert m["subset_accuracy"] == pytest.approx(2 / 3)
+    # tp=4, fp=0, fn=1 -> micro P=1, R=0.8, F1=8/9
+    assert m["micro_f1"] == pytest.approx(8 / 9)
+    # per class F1: a 1.0, b (tp1, fn1) 2/3, c 1.0
+    assert m["macro_f1"] == pytest.approx((1 + 2 / 3 + 1) / 3)
+    assert m["outcomes"][1] == [1, 0, 1, 1]  # b: tn, fp, fn, tp
+
+
+def test_agreement():
+    a = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    b = np.array([[0.7, 0.3], [0.4, 0.6], [0.3, 0.7]])
+    assert evaluate.agreement(a, b, multi_label=False) == pytest.approx(2 / 3)
+    assert evaluate.agreement(a, b, multi_label=True) == pytest.approx(4 / 6)
+
+
+@pytest.fixture
+def labeled(tmp_path):
+    rows = [{"text": t, "label": CLASS_NAMES[i % len(CLASS_NAMES)]} for i, t in enumerate(CORPUS * 2)]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "classes.txt").write_text("\n".join(CLASS_NAMES))
+    return str(path), str(tmp_path / "classes.txt")
+
+
+def test_end_to_end_report(teachers, labeled, tmp_path):
+    test_file, classes_file = labeled
+    cache_path = teacher_infer.main(data_file=test_file, class_names_file=classes_file, teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "cache"))
+    student = train_student.main(
+        cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")),
+        max_steps=2, use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )
+    out = tmp_path / "report"
+    result = run_script("evaluate.py", "--model", student, "--test_file", test_file, "--teacher_cache", cache_path,
+                        "--output_dir", out, "--time_teacher", "--time_teacher_samples", "4", "--no_cuda")
+    assert result.returncode == 0, result.stderr
+    report = json.load(open(out / "report.json"))
+    for who in ("student", "teacher"):
+        m = report[who]["metrics"]
+        confusion = np.array(m["confusion_matrix"])
+        assert confusion.shape == (6, 6) and confusion.sum() == 16
+        assert m["accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum())
+        assert sorted(m["per_class"]) == sorted(CLASS_NAMES)
+        assert 0 <= m["ece"] <= 1 and 0 <= m["macro_f1"] <= 1
+        assert (out / f"confusion_{who}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert report["teacher"]["cache_key"] == os.path.basename(cache_path)
+    assert report["num_examples"] == 16 and len(report["test_file_sha256"]) == 64
+    speed = report["speed"]
+    assert speed["student_examples_per_second"] > 0 and speed["teacher_examples_per_second"] > 0
+    assert speed["speedup"] == pytest.approx(speed["student_examples_per_second"] / speed["teacher_examples_per_second"])
+    assert report["hardware"]
+    markdown = (out / "report.md").read_text()
+    assert "| metric | teacher | student |" in markdown and "| accuracy |" in markdown
+    assert "| metric | teacher | student |" in result.stdout
+
+
+def test_unknown_labels_are_an_error(teachers, labeled, tmp_path):
+    test_file, classes_file = labeled
+    cache_path = teacher_infer.main(data_file=test_file, class_names_file=classes_file, teacher_name_or_path=teachers["two"], cache_dir=str(tmp_path / "cache"))
+    student = train_student.main(
+        cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")),
+        max_steps=1, use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("sports\tA match.\ncooking\tA pie.\ngardening\tA rose.\n")
+    result = run_script("evaluate.py", "--model", student, "--test_file", bad, "--output_dir", tmp_path / "report")
+    assert result.returncode == 2
+    assert "labels not among the model's classes: 'cooking', 'gardening'" in result.stderr
+    assert "known classes: 'sports'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "report").exists()
