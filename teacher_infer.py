@@ -224,6 +224,7 @@ def main(
     my_shards = [i for i in range(len(bounds)) if i % world_size == rank]
     my_rows = sum(bounds[i][1] - bounds[i][0] for i in my_shards)
     shards_done_before = shards_computed = 0
+    compute_seconds = 0.0
     progress = tqdm(total=my_rows, unit="ex", desc=f"teacher rank {rank}" if world_size > 1 else "teacher", mininterval=1.0, smoothing=0.1, dynamic_ncols=True)
     texts_iter = data.iter_texts(str(data_file), str(text_column), encoding_errors)
     for index, (start, stop) in enumerate(bounds):
@@ -235,7 +236,7 @@ def main(
                 shards_done_before += 1
                 progress.update(stop - start)
                 continue
-            passes_before = stats.forward_passes
+            passes_before, shard_started = stats.forward_passes, time.time()
             scores = {name: np.empty((stop - start, len(hypotheses)), dtype=np.float32) for name in score_columns}
             for position, hypothesis in enumerate(hypotheses):
                 if hypothesis in reusable:
@@ -260,13 +261,12 @@ def main(
                             model, tokenizer, missing, effective_max_length, teacher_batch_size, max_batch_tokens, teacher.pooling, precision, stats
                         )
                 positions = [hypotheses.index(h) for h in missing]
-                shard_started = time.time()
                 if teacher.kind == "nli":
-                    per_pair = 1.0 / len(missing)
+                    per_pair, rate_started, rate_passes = 1.0 / len(missing), time.time(), stats.forward_passes
 
                     def on_batch(pairs: int) -> None:
                         progress.update(pairs * per_pair)
-                        progress.set_postfix_str(f"{stats.forward_passes / max(time.time() - shard_started, 1e-9):.1f} pairs/s", refresh=False)
+                        progress.set_postfix_str(f"{(stats.forward_passes - rate_passes) / max(time.time() - rate_started, 1e-9):.1f} pairs/s", refresh=False)
 
                     logits = zs_teacher.nli_logits(
                         model, encoder, encoder.tokenize(texts), hypothesis_ids, teacher_batch_size, max_batch_tokens, precision, stats, on_batch
@@ -299,9 +299,11 @@ def main(
             }
             cache.write_shard(cache_path, index, table, record)
             shards_computed += 1
+            compute_seconds += time.time() - shard_started
     progress.close()
     log(
-        f"this process: {shards_computed} shards computed ({stats.forward_passes} forward passes), "
+        f"this process: {shards_computed} shards computed ({stats.forward_passes} forward passes in {compute_seconds:.1f}s, "
+        f"{stats.forward_passes / max(compute_seconds, 1e-9):.1f}/s), "
         f"{shards_done_before} shards already complete and reused"
         + (f"; padding {1 - stats.tokens / stats.padded_tokens:.1%} of tokens" if stats.padded_tokens else "")
     )

@@ -120,7 +120,7 @@ def test_sigkill_mid_run_then_resume(corpus, teachers):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "already complete and reused" in rerun.stderr
     clean = teacher_infer.main(data_file=str(many), class_names_file=str(corpus / "classes.txt"), teacher_name_or_path=teachers["upper"], shard_size=10, cache_dir=str(corpus / "clean"))
-    assert_same_cache(clean, rerun.stdout.strip().splitlines()[-1], atol=0)
+    assert_same_cache(clean, rerun.stdout.strip().splitlines()[-1])
 
 
 def test_truncated_shard_is_detected_and_recomputed(corpus, teachers, monkeypatch):
@@ -149,7 +149,7 @@ def test_two_runs_at_once_do_not_corrupt_the_cache(corpus, teachers):
     paths = {o[0].strip().splitlines()[-1] for o in outputs}
     assert len(paths) == 1
     clean = teacher_infer.main(data_file=str(corpus / "texts.txt"), class_names_file=str(corpus / "classes.txt"), teacher_name_or_path=teachers["lower"], shard_size=3, cache_dir=str(corpus / "clean"))
-    assert_same_cache(clean, paths.pop(), atol=0)
+    assert_same_cache(clean, paths.pop())  # other thread count than this process: equal within 1e-6
 
 
 def test_adding_a_class_runs_only_its_pairs(corpus, teachers, monkeypatch):

@@ -257,14 +257,29 @@ class PairEncoder:
         return ids, types
 
 
-def length_sorted_batches(lengths: np.ndarray, max_pairs: int, max_tokens: int) -> list[np.ndarray]:
-    """Group item indices into batches of similar length, each within `max_pairs` items and `max_tokens` padded tokens."""
+def length_sorted_batches(
+    lengths: np.ndarray, max_pairs: int, max_tokens: int, max_padding: float = 0.03, min_tokens: int = 256
+) -> list[np.ndarray]:
+    """Group item indices into batches of similar length.
+
+    Each batch holds at most `max_pairs` items and `max_tokens` padded tokens. Once a batch is big enough to
+    keep the matrix units busy (`min_tokens`), it is also closed before padding would exceed `max_padding`
+    of its tokens: in sparse stretches of the length distribution, two smaller batches beat one padded one.
+    """
     order = np.argsort(lengths, kind="stable")
+    sorted_lengths = np.asarray(lengths)[order]
     batches, start = [], 0
     while start < len(order):
-        stop = start + 1
-        # Lengths ascend, so the batch's padded size is (items) x (length of its last item).
-        while stop < len(order) and stop - start < max_pairs and (stop - start + 1) * lengths[order[stop]] <= max_tokens:
+        stop, real_tokens = start + 1, int(sorted_lengths[start])
+        while stop < len(order) and stop - start < max_pairs:
+            # Lengths ascend, so the batch's padded size is (items) x (length of its last item).
+            length, items = int(sorted_lengths[stop]), stop - start + 1
+            if items * length > max_tokens:
+                break
+            big_enough = (items - 1) * int(sorted_lengths[stop - 1]) >= min_tokens
+            if big_enough and 1 - (real_tokens + length) / (items * length) > max_padding:
+                break
+            real_tokens += length
             stop += 1
         batches.append(order[start:stop])
         start = stop
