@@ -121,7 +121,7 @@ def main(
         trust_remote_code: allow models whose code lives in their hub repository.
         training_args: any transformers.TrainingArguments field, e.g. --learning_rate 5e-5 --num_train_epochs 3.
     """
-    cache_path = cache
+    cache_path, student_name_or_path = str(cache), str(student_name_or_path)
     # 1. Validate flags before any expensive work.
     temperature = targets.check_temperature(temperature)
     if multi_label is not None:
@@ -262,7 +262,7 @@ def main(
             "metrics": metrics,
         }
         with open(os.path.join(staging, INFO_FILE), "w") as f:
-            json.dump(info, f, indent=2, default=lambda o: o if not isinstance(o, float) or math.isfinite(o) else str(o))
+            json.dump(info, f, indent=2)
         _publish(staging, str(output_dir))
         log(f"saved student to {output_dir}")
         print(output_dir)
