@@ -185,3 +185,26 @@ def keyword_task(num_examples: int, class_names: list[str], seed: int = 0):
     entailment[np.arange(num_examples), labels] += 3.0
     contradiction = -entailment
     return texts, np.array(labels), {"entailment": entailment, "contradiction": contradiction}
+
+
+def count_forward_passes(monkeypatch):
+    """Count teacher loads and the (text, hypothesis) pairs sent through the model."""
+    from zsdistill import teacher as zs_teacher
+
+    counter = {"pairs": 0, "loads": 0}
+    real_load = zs_teacher.load_model
+
+    def load(*args, **kwargs):
+        counter["loads"] += 1
+        model, tokenizer = real_load(*args, **kwargs)
+        real_forward = model.forward
+
+        def forward(*a, **k):
+            counter["pairs"] += len(k["input_ids"])
+            return real_forward(*a, **k)
+
+        model.forward = forward
+        return model, tokenizer
+
+    monkeypatch.setattr(zs_teacher, "load_model", load)
+    return counter

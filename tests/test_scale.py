@@ -8,11 +8,10 @@ import threading
 
 import numpy as np
 import pytest
-from conftest import CLASS_NAMES, ROOT
+from conftest import CLASS_NAMES, ROOT, count_forward_passes
 
 import teacher_infer
 from zsdistill import cache
-from zsdistill import teacher as zs_teacher
 
 TEXTS = [f"sentence {i}: " + " ".join(["sports", "money", "bread", "rain", "phone", "doctor"][j % 6] for j in range(i % 7 + 1)) for i in range(26)]
 
@@ -36,26 +35,6 @@ def assert_same_cache(a, b, atol=1e-6):
     assert list(columns_a) == list(columns_b)
     for name in columns_a:
         np.testing.assert_allclose(columns_a[name], columns_b[name], atol=atol, rtol=0)
-
-
-def count_forward_passes(monkeypatch):
-    counter = {"pairs": 0, "loads": 0}
-    real_load = zs_teacher.load_model
-
-    def load(*args, **kwargs):
-        counter["loads"] += 1
-        model, tokenizer = real_load(*args, **kwargs)
-        real_forward = model.forward
-
-        def forward(*a, **k):
-            counter["pairs"] += len(k["input_ids"])
-            return real_forward(*a, **k)
-
-        model.forward = forward
-        return model, tokenizer
-
-    monkeypatch.setattr(zs_teacher, "load_model", load)
-    return counter
 
 
 def test_torchrun_two_processes_equals_one(corpus, teachers):

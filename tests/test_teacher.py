@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
-from conftest import CLASS_NAMES, CORPUS, run_script
+from conftest import CLASS_NAMES, CORPUS, count_forward_passes, run_script
 
 import teacher_infer
 from zsdistill import cache, targets
@@ -83,30 +83,15 @@ def test_cached_logits_reproduce_zero_shot_pipeline(teachers, tmp_path, style):
 def test_rerun_is_a_cache_hit_without_loading_the_model(teachers, corpus_files, tmp_path, monkeypatch, capsys):
     data_file, classes_file = corpus_files
     kwargs = dict(teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "cache"), shard_size=3)
-    calls = {"forward": 0, "load": 0}
-    real_load = zs_teacher.load_model
-
-    def counting_load(*args, **kw):
-        calls["load"] += 1
-        model, tokenizer = real_load(*args, **kw)
-        real_forward = model.forward
-
-        def forward(*a, **k):
-            calls["forward"] += 1
-            return real_forward(*a, **k)
-
-        model.forward = forward
-        return model, tokenizer
-
-    monkeypatch.setattr(zs_teacher, "load_model", counting_load)
+    calls = count_forward_passes(monkeypatch)
     first = teacher_infer.main(data_file=data_file, class_names_file=classes_file, **kwargs)
-    assert calls["load"] == 1 and calls["forward"] > 0
+    assert calls["loads"] == 1 and calls["pairs"] == len(CORPUS) * len(CLASS_NAMES)
     shard_state = {f: os.stat(os.path.join(first, f)).st_mtime_ns for f in os.listdir(first)}
-    calls.update(load=0, forward=0)
+    calls.update(loads=0, pairs=0)
     capsys.readouterr()
     second = teacher_infer.main(data_file=data_file, class_names_file=classes_file, **kwargs)
     assert second == first
-    assert calls == {"load": 0, "forward": 0}
+    assert calls == {"loads": 0, "pairs": 0}
     assert {f: os.stat(os.path.join(first, f)).st_mtime_ns for f in os.listdir(first)} == shard_state
     assert capsys.readouterr().out.strip().splitlines()[-1] == first
 
