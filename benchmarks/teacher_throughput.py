@@ -97,7 +97,9 @@ def padding_of_fixed_batches(lengths: list[int], batch: int) -> float:
     return 1 - sum(lengths) / padded
 
 
-def main(texts: int = 32, repeats: int = 3, k: int = 8, threads: int | None = None, no_cuda: bool = False) -> None:
+def main(
+    texts: int = 32, repeats: int = 3, k: int = 8, threads: int | None = None, no_cuda: bool = False, batch_pairs: int = 32, batch_tokens: int = 8192
+) -> None:
     """Run the comparison and print a table.
 
     Args:
@@ -106,6 +108,8 @@ def main(texts: int = 32, repeats: int = 3, k: int = 8, threads: int | None = No
         k: number of class names.
         threads: torch threads (default: torch's choice, all cores).
         no_cuda: stay on the CPU even when a GPU is present.
+        batch_pairs: (c)'s --teacher_batch_size (stage 1's default: 32).
+        batch_tokens: (c)'s --max_batch_tokens (stage 1's default: 8192).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
@@ -140,7 +144,7 @@ def main(texts: int = 32, repeats: int = 3, k: int = 8, threads: int | None = No
 
         def run_ours(precision: str, stats=None, sample=sample):
             encoder = zs_teacher.PairEncoder(tokenizer, max_length)
-            return zs_teacher.nli_logits(model, encoder, encoder.tokenize(sample), encoder.tokenize(hypotheses), 32, 8192, precision, stats)
+            return zs_teacher.nli_logits(model, encoder, encoder.tokenize(sample), encoder.tokenize(hypotheses), batch_pairs, batch_tokens, precision, stats)
 
         def run_student(sample=sample):
             return student(sample, batch_size=32)
@@ -181,6 +185,7 @@ def main(texts: int = 32, repeats: int = 3, k: int = 8, threads: int | None = No
 
         rows = []
         print(f"machine: {zs_teacher_hardware()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
+        print(f"(c) batches: at most {batch_pairs} pairs and {batch_tokens} padded tokens; (a) and (b): 32 pairs")
         print(f"teacher: random BERT-base (12 layers, 768 hidden, 3 labels); {texts} texts x {k} classes = {pairs} pairs; "
               f"pair length min {min(lengths)} / median {int(np.median(lengths))} / max {max(lengths)} tokens; {repeats} repeats, medians")
         print(f"fp32 matmul peak (2048x768 @ 768x3072, default precision settings, best of 5, median over repeats): {peak:.0f} GFLOP/s")

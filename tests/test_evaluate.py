@@ -107,3 +107,27 @@ def test_unknown_labels_are_an_error(teachers, labeled, tmp_path):
     assert "known classes: 'sports'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "report").exists()
+
+
+def test_multi_label_end_to_end(tmp_path):
+    from conftest import keyword_task, write_toy_cache
+
+    classes = ["apple", "river", "guitar"]
+    texts, labels, columns = keyword_task(40, classes)
+    cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
+    student = train_student.main(
+        cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")),
+        multi_class=True, max_steps=2, use_cpu=True, save_strategy="no", disable_tqdm=True,
+    )
+    test_file = tmp_path / "test.jsonl"
+    rows = [{"text": t, "label": [classes[l]] + (["river"] if i % 3 == 0 and classes[l] != "river" else [])} for i, (t, l) in enumerate(zip(texts, labels))]
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = evaluate.main(model=student, test_file=str(test_file), teacher_cache=cache_path, output_dir=str(tmp_path / "report"), no_cuda=True)
+    assert report["multi_label"] is True
+    for who in ("student", "teacher"):
+        m = report[who]["metrics"]
+        assert set(m) >= {"subset_accuracy", "micro_f1", "macro_f1", "ece", "per_class", "outcomes"}
+        assert all(sum(counts) == len(rows) for counts in m["outcomes"])  # tn + fp + fn + tp per class
+        assert sum(m["per_class"][c]["support"] for c in classes) == sum(len(r["label"]) for r in rows)
+        assert (tmp_path / "report" / f"confusion_{who}.png").exists()
+    assert "| subset accuracy |" in (tmp_path / "report" / "report.md").read_text()
