@@ -3,11 +3,16 @@
     python data/choose_template.py --dev_file demo/data/dev.jsonl --class_names_file demo/data/classes.txt
 """
 
+import os
+import sys
+
 import fire
 import numpy as np
 
-import teacher_infer
-from zsdistill import cache, data, targets
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import teacher_infer  # noqa: E402
+from zsdistill import cache, data, targets  # noqa: E402
 
 CANDIDATES = ["{}", "This example is {}.", "a kind of {}", "This is a definition of a kind of {}.", "a word for a {}"]
 
