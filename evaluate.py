@@ -157,9 +157,7 @@ def predict_student(model, tokenizer, texts: list[str], batch_size: int, multi_l
     import torch
 
     device = next(model.parameters()).device
-    max_length = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", 512))
-    if model.config.model_type in ("roberta", "xlm-roberta", "camembert"):
-        max_length = min(max_length, model.config.max_position_embeddings - model.config.pad_token_id - 1)
+    max_length = zs_teacher.resolve_max_length(tokenizer, model, None)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     lengths = np.array([len(ids) for ids in encoded])
     batches = zs_teacher.length_sorted_batches(lengths, batch_size, batch_size * max_length)

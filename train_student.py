@@ -12,7 +12,6 @@ The result loads with from_pretrained and pipeline("text-classification", model=
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -23,6 +22,7 @@ import numpy as np
 from zsdistill import __version__, targets
 from zsdistill import cache as teacher_cache  # `cache` is the CLI flag
 from zsdistill.errors import UserError, run_cli
+from zsdistill.teacher import resolve_max_length
 
 INFO_FILE = "distill_info.json"  # written last: a student directory without it is not finished
 HOLDOUT_SEED = 1234  # the holdout split depends on the cache only, never on --seed
@@ -185,10 +185,7 @@ def main(
         )
     except (OSError, ValueError) as e:
         raise UserError(f"student {student_name_or_path!r}: cannot load it ({str(e).splitlines()[0]}); check the name or path") from None
-    limit = min(tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None) or 10**9)
-    if model.config.model_type in ("roberta", "xlm-roberta", "camembert"):
-        limit = min(limit, model.config.max_position_embeddings - model.config.pad_token_id - 1)
-    student_max_length = min(int(max_length), limit) if max_length else limit
+    student_max_length = resolve_max_length(tokenizer, model, max_length)
     tokenizer_digest = hashlib.sha256(
         (tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer)).encode()
         + f"|{student_max_length}|{type(tokenizer).__name__}".encode()

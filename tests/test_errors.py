@@ -2,13 +2,10 @@
 
 import json
 import os
-import shutil
 
 import pytest
-import torch
 from conftest import CLASS_NAMES, CORPUS, keyword_task, make_student_base, run_script, write_toy_cache
 
-import teacher_infer
 from zsdistill import cache
 
 

@@ -63,7 +63,7 @@ def test_crash_after_first_shard_resumes_without_recomputing_it(corpus, teachers
     real_write = cache.write_shard
 
     def write_then_die(cache_path, index, table, record):
-        result = real_write(cache_path, index, table, record)
+        real_write(cache_path, index, table, record)
         raise SystemExit("killed after the first shard")
 
     monkeypatch.setattr(cache, "write_shard", write_then_die)

@@ -6,7 +6,6 @@ import os
 import shutil
 
 import numpy as np
-import pytest
 import torch
 from conftest import CLASS_NAMES, CORPUS, keyword_task, make_student_base, run_script, write_toy_cache
 

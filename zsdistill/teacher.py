@@ -198,7 +198,8 @@ def load_model(teacher: Teacher, device: torch.device, trust_remote_code: bool =
 
 
 def resolve_max_length(tokenizer, model, max_length: int | None) -> int:
-    """The user's --max_length, else the tokenizer's model_max_length capped by the position embeddings."""
+    """The user's --max_length, else the tokenizer's model_max_length, capped by the position embeddings
+    (for teachers and students alike)."""
     limit = tokenizer.model_max_length if tokenizer.model_max_length and tokenizer.model_max_length < 1e6 else 512
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions:
