@@ -215,6 +215,13 @@ def main(
     missing = [h for h in hypotheses if h not in reusable]
     if reusable:
         log(f"reusing {len(reusable)} of {len(hypotheses)} hypotheses from earlier caches; computing {len(missing)}")
+    reuse_by_donor: dict[str, tuple[list[int], list[int]]] = {}  # donor cache -> (our positions, its positions)
+    for position, hypothesis in enumerate(hypotheses):
+        if hypothesis in reusable:
+            donor_path, donor_position = reusable[hypothesis]
+            ours, theirs = reuse_by_donor.setdefault(donor_path, ([], []))
+            ours.append(position)
+            theirs.append(donor_position)
     donor_tables: dict[str, tuple[dict, pa.Table]] = {}
 
     # 5. Walk the data once, in order; compute each of this rank's shards that is not already complete.
@@ -238,16 +245,14 @@ def main(
                 continue
             passes_before, shard_started = stats.forward_passes, time.time()
             scores = {name: np.empty((stop - start, len(hypotheses)), dtype=np.float32) for name in score_columns}
-            for position, hypothesis in enumerate(hypotheses):
-                if hypothesis in reusable:
-                    donor_path, donor_position = reusable[hypothesis]
-                    if donor_path not in donor_tables:
-                        donor_tables[donor_path] = cache.load_cache(donor_path)
-                    donor_manifest, donor_table = donor_tables[donor_path]
-                    rows = donor_table.slice(start, stop - start)
-                    for name in score_columns:
-                        values = cache.list_column_to_numpy(rows.column(name), len(donor_manifest["class_names"]))
-                        scores[name][:, position] = values[:, donor_position]
+            for donor_path, (positions, donor_positions) in reuse_by_donor.items():
+                if donor_path not in donor_tables:
+                    donor_tables[donor_path] = cache.load_cache(donor_path)  # verified once, memory-mapped
+                donor_manifest, donor_table = donor_tables[donor_path]
+                rows = donor_table.slice(start, stop - start)
+                for name in score_columns:
+                    values = cache.list_column_to_numpy(rows.column(name), len(donor_manifest["class_names"]))
+                    scores[name][:, positions] = values[:, donor_positions]
             if missing:
                 if model is None:
                     log(f"loading teacher {teacher.name_or_path} ({teacher.kind}) on {device}, {precision}")
