@@ -122,3 +122,28 @@ def test_unknown_flag_is_an_error_naming_it(tmp_path):
     assert "unknown flag --learning_rat" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_torchrun_two_processes_trains_a_student(tmp_path):
+    """Multi-process training is the Trainer's (DDP over gloo on CPUs here, NCCL on GPUs)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    classes = ["apple", "river"]
+    texts, _, columns = keyword_task(64, classes)
+    cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
+    base = make_student_base(str(tmp_path / "base"))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "train_student.py"),
+         "--cache", cache_path, "--output_dir", str(tmp_path / "student"), "--student_name_or_path", base, "--use_cpu",
+         "--max_steps", "2", "--per_device_train_batch_size", "4", "--save_strategy", "no", "--ddp_find_unused_parameters", "False"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.load(open(tmp_path / "student" / "distill_info.json"))
+    # 61 training rows in global batches of 2 ranks x 4 = 8 steps per epoch: 2 steps are a quarter epoch
+    # (one process would take 16 steps per epoch, so 2 steps would be 0.125).
+    assert float(info["metrics"]["train"]["epoch"]) == 0.25, info["metrics"]["train"]
+    assert os.path.exists(tmp_path / "student" / "model.safetensors")
