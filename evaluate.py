@@ -8,7 +8,6 @@ and confusion-matrix PNGs into --output_dir, and prints the table.
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -98,20 +97,6 @@ def agreement(a: np.ndarray, b: np.ndarray, multi_label: bool) -> float:
 
 
 # ---------------------------------------------------------------- pieces of the story
-
-
-def hardware(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else platform.processor()
-    except OSError:
-        cpu = platform.processor() or platform.machine()
-    return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
 def load_student(model_dir: str, device):
@@ -328,7 +313,7 @@ def main(
         "num_examples": len(texts),
         "class_names": class_names,
         "multi_label": multi_label,
-        "hardware": hardware(device),
+        "hardware": zs_teacher.hardware_name(device),
         "student": {"metrics": metric_fn(true, student_probabilities, class_names)},
         "speed": {"student_examples_per_second": student_speed, "student_batch_size": batch_size},
     }

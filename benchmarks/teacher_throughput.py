@@ -184,7 +184,7 @@ def main(
             return e / e.sum(1, keepdims=True)
 
         rows = []
-        print(f"machine: {zs_teacher_hardware()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
+        print(f"machine: {zs_teacher.hardware_name(torch.device(device))}, torch {torch.__version__}")
         print(f"(c) batches: at most {batch_pairs} pairs and {batch_tokens} padded tokens; (a) and (b): 32 pairs")
         print(f"teacher: random BERT-base (12 layers, 768 hidden, 3 labels); {texts} texts x {k} classes = {pairs} pairs; "
               f"pair length min {min(lengths)} / median {int(np.median(lengths))} / max {max(lengths)} tokens; {repeats} repeats, medians")
@@ -218,18 +218,6 @@ def main(
         student_examples = texts / median["student pipeline"]
         print(f"student (6 layers, 384 hidden) pipeline: {student_examples:.1f} examples/s vs zero-shot pipeline {teacher_examples:.2f} examples/s: "
               f"{student_examples / teacher_examples:.0f}x")
-
-
-def zs_teacher_hardware() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        import platform
-
-        return platform.processor()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import glob
 import hashlib
 import json
 import os
+import platform
 import re
 from dataclasses import dataclass, field
 
@@ -171,6 +172,19 @@ def select_device(no_cuda: bool = False) -> torch.device:
     if not no_cuda and torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def hardware_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name and thread count: what speed numbers were measured on."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else platform.processor()
+    except OSError:
+        cpu = platform.processor() or platform.machine()
+    return f"{cpu} ({torch.get_num_threads()} threads)"
 
 
 def check_precision(fp16: bool, bf16: bool, device: torch.device) -> str:
