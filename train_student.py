@@ -63,6 +63,20 @@ def holdout_metrics(student_logits: np.ndarray, teacher_targets: np.ndarray, mul
     }
 
 
+def tokenized_cache_dir(cache_path: str, key: str) -> str:
+    """`<cache>/tokenized`, or `~/.cache/zsdistill/tokenized/<key>` when the cache directory is read-only (a shared cache)."""
+    preferred = os.path.join(cache_path, "tokenized")
+    try:
+        os.makedirs(preferred, exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
+    except OSError:
+        pass
+    fallback = os.path.join(os.path.expanduser("~"), ".cache", "zsdistill", "tokenized", key)
+    os.makedirs(fallback, exist_ok=True)
+    return fallback
+
+
 def _check_output_dir(output_dir: str, overwrite: bool) -> str | None:
     """Refuse a non-empty output_dir unless overwriting; return a checkpoint to resume from, if any."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -190,8 +204,7 @@ def main(
         (tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer)).encode()
         + f"|{student_max_length}|{type(tokenizer).__name__}".encode()
     ).hexdigest()[:16]
-    tokenized_dir = os.path.join(cache_path, "tokenized")
-    os.makedirs(tokenized_dir, exist_ok=True)
+    tokenized_dir = tokenized_cache_dir(cache_path, manifest["key"])
     texts = concatenate_datasets([Dataset.from_file(os.path.join(cache_path, s["file"])) for s in manifest["shards"]]).select_columns(["text"])
     with args.main_process_first(desc="tokenizing"):
         tokenized = texts.map(

@@ -147,3 +147,14 @@ def test_torchrun_two_processes_trains_a_student(tmp_path):
     # (one process would take 16 steps per epoch, so 2 steps would be 0.125).
     assert float(info["metrics"]["train"]["epoch"]) == 0.25, info["metrics"]["train"]
     assert os.path.exists(tmp_path / "student" / "model.safetensors")
+
+
+def test_read_only_cache_tokenizes_into_the_user_cache(tmp_path, monkeypatch):
+    classes = ["apple", "river"]
+    texts, _, columns = keyword_task(20, classes)
+    cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).startswith(cache_path) else real_access(path, mode))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    train_student.main(cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")), **QUICK)
+    assert os.listdir(tmp_path / "home" / ".cache" / "zsdistill" / "tokenized" / "toy")
