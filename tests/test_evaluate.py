@@ -61,13 +61,20 @@ def labeled(tmp_path):
     return str(path), str(tmp_path / "classes.txt")
 
 
-def test_end_to_end_report(teachers, labeled, tmp_path):
+def distil(teacher: str, labeled, tmp_path, max_steps: int) -> tuple[str, str]:
+    """Stage 1 on the labeled texts, then a tiny student from that cache: (cache, student directory)."""
     test_file, classes_file = labeled
-    cache_path = teacher_infer.main(data_file=test_file, class_names_file=classes_file, teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "cache"))
+    cache_path = teacher_infer.main(data_file=test_file, class_names_file=classes_file, teacher_name_or_path=teacher, cache_dir=str(tmp_path / "cache"))
     student = train_student.main(
         cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")),
-        max_steps=2, use_cpu=True, save_strategy="no", disable_tqdm=True,
+        max_steps=max_steps, use_cpu=True, save_strategy="no", disable_tqdm=True,
     )
+    return cache_path, student
+
+
+def test_end_to_end_report(teachers, labeled, tmp_path):
+    test_file, _ = labeled
+    cache_path, student = distil(teachers["upper"], labeled, tmp_path, max_steps=2)
     out = tmp_path / "report"
     result = run_script("evaluate.py", "--model", student, "--test_file", test_file, "--teacher_cache", cache_path,
                         "--output_dir", out, "--time_teacher", "--time_teacher_samples", "4", "--no_cuda")
@@ -93,12 +100,7 @@ def test_end_to_end_report(teachers, labeled, tmp_path):
 
 
 def test_unknown_labels_are_an_error(teachers, labeled, tmp_path):
-    test_file, classes_file = labeled
-    cache_path = teacher_infer.main(data_file=test_file, class_names_file=classes_file, teacher_name_or_path=teachers["two"], cache_dir=str(tmp_path / "cache"))
-    student = train_student.main(
-        cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")),
-        max_steps=1, use_cpu=True, save_strategy="no", disable_tqdm=True,
-    )
+    _, student = distil(teachers["two"], labeled, tmp_path, max_steps=1)
     bad = tmp_path / "bad.tsv"
     bad.write_text("sports\tA match.\ncooking\tA pie.\ngardening\tA rose.\n")
     result = run_script("evaluate.py", "--model", student, "--test_file", bad, "--output_dir", tmp_path / "report")

@@ -322,6 +322,11 @@ class Stats:
     tokens: int = 0
     padded_tokens: int = 0
 
+    def record(self, attention_mask: torch.Tensor) -> None:
+        self.forward_passes += attention_mask.shape[0]
+        self.tokens += int(attention_mask.sum())
+        self.padded_tokens += attention_mask.numel()
+
 
 def nli_logits(
     model,
@@ -352,9 +357,7 @@ def nli_logits(
                 inputs["token_type_ids"] = _pad([types for _, types in encoded], 0).to(device)
             out[batch] = model(**inputs).logits.float().cpu().numpy()
             if stats is not None:
-                stats.forward_passes += len(batch)
-                stats.tokens += int(attention_mask.sum())
-                stats.padded_tokens += attention_mask.numel()
+                stats.record(attention_mask)
             if on_batch is not None:
                 on_batch(len(batch))
     return out.reshape(n, k, -1)
@@ -390,9 +393,7 @@ def embed(
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             out[batch] = torch.nn.functional.normalize(pooled, p=2, dim=1).cpu().numpy()
             if stats is not None:
-                stats.forward_passes += len(batch)
-                stats.tokens += int(attention_mask.sum())
-                stats.padded_tokens += attention_mask.numel()
+                stats.record(attention_mask)
             if on_batch is not None:
                 on_batch(len(batch))
     return out
