@@ -9,6 +9,7 @@ recomputed); after a crash it computes only the missing shards; with more class 
 the new hypotheses and reuses the rest from earlier caches of the same data and teacher.
 """
 
+import contextlib
 import datetime
 import glob
 import importlib.metadata
@@ -30,8 +31,8 @@ from zsdistill.errors import UserError, run_cli
 DEFAULTS = dict(
     teacher_name_or_path="roberta-large-mnli",
     hypothesis_template="This example is {}.",
-    teacher_batch_size=32,
-    max_batch_tokens=8192,
+    teacher_batch_size=None,  # None: zsdistill.teacher.default_batches(device)
+    max_batch_tokens=None,
     cache_dir="cache",
     max_length=None,
     text_column="text",
@@ -78,6 +79,18 @@ def _versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             pass
     return versions
+
+
+@contextlib.contextmanager
+def gpu_memory_advice(pairs: int, tokens: int):
+    """A GPU out-of-memory error is a setting to change, not a crash: say which one."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"out of GPU memory with batches of up to {pairs} pairs and {tokens} padded tokens; "
+            f"lower --max_batch_tokens (e.g. to {max(tokens // 4, 512)}) and --teacher_batch_size; the shards already written are kept"
+        ) from None
 
 
 def find_reusable(cache_dir: str, key: str, key_fields: dict, hypotheses: list[str], score_columns: list[str]) -> dict:
@@ -128,8 +141,8 @@ def main(
         class_names_file: one class name per line, in the order the cache's columns will use.
         teacher_name_or_path: NLI model (hub id or directory), or a sentence-embedding model.
         hypothesis_template: hypothesis per class; exactly one {} stands for the class name.
-        teacher_batch_size: at most this many (text, class) pairs per forward pass.
-        max_batch_tokens: at most this many padded tokens per forward pass (pairs are length-sorted).
+        teacher_batch_size: at most this many (text, class) pairs per forward pass (default: 32 on CPU, 256 on GPU).
+        max_batch_tokens: at most this many padded tokens per forward pass (default: 8192 on CPU, 65536 on GPU).
         cache_dir: where cache directories are made; each is named by a digest of its inputs.
         max_length: truncate pairs to this many tokens (premise only); default: the teacher's maximum.
         text_column: column holding the text in .csv/.jsonl/.parquet inputs.
@@ -149,14 +162,16 @@ def main(
     # 1. Validate everything cheap before any expensive work.
     data.check_template(str(hypothesis_template))
     class_names = data.read_class_names(str(class_names_file))
-    _positive_int(teacher_batch_size, "--teacher_batch_size")
-    _positive_int(max_batch_tokens, "--max_batch_tokens")
+    _positive_int(teacher_batch_size, "--teacher_batch_size", allow_none=True)
+    _positive_int(max_batch_tokens, "--max_batch_tokens", allow_none=True)
     _positive_int(shard_size, "--shard_size")
     _positive_int(max_length, "--max_length", allow_none=True)
     num_examples, data_fingerprint = data.scan_texts(str(data_file), str(text_column), encoding_errors)
     teacher = zs_teacher.resolve_teacher(str(teacher_name_or_path), teacher_revision, teacher_kind, trust_remote_code)
     device = zs_teacher.select_device(no_cuda)
     precision = zs_teacher.check_precision(fp16, bf16, device)
+    default_pairs, default_tokens = zs_teacher.default_batches(device)
+    teacher_batch_size, max_batch_tokens = teacher_batch_size or default_pairs, max_batch_tokens or default_tokens
     hypotheses = [hypothesis_template.format(name) for name in class_names]
     score_columns = list(teacher.label_columns) if teacher.kind == "nli" else ["similarity"]
 
@@ -238,7 +253,7 @@ def main(
         texts = [next(texts_iter) for _ in range(stop - start)]
         if index % world_size != rank:
             continue
-        with cache.file_lock(os.path.join(cache_path, f"shard-{index:05d}.lock")):
+        with cache.file_lock(os.path.join(cache_path, f"shard-{index:05d}.lock")), gpu_memory_advice(teacher_batch_size, max_batch_tokens):
             if cache.read_done_record(cache_path, index, start, stop) is not None:
                 shards_done_before += 1
                 progress.update(stop - start)

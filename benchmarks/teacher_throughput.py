@@ -7,8 +7,10 @@ Same model, texts, class names, machine and process; methods interleaved and rep
   (c) zsdistill's stage 1 (zsdistill.teacher: pairs assembled from once-tokenized parts, length-sorted,
       token-budget batches, inference_mode), in fp32, and as its own row with --bf16 autocast
 Plus a student-vs-teacher inference comparison through pipeline("text-classification").
+Useful FLOPs (the encoder's matmul FLOPs on real tokens) are compared with the fp32 matmul peak two ways: a
+best-of-5 burst between repeats, and a matmul probe after every batch of a separate (c) pass (same moments).
 
-    python benchmarks/teacher_throughput.py            # (make bench) about 5 minutes on 2 CPU cores
+    python benchmarks/teacher_throughput.py            # (make bench) about 6 minutes on 2 CPU cores
     python benchmarks/teacher_throughput.py --texts 16 --repeats 1   # a quick look
 """
 
@@ -91,6 +93,33 @@ def matmul_peak_gflops(device: str = "cpu", repeats: int = 5) -> float:
     return 2 * 2048 * 768 * 3072 / min(times) / 1e9
 
 
+def probed_utilization(run, useful_flops: float, device: str) -> float:
+    """Useful FLOP/s of `run` over the matmul throughput measured between its batches, at the same moments.
+
+    This shared machine's matmul speed drifts by 10% and more within seconds, so a peak measured before or
+    after a run can be off by more than the gap being measured. Here one 2048x768 @ 768x3072 fp32 matmul
+    runs after every batch; its time is left out of the run's time and its rate is the reference.
+    """
+    a, b = torch.randn(2048, 768, device=device), torch.randn(768, 3072, device=device)
+    torch.mm(a, b)
+    probe_seconds = []
+
+    def probe(_pairs: int) -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        torch.mm(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        probe_seconds.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    run(on_batch=probe)
+    work_seconds = time.perf_counter() - started - sum(probe_seconds)
+    probe_rate = 2 * 2048 * 768 * 3072 * len(probe_seconds) / sum(probe_seconds)
+    return useful_flops / work_seconds / probe_rate
+
+
 def padding_of_fixed_batches(lengths: list[int], batch: int) -> float:
     """Padding share when pairs go in their given order in fixed batches, padded to each batch's longest."""
     padded = sum(max(lengths[i : i + batch]) * len(lengths[i : i + batch]) for i in range(0, len(lengths), batch))
@@ -98,7 +127,7 @@ def padding_of_fixed_batches(lengths: list[int], batch: int) -> float:
 
 
 def main(
-    texts: int = 32, repeats: int = 3, k: int = 8, threads: int | None = None, no_cuda: bool = False, batch_pairs: int = 32, batch_tokens: int = 8192
+    texts: int = 32, repeats: int = 3, k: int = 8, threads: int | None = None, no_cuda: bool = False, batch_pairs: int | None = None, batch_tokens: int | None = None
 ) -> None:
     """Run the comparison and print a table.
 
@@ -108,14 +137,16 @@ def main(
         k: number of class names.
         threads: torch threads (default: torch's choice, all cores).
         no_cuda: stay on the CPU even when a GPU is present.
-        batch_pairs: (c)'s --teacher_batch_size (stage 1's default: 32).
-        batch_tokens: (c)'s --max_batch_tokens (stage 1's default: 8192).
+        batch_pairs: (c)'s --teacher_batch_size (default: stage 1's for the device, 32 on CPU, 256 on GPU).
+        batch_tokens: (c)'s --max_batch_tokens (default: stage 1's for the device, 8192 on CPU, 65536 on GPU).
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
     if threads:
         torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() and not no_cuda else "cpu"
+    default_pairs, default_tokens = zs_teacher.default_batches(torch.device(device))
+    batch_pairs, batch_tokens = batch_pairs or default_pairs, batch_tokens or default_tokens
     sample = corpus(texts)
     class_names = CLASS_NAMES[:k]
     hypotheses = [TEMPLATE.format(c) for c in class_names]
@@ -142,9 +173,10 @@ def main(
                     out.append(model(**encoded.to(device)).logits.float().cpu())
             return torch.cat(out).numpy().reshape(len(sample), k, -1)
 
-        def run_ours(precision: str, stats=None, sample=sample):
+        def run_ours(precision: str, stats=None, sample=sample, on_batch=None):
             encoder = zs_teacher.PairEncoder(tokenizer, max_length)
-            return zs_teacher.nli_logits(model, encoder, encoder.tokenize(sample), encoder.tokenize(hypotheses), batch_pairs, batch_tokens, precision, stats)
+            premise_ids, hypothesis_ids = encoder.tokenize(sample), encoder.tokenize(hypotheses)
+            return zs_teacher.nli_logits(model, encoder, premise_ids, hypothesis_ids, batch_pairs, batch_tokens, precision, stats, on_batch)
 
         def run_student(sample=sample):
             return student(sample, batch_size=32)
@@ -158,8 +190,12 @@ def main(
         for run in methods.values():  # warm-up on a few texts, untimed
             run(sample=sample[:4])
         stats.tokens = stats.padded_tokens = 0  # padding is reported for the timed runs only
+        encoder = zs_teacher.PairEncoder(tokenizer, max_length)
+        premise_ids, hypothesis_ids = encoder.tokenize(sample), encoder.tokenize(hypotheses)
+        lengths = [len(encoder.encode(p, h)[0]) for p in premise_ids for h in hypothesis_ids]
+        useful_flops = sum(layer_flops(length, model.config.hidden_size, model.config.num_hidden_layers) for length in lengths)
         times = {name: [] for name in methods}
-        peaks = []
+        peaks, probed = [], []
         outputs = {}
         for repeat in range(repeats):
             print(f"repeat {repeat + 1}/{repeats}", file=sys.stderr, flush=True)
@@ -170,12 +206,10 @@ def main(
                 if device == "cuda":
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - started)
+            # A separate (c) pass with a matmul probe after each batch, so the timed runs above stay unperturbed.
+            probed.append(probed_utilization(lambda **kw: run_ours("fp32", **kw), useful_flops, device))
         median = {name: statistics.median(values) for name, values in times.items()}
         ours, reference = outputs["(c) zsdistill fp32"], outputs["(b) reference loop"]
-        encoder = zs_teacher.PairEncoder(tokenizer, max_length)
-        premise_ids, hypothesis_ids = encoder.tokenize(sample), encoder.tokenize(hypotheses)
-        lengths = [len(encoder.encode(p, h)[0]) for p in premise_ids for h in hypothesis_ids]
-        useful_flops = sum(layer_flops(length, model.config.hidden_size, model.config.num_hidden_layers) for length in lengths)
         peak = statistics.median(peaks)
 
         def probabilities(logits):
@@ -207,6 +241,8 @@ def main(
             print(f"| {name} | {rate:.1f} | {median['(a) zero-shot pipeline'] / median[name]:.2f}x | {median['(b) reference loop'] / median[name]:.2f}x | "
                   f"{padding[name]:.1%} | {gflops:.0f} | {gflops / peak:.0%} |")
         print()
+        print(f"(c) fp32 useful FLOP/s against the fp32 matmul throughput probed between its batches (same moments): "
+              f"median {statistics.median(probed):.0%} (repeats: {', '.join(f'{u:.0%}' for u in probed)})")
         print(f"max |logit (c) fp32 - logit (b)|: {np.abs(ours - reference).max():.2e}")
         if bf16:
             low = outputs["(c) zsdistill --bf16"]

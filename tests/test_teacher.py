@@ -7,11 +7,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
+import torch
 from conftest import CLASS_NAMES, CORPUS, count_forward_passes, run_script
 
 import teacher_infer
 from zsdistill import cache, targets
 from zsdistill import teacher as zs_teacher
+from zsdistill.errors import UserError
 
 LONG_TEXT = "an extremely long line about sports and finance " * 400  # far beyond the 64-token max length
 
@@ -178,3 +180,45 @@ def test_length_sorted_batches_respect_budgets():
     assert sorted(np.concatenate(batches).tolist()) == list(range(8))
     for batch in batches:
         assert len(batch) <= 3 and (len(batch) == 1 or len(batch) * lengths[batch].max() <= 100)
+
+
+def test_batch_defaults_follow_the_device_and_flags_override_them(teachers, corpus_files, tmp_path, monkeypatch):
+    data_file, classes_file = corpus_files
+    seen = []
+    real = zs_teacher.nli_logits
+
+    def spy(model, encoder, premises, hypotheses, max_pairs, max_tokens, *args, **kwargs):
+        seen.append((max_pairs, max_tokens))
+        return real(model, encoder, premises, hypotheses, max_pairs, max_tokens, *args, **kwargs)
+
+    monkeypatch.setattr(zs_teacher, "nli_logits", spy)
+    common = dict(data_file=data_file, class_names_file=classes_file, teacher_name_or_path=teachers["upper"])
+    default_path = teacher_infer.main(**common, cache_dir=str(tmp_path / "a"))
+    assert set(seen) == {zs_teacher.BATCH_DEFAULTS["cpu"]}
+    seen.clear()
+    explicit_path = teacher_infer.main(**common, cache_dir=str(tmp_path / "b"), teacher_batch_size=3, max_batch_tokens=64)
+    assert set(seen) == {(3, 64)}
+    # Batch shape is not part of the key: both runs made the same cache, with the same scores.
+    assert os.path.basename(default_path) == os.path.basename(explicit_path)
+    np.testing.assert_allclose(
+        np.array(read_via_manifest(default_path)["entailment"].to_pylist()),
+        np.array(read_via_manifest(explicit_path)["entailment"].to_pylist()),
+        atol=1e-5,
+    )
+    assert "--teacher_batch_size" not in cache.read_manifest(default_path)["command"]
+
+
+def test_gpu_out_of_memory_names_the_flag_to_lower(teachers, corpus_files, tmp_path, monkeypatch):
+    data_file, classes_file = corpus_files
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(zs_teacher, "nli_logits", out_of_memory)
+    with pytest.raises(UserError, match=r"out of GPU memory .* lower --max_batch_tokens \(e\.g\. to 2048\)"):
+        teacher_infer.main(
+            data_file=data_file, class_names_file=classes_file, teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "c")
+        )
+    (cache_path,) = [os.path.join(tmp_path / "c", d) for d in os.listdir(tmp_path / "c")]
+    assert not cache.is_complete(cache_path)
+    assert not [f for f in os.listdir(cache_path) if f.endswith(".arrow")]
