@@ -222,3 +222,21 @@ def test_gpu_out_of_memory_names_the_flag_to_lower(teachers, corpus_files, tmp_p
     (cache_path,) = [os.path.join(tmp_path / "c", d) for d in os.listdir(tmp_path / "c")]
     assert not cache.is_complete(cache_path)
     assert not [f for f in os.listdir(cache_path) if f.endswith(".arrow")]
+
+
+def test_bf16_autocast_path_stays_close_to_fp32(teachers):
+    # This CPU lacks bf16 units (teacher_infer.py refuses --bf16 here), but autocast still runs, slowly, which a
+    # tiny model does not mind: this checks the numbers of the --bf16 path, not its speed (benchmarks/ does that).
+    teacher = zs_teacher.resolve_teacher(teachers["upper"])
+    model, tokenizer = zs_teacher.load_model(teacher, torch.device("cpu"))
+    encoder = zs_teacher.PairEncoder(tokenizer, 64)
+    premises, hypotheses = encoder.tokenize(CORPUS + [LONG_TEXT]), encoder.tokenize([f"This example is {c}." for c in CLASS_NAMES])
+    logits = {p: zs_teacher.nli_logits(model, encoder, premises, hypotheses, 8, 512, p) for p in ("fp32", "bf16")}
+    assert logits["bf16"].dtype == np.float32
+    assert 0 < np.abs(logits["bf16"] - logits["fp32"]).max()  # it did run in lower precision
+    for multi_label in (False, True):
+        probabilities = {
+            p: targets.teacher_probabilities({name: logits[p][:, :, i] for name, i in teacher.label_columns.items()}, multi_label)
+            for p in logits
+        }
+        np.testing.assert_allclose(probabilities["bf16"], probabilities["fp32"], atol=0.02, rtol=0)
