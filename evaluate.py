@@ -166,13 +166,13 @@ def predict_student(model, tokenizer, texts: list[str], batch_size: int, multi_l
     return out, len(texts) / elapsed
 
 
-def time_live_teacher(name_or_path: str, manifest: dict, texts: list[str], batch_size: int, device) -> dict:
-    """Examples/second of the live zero-shot teacher on a sample, through stage 1's code path."""
+def time_live_teacher(name_or_path: str, manifest: dict, texts: list[str], device) -> dict:
+    """Examples/second of the live zero-shot teacher on a sample, through stage 1's code path and batch defaults."""
     teacher = zs_teacher.resolve_teacher(name_or_path, kind=manifest["teacher"]["kind"])
     model, tokenizer = zs_teacher.load_model(teacher, device)
     max_length = zs_teacher.resolve_max_length(tokenizer, model, manifest.get("max_length"))
     hypotheses = manifest["hypotheses"]
-    max_tokens = batch_size * 256
+    batch_size, max_tokens = zs_teacher.default_batches(device)
 
     def run(sample):
         if teacher.kind == "nli":
@@ -338,7 +338,7 @@ def main(
         name = time_teacher if isinstance(time_teacher, str) else manifest["teacher"]["name_or_path"]
         sample = texts[: max(1, int(time_teacher_samples))]
         log(f"timing the live teacher {name} on {len(sample)} examples")
-        timing = time_live_teacher(name, manifest, sample, 32, device)
+        timing = time_live_teacher(name, manifest, sample, device)
         report["speed"].update(
             teacher_examples_per_second=timing["examples_per_second"],
             teacher_timed_examples=timing["examples"],
