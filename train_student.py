@@ -184,8 +184,10 @@ def main(
     # 3. Tokenize the cache's texts once per student tokenizer; later runs reuse the result.
     import torch
     from datasets import Dataset, concatenate_datasets
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, set_seed
 
+    # The new K-way head is initialised from the global RNG: seed it first, or --seed would not make runs repeatable.
+    set_seed(args.seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(student_name_or_path, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(

@@ -158,3 +158,20 @@ def test_read_only_cache_tokenizes_into_the_user_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     train_student.main(cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")), **QUICK)
     assert os.listdir(tmp_path / "home" / ".cache" / "zsdistill" / "tokenized" / "toy")
+
+
+def test_same_seed_same_student(tmp_path):
+    from safetensors.torch import load_file
+
+    classes = ["apple", "river", "stone"]
+    texts, _, columns = keyword_task(40, classes)
+    cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
+    base = make_student_base(str(tmp_path / "base"))
+
+    def weights(name: str, seed: int) -> dict:
+        output = train_student.main(cache=cache_path, output_dir=str(tmp_path / name), student_name_or_path=base, seed=seed, **QUICK)
+        return load_file(os.path.join(output, "model.safetensors"))
+
+    first, again, other = weights("a", 7), weights("b", 7), weights("c", 8)
+    assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)  # the new head included
+    assert not torch.equal(first["classifier.weight"], other["classifier.weight"])
