@@ -184,10 +184,11 @@ def main(
     # 3. Tokenize the cache's texts once per student tokenizer; later runs reuse the result.
     import torch
     from datasets import Dataset, concatenate_datasets
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer, set_seed
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
+    from transformers.trainer_utils import enable_full_determinism, set_seed
 
     # The new K-way head is initialised from the global RNG: seed it first, or --seed would not make runs repeatable.
-    set_seed(args.seed)
+    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(student_name_or_path, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(
