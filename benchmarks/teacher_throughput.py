@@ -224,7 +224,7 @@ def main(
               f"pair length min {min(lengths)} / median {int(np.median(lengths))} / max {max(lengths)} tokens; {repeats} repeats, medians")
         print(f"fp32 matmul peak (2048x768 @ 768x3072, default precision settings, best of 5, median over repeats): {peak:.0f} GFLOP/s")
         print()
-        print("| method | pairs/s | vs (a) | vs (b) | padding | useful GFLOP/s | % of peak |")
+        print("| method | pairs/s | vs (a) | vs (b) | padding | useful GFLOP/s | % of best-burst peak |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         padding = {
             "(a) zero-shot pipeline": padding_of_fixed_batches(lengths, 32),
