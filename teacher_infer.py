@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
@@ -93,7 +94,9 @@ def gpu_memory_advice(pairs: int, tokens: int):
         ) from None
 
 
-def find_reusable(cache_dir: str, key: str, key_fields: dict, hypotheses: list[str], score_columns: list[str]) -> dict:
+def find_reusable(
+    cache_dir: str, key: str, key_fields: dict, hypotheses: list[str], score_columns: list[str], text_embedding_column: str | None
+) -> dict:
     """Hypotheses already scored by another complete cache of the same data and teacher: {hypothesis: (path, position)}."""
     identity = {k: v for k, v in key_fields.items() if k not in ("class_names", "hypothesis_template")}
     reusable: dict[str, tuple[str, int]] = {}
@@ -106,7 +109,11 @@ def find_reusable(cache_dir: str, key: str, key_fields: dict, hypotheses: list[s
         if os.path.basename(path) == key or not manifest or not manifest.get("complete"):
             continue
         donor_identity = {k: v for k, v in manifest.get("key_fields", {}).items() if k not in ("class_names", "hypothesis_template")}
-        if donor_identity != identity or manifest.get("score_columns") != score_columns:
+        if (
+            donor_identity != identity
+            or manifest.get("score_columns") != score_columns
+            or manifest.get("text_embedding_column") != text_embedding_column
+        ):
             continue
         for position, hypothesis in enumerate(manifest["hypotheses"]):
             if hypothesis in hypotheses and hypothesis not in reusable:
@@ -174,6 +181,8 @@ def main(
     teacher_batch_size, max_batch_tokens = teacher_batch_size or default_pairs, max_batch_tokens or default_tokens
     hypotheses = [hypothesis_template.format(name) for name in class_names]
     score_columns = list(teacher.label_columns) if teacher.kind == "nli" else ["similarity"]
+    # An embedding cache also keeps each text's embedding: a later run with more classes then embeds only them.
+    text_embedding_column = "text_embedding" if teacher.kind == "embedding" else None
 
     # 2. The key: everything the scores depend on. Same key, same scores: a complete cache is a hit.
     key_fields = {
@@ -212,6 +221,7 @@ def main(
         "class_names": class_names,
         "hypotheses": hypotheses,
         "score_columns": score_columns,
+        "text_embedding_column": text_embedding_column,
         "precision": precision,
         "data": {"path": os.path.abspath(data_file), "text_column": text_column, "fingerprint": data_fingerprint},
         "num_examples": num_examples,
@@ -226,7 +236,7 @@ def main(
                 cache.write_json_atomic(os.path.join(cache_path, cache.MANIFEST), manifest)
 
     # 4. Scores other caches already hold for these hypotheses (same data, teacher and settings).
-    reusable = find_reusable(str(cache_dir), key, key_fields, hypotheses, score_columns)
+    reusable = find_reusable(str(cache_dir), key, key_fields, hypotheses, score_columns, text_embedding_column)
     missing = [h for h in hypotheses if h not in reusable]
     if reusable:
         log(f"reusing {len(reusable)} of {len(hypotheses)} hypotheses from earlier caches; computing {len(missing)}")
@@ -260,6 +270,7 @@ def main(
                 continue
             passes_before, shard_started = stats.forward_passes, time.time()
             scores = {name: np.empty((stop - start, len(hypotheses)), dtype=np.float32) for name in score_columns}
+            text_embeddings = None
             for donor_path, (positions, donor_positions) in reuse_by_donor.items():
                 if donor_path not in donor_tables:
                     donor_tables[donor_path] = cache.load_cache(donor_path)  # verified once, memory-mapped
@@ -268,6 +279,9 @@ def main(
                 for name in score_columns:
                     values = cache.list_column_to_numpy(rows.column(name), len(donor_manifest["class_names"]))
                     scores[name][:, positions] = values[:, donor_positions]
+                if text_embedding_column and text_embeddings is None:  # any donor will do: same texts, teacher and settings
+                    column = rows.column(text_embedding_column)
+                    text_embeddings = cache.list_column_to_numpy(column, pc.list_value_length(column)[0].as_py())
             if missing:
                 if model is None:
                     log(f"loading teacher {teacher.name_or_path} ({teacher.kind}) on {device}, {precision}")
@@ -294,11 +308,14 @@ def main(
                     for name, label_index in teacher.label_columns.items():
                         scores[name][:, positions] = logits[:, :, label_index]
                 else:
-                    embeddings = zs_teacher.embed(
-                        model, tokenizer, texts, effective_max_length, teacher_batch_size, max_batch_tokens, teacher.pooling, precision, stats,
-                        on_batch=progress.update,
-                    )
-                    scores["similarity"][:, positions] = embeddings @ hypothesis_embeddings.T
+                    if text_embeddings is None:
+                        text_embeddings = zs_teacher.embed(
+                            model, tokenizer, texts, effective_max_length, teacher_batch_size, max_batch_tokens, teacher.pooling, precision, stats,
+                            on_batch=progress.update,
+                        )
+                    else:
+                        progress.update(stop - start)
+                    scores["similarity"][:, positions] = text_embeddings @ hypothesis_embeddings.T
                 # Snap progress to whole examples (pairs / K leaves float rounding behind).
                 progress.n = round(progress.n)
             else:
@@ -308,6 +325,7 @@ def main(
                     "index": pa.array(np.arange(start, stop, dtype=np.int64)),
                     "text": pa.array(texts, pa.string()),
                     **{name: cache.list_array(values) for name, values in scores.items()},
+                    **({text_embedding_column: cache.list_array(text_embeddings)} if text_embedding_column else {}),
                 }
             )
             record = {

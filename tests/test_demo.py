@@ -41,11 +41,13 @@ def test_embedding_teacher_similarities_equal_direct_computation(embedding_teach
     manifest, table = cache.load_cache(path)
     assert manifest["teacher"]["kind"] == "embedding"  # detected: no classification head, no entailment label
     assert manifest["teacher"]["pooling"] == "mean" and manifest["teacher"]["normalized"] is True
-    assert manifest["score_columns"] == ["similarity"] and table.column_names == ["index", "text", "similarity"]
+    assert manifest["score_columns"] == ["similarity"] and table.column_names == ["index", "text", "similarity", "text_embedding"]
     # N + K forward passes, not N x K.
     assert manifest["forward_passes"]["computed"] == len(CORPUS) + len(CLASS_NAMES)  # each text once, each hypothesis once
-    expected = direct_embeddings(embedding_teacher, CORPUS) @ direct_embeddings(embedding_teacher, [template.format(c) for c in CLASS_NAMES]).T
+    text_embeddings = direct_embeddings(embedding_teacher, CORPUS)
+    expected = text_embeddings @ direct_embeddings(embedding_teacher, [template.format(c) for c in CLASS_NAMES]).T
     np.testing.assert_allclose(cache.logit_columns(manifest, table)["similarity"], expected, atol=1e-5)
+    np.testing.assert_allclose(np.array(table.column("text_embedding").to_pylist()), text_embeddings, atol=1e-5)
     # Same cache-hit rule as NLI caches.
     assert teacher_infer.main(
         data_file=data_file, class_names_file=classes_file, teacher_name_or_path=embedding_teacher, hypothesis_template=template,

@@ -195,6 +195,9 @@ def test_newer_format_version(toy_cache, tmp_path):
     cache.write_json_atomic(os.path.join(toy_cache, "manifest.json"), manifest)
     result = run_script("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out")
     assert_user_error(result, "newer than this zsdistill reads", "upgrade")
+    manifest["format_version"] = 1  # older versions still read: version 2 only added columns
+    cache.write_json_atomic(os.path.join(toy_cache, "manifest.json"), manifest)
+    assert cache.load_cache(toy_cache)[0]["format_version"] == 1
 
 
 # 7. output directories

@@ -163,3 +163,29 @@ def test_a_second_template_only_computes_its_own_hypotheses(corpus, teachers, mo
     counter.update(pairs=0)
     teacher_infer.main(**common)  # back to the first template: a cache hit
     assert counter["pairs"] == 0
+
+
+def test_embedding_teacher_adds_a_class_with_one_forward_pass(corpus, embedding_teacher, monkeypatch):
+    common = dict(data_file=str(corpus / "texts.txt"), teacher_name_or_path=embedding_teacher, shard_size=10)
+    base = teacher_infer.main(class_names_file=str(corpus / "classes.txt"), cache_dir=str(corpus / "cache"), **common)
+    (corpus / "more.txt").write_text("\n".join(CLASS_NAMES + ["travel"]) + "\n")
+    counter = count_forward_passes(monkeypatch)
+    grown = teacher_infer.main(class_names_file=str(corpus / "more.txt"), cache_dir=str(corpus / "cache"), **common)
+    assert counter["pairs"] == 1  # the new hypothesis only: the texts' embeddings come from the first cache
+    scratch = teacher_infer.main(class_names_file=str(corpus / "more.txt"), cache_dir=str(corpus / "scratch"), **common)
+    assert_same_cache(scratch, grown)
+
+    def text_embeddings(path):
+        _, table = cache.load_cache(path)
+        return np.array(table.column("text_embedding").to_pylist())
+
+    assert text_embeddings(grown).shape == (len(TEXTS), 32)  # the tiny encoder's hidden size
+    np.testing.assert_allclose(text_embeddings(grown), text_embeddings(scratch), atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(text_embeddings(grown), text_embeddings(base))
+
+    # Removing classes: no model load, no forward pass, and the embeddings still travel with the cache.
+    (corpus / "fewer.txt").write_text("\n".join(CLASS_NAMES[:2]) + "\n")
+    counter.update(pairs=0, loads=0)
+    fewer = teacher_infer.main(class_names_file=str(corpus / "fewer.txt"), cache_dir=str(corpus / "cache"), **common)
+    assert counter == {"pairs": 0, "loads": 0}
+    np.testing.assert_array_equal(text_embeddings(fewer), text_embeddings(base))

@@ -20,7 +20,7 @@ import pyarrow.ipc as ipc
 from zsdistill.data import file_sha256
 from zsdistill.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: embedding caches keep a text_embedding column
 MANIFEST = "manifest.json"
 
 
