@@ -9,7 +9,6 @@ and confusion-matrix PNGs into --output_dir, and prints the table.
 import json
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -242,14 +241,6 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------- the stage
 
 
@@ -353,8 +344,9 @@ def main(
             matrix, columns = (metrics["outcomes"], ["tn", "fp", "fn", "tp"]) if multi_label else (metrics["confusion_matrix"], None)
             confusion_png(os.path.join(str(output_dir), f"confusion_{who}.png"), matrix, class_names, who, columns)
     markdown = markdown_report(report)
-    _write_atomic(os.path.join(str(output_dir), "report.md"), markdown)
-    _write_atomic(os.path.join(str(output_dir), "report.json"), json.dumps(report, indent=2) + "\n")
+    for name, text in (("report.md", markdown), ("report.json", json.dumps(report, indent=2) + "\n")):
+        with cache.atomic_file(os.path.join(str(output_dir), name)) as f:
+            f.write(text)
     print(markdown)
     return report
 

@@ -240,3 +240,15 @@ def test_bf16_autocast_path_stays_close_to_fp32(teachers):
             for p in logits
         }
         np.testing.assert_allclose(probabilities["bf16"], probabilities["fp32"], atol=0.02, rtol=0)
+
+
+def test_cache_files_get_the_umask_permissions(teachers, corpus_files, tmp_path):
+    # Atomic writes go through mkstemp (owner-only 0600); a cache shared across users and nodes must stay readable.
+    data_file, classes_file = corpus_files
+    old_umask = os.umask(0o022)
+    try:
+        path = teacher_infer.main(data_file=data_file, class_names_file=classes_file, teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "c"))
+    finally:
+        os.umask(old_umask)
+    for name in (cache.MANIFEST, cache.shard_file(0), cache.done_file(0)):
+        assert os.stat(os.path.join(path, name)).st_mode & 0o777 == 0o644, name

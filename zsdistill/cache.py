@@ -38,21 +38,39 @@ def done_file(index: int) -> str:
     return f"shard-{index:05d}.done.json"
 
 
-def write_json_atomic(path: str, obj: dict) -> None:
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w") -> Iterator:
+    """A file that appears at `path` complete or not at all: written under a temporary name, fsynced, renamed.
+
+    mkstemp makes the temporary file owner-only (0600); it gets the permissions a plain open() would give
+    (0666 less the umask), so a cache on a shared filesystem stays readable by the other users and nodes.
+    """
     directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.path.basename(path)}-", dir=directory)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
     _fsync_dir(directory)
+
+
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return umask
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
 
 
 def _fsync_dir(directory: str) -> None:
@@ -93,19 +111,8 @@ def list_column_to_numpy(column: pa.ChunkedArray | pa.Array, width: int) -> np.n
 def write_shard(cache_path: str, index: int, table: pa.Table, record: dict) -> dict:
     """Write shard `index` atomically, then its completion record; return that record."""
     final = os.path.join(cache_path, shard_file(index))
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{shard_file(index)}-", dir=cache_path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            with ipc.new_stream(f, table.schema) as writer:
-                writer.write_table(table)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(cache_path)
+    with atomic_file(final, "wb") as f, ipc.new_stream(f, table.schema) as writer:
+        writer.write_table(table)
     record = {
         "file": shard_file(index),
         **record,
