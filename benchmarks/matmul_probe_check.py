@@ -32,8 +32,7 @@ def main(rounds: int = 30, threads: int | None = None) -> None:
         teacher_dir, _ = teacher_throughput.build_models(directory, 8)
         model = AutoModelForSequenceClassification.from_pretrained(teacher_dir, attn_implementation="sdpa").eval()
     input_ids = torch.randint(1000, 2000, (32, 24))  # a typical CPU batch: 32 pairs of 24 tokens
-    a, b = torch.randn(2048, 768), torch.randn(768, 3072)
-    flops = 2 * 2048 * 768 * 3072
+    a, b, flops = teacher_throughput.peak_matmul()
 
     def rate() -> float:
         started = time.perf_counter()

@@ -77,8 +77,13 @@ def layer_flops(length: int, hidden: int, layers: int) -> float:
     return layers * (24 * length * hidden * hidden + 4 * length * length * hidden)
 
 
+def peak_matmul(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The matmul that stands for the fp32 peak (2048x768 @ 768x3072: a BERT-base FFN on 2,048 tokens) and its FLOPs."""
+    return torch.randn(2048, 768, device=device), torch.randn(768, 3072, device=device), 2 * 2048 * 768 * 3072
+
+
 def matmul_peak_gflops(device: str = "cpu", repeats: int = 5) -> float:
-    a, b = torch.randn(2048, 768, device=device), torch.randn(768, 3072, device=device)
+    a, b, flops = peak_matmul(device)
     torch.mm(a, b)
     times = []
     for _ in range(repeats):
@@ -90,7 +95,7 @@ def matmul_peak_gflops(device: str = "cpu", repeats: int = 5) -> float:
         if device == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - started) / 10)
-    return 2 * 2048 * 768 * 3072 / min(times) / 1e9
+    return flops / min(times) / 1e9
 
 
 def probed_utilization(run, useful_flops: float, device: str) -> float:
@@ -100,7 +105,7 @@ def probed_utilization(run, useful_flops: float, device: str) -> float:
     after a run can be off by more than the gap being measured. Here one 2048x768 @ 768x3072 fp32 matmul
     runs after every batch; its time is left out of the run's time and its rate is the reference.
     """
-    a, b = torch.randn(2048, 768, device=device), torch.randn(768, 3072, device=device)
+    a, b, flops = peak_matmul(device)
     torch.mm(a, b)
     probe_seconds = []
 
@@ -116,7 +121,7 @@ def probed_utilization(run, useful_flops: float, device: str) -> float:
     started = time.perf_counter()
     run(on_batch=probe)
     work_seconds = time.perf_counter() - started - sum(probe_seconds)
-    probe_rate = 2 * 2048 * 768 * 3072 * len(probe_seconds) / sum(probe_seconds)
+    probe_rate = flops * len(probe_seconds) / sum(probe_seconds)
     return useful_flops / work_seconds / probe_rate
 
 
