@@ -238,6 +238,7 @@ def main(
     # 4. Scores other caches already hold for these hypotheses (same data, teacher and settings).
     reusable = find_reusable(str(cache_dir), key, key_fields, hypotheses, score_columns, text_embedding_column)
     missing = [h for h in hypotheses if h not in reusable]
+    missing_positions = [hypotheses.index(h) for h in missing]
     if reusable:
         log(f"reusing {len(reusable)} of {len(hypotheses)} hypotheses from earlier caches; computing {len(missing)}")
     reuse_by_donor: dict[str, tuple[list[int], list[int]]] = {}  # donor cache -> (our positions, its positions)
@@ -294,7 +295,6 @@ def main(
                         hypothesis_embeddings = zs_teacher.embed(
                             model, tokenizer, missing, effective_max_length, teacher_batch_size, max_batch_tokens, teacher.pooling, precision, stats
                         )
-                positions = [hypotheses.index(h) for h in missing]
                 if teacher.kind == "nli":
                     per_pair, rate_started, rate_passes = 1.0 / len(missing), time.time(), stats.forward_passes
 
@@ -306,7 +306,7 @@ def main(
                         model, encoder, encoder.tokenize(texts), hypothesis_ids, teacher_batch_size, max_batch_tokens, precision, stats, on_batch
                     )
                     for name, label_index in teacher.label_columns.items():
-                        scores[name][:, positions] = logits[:, :, label_index]
+                        scores[name][:, missing_positions] = logits[:, :, label_index]
                 else:
                     if text_embeddings is None:
                         text_embeddings = zs_teacher.embed(
@@ -315,7 +315,7 @@ def main(
                         )
                     else:
                         progress.update(stop - start)
-                    scores["similarity"][:, positions] = text_embeddings @ hypothesis_embeddings.T
+                    scores["similarity"][:, missing_positions] = text_embeddings @ hypothesis_embeddings.T
                 # Snap progress to whole examples (pairs / K leaves float rounding behind).
                 progress.n = round(progress.n)
             else:
