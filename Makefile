@@ -32,7 +32,7 @@ EVAL_ARGS ?=
 
 WORDNET := /usr/share/wordnet/data.noun
 
-.PHONY: install teacher student distill evaluate demo test bench wordnet clean
+.PHONY: install teacher student distill evaluate demo test bench quality wordnet clean
 
 install: $(STAMP)
 
@@ -93,6 +93,10 @@ test: install wordnet
 
 bench: install
 	$(PY) benchmarks/teacher_throughput.py
+
+# Student quality on the demo data: raw and refined teacher, plain and refined student, two seeds (about 15 min).
+quality: install wordnet
+	$(PY) benchmarks/quality.py $(QUALITY_ARGS)
 
 clean:
 	rm -rf cache students reports demo bench

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from zsdistill import cache, data, targets
+from zsdistill import cache, data, refine, targets
 from zsdistill import teacher as zs_teacher
 from zsdistill.errors import UserError, run_cli
 
@@ -187,6 +187,24 @@ def time_live_teacher(name_or_path: str, manifest: dict, texts: list[str], devic
     return {"teacher": name_or_path, "examples": len(texts), "examples_per_second": len(texts) / elapsed, "forward_passes_per_example": len(hypotheses) if teacher.kind == "nli" else 1}
 
 
+def refined_teacher(model_dir: str, manifest: dict, table, num_rows: int) -> tuple[np.ndarray, str] | str | None:
+    """The teacher's predictions after the student's label-free refinement, applied to the test cache: what the
+    student was taught. None if the student was trained without refinement; a reason (str) if it cannot be shown."""
+    info_path, refinement_path = os.path.join(model_dir, "distill_info.json"), os.path.join(model_dir, refine.FILE)
+    if not os.path.exists(info_path):
+        return None
+    with open(info_path) as f:
+        settings = json.load(f).get("refinement") or {}
+    if not settings.get("method"):
+        return None
+    if not os.path.exists(refinement_path):
+        return f"{refinement_path} is missing"
+    if refine.embedding_fingerprint(manifest) != settings.get("embedding_fingerprint"):
+        return "the teacher cache holds no text embeddings from the model the refinement was fitted with"
+    refinement = refine.load(refinement_path)
+    return refinement.posteriors(refine.embedding_chunks(manifest, table), num_rows), settings["method"]
+
+
 def confusion_png(path: str, confusion: list[list[int]], class_names: list[str], title: str, columns: list[str] | None = None) -> None:
     """A confusion matrix (true x predicted), or per-class outcome counts (class x tn/fp/fn/tp) for multi-label."""
     import matplotlib
@@ -215,25 +233,37 @@ def markdown_report(report: dict) -> str:
     rows = [("subset accuracy", "subset_accuracy"), ("micro-F1", "micro_f1")] if multi else [("accuracy", "accuracy")]
     rows += [("macro-F1", "macro_f1"), ("ECE", "ece")]
     teacher = report.get("teacher")
+    refined = report.get("refined_teacher", {}).get("metrics")
     lines = [
         f"# Evaluation: {report['model']}",
         "",
         f"Test set: `{report['test_file']}` ({report['num_examples']} examples, {len(report['class_names'])} classes, "
         f"{'multi' if multi else 'single'}-label). Hardware: {report['hardware']}.",
         "",
-        "| metric | teacher | student |",
-        "| --- | --- | --- |",
+        "| metric | teacher | refined teacher | student |" if refined else "| metric | teacher | student |",
+        "| --- | --- | --- | --- |" if refined else "| --- | --- | --- |",
     ]
+
+    def row(title: str, *values) -> str:
+        cells = [v if isinstance(v, str) else f"{v:.4f}" if title != "examples/second" else f"{v:.1f}" for v in values]
+        return f"| {title} | " + " | ".join(cells) + " |"
+
     for title, key in rows:
-        lines.append(f"| {title} | {teacher['metrics'][key]:.4f} | {report['student']['metrics'][key]:.4f} |" if teacher else
-                     f"| {title} | - | {report['student']['metrics'][key]:.4f} |")
+        teacher_value = teacher["metrics"][key] if teacher else "-"
+        lines.append(row(title, teacher_value, refined[key], report["student"]["metrics"][key]) if refined else
+                     row(title, teacher_value, report["student"]["metrics"][key]))
     speed = report.get("speed", {})
-    teacher_speed = speed.get("teacher_examples_per_second")
-    lines.append(f"| examples/second | {teacher_speed:.1f} | {speed['student_examples_per_second']:.1f} |" if teacher_speed else
-                 f"| examples/second | - | {speed['student_examples_per_second']:.1f} |")
+    teacher_speed = speed.get("teacher_examples_per_second") or "-"
+    lines.append(row("examples/second", teacher_speed, "-", speed["student_examples_per_second"]) if refined else
+                 row("examples/second", teacher_speed, speed["student_examples_per_second"]))
+    if refined:
+        lines += ["", f"Refined teacher: the teacher's scores after the student's label-free refinement "
+                      f"({report['refined_teacher']['method']}, fitted on the training cache, applied to the test cache): what the student was taught."]
+    elif report.get("refined_teacher", {}).get("note"):
+        lines += ["", f"Refined teacher not shown: {report['refined_teacher']['note']}."]
     if teacher:
         lines += ["", f"Student-teacher agreement on the test set: {report['agreement']:.4f}."]
-    if teacher_speed:
+    if speed.get("speedup"):
         lines.append(f"Student speedup over the live zero-shot teacher: {speed['speedup']:.1f}x.")
     lines += ["", "## Per class (student)", "", "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
     for name, m in report["student"]["metrics"]["per_class"].items():
@@ -311,7 +341,7 @@ def main(
     distill_info = os.path.join(str(model), "distill_info.json")
     if os.path.exists(distill_info):
         with open(distill_info) as f:
-            report["student"]["distill_info"] = {k: v for k, v in json.load(f).items() if k in ("cache_key", "teacher", "student_base", "temperature", "multi_class")}
+            report["student"]["distill_info"] = {k: v for k, v in json.load(f).items() if k in ("cache_key", "teacher", "student_base", "temperature", "multi_class", "refinement", "calibration")}
 
     # 3. The teacher, rebuilt from its cache with the same target math as stage 2 (T=1).
     if manifest is not None:
@@ -325,6 +355,12 @@ def main(
             "metrics": metric_fn(true, teacher_probabilities, class_names),
         }
         report["agreement"] = agreement(student_probabilities, teacher_probabilities, multi_label)
+        refined = refined_teacher(str(model), manifest, table, len(texts))
+        if isinstance(refined, str):
+            report["refined_teacher"] = {"note": refined}
+            log(f"refined teacher: {refined}")
+        elif refined is not None:
+            report["refined_teacher"] = {"method": refined[1], "metrics": metric_fn(true, refined[0], class_names)}
     if time_teacher:
         name = time_teacher if isinstance(time_teacher, str) else manifest["teacher"]["name_or_path"]
         sample = texts[: max(1, int(time_teacher_samples))]

@@ -42,6 +42,7 @@ DEFAULTS = dict(
     bf16=False,
     no_cuda=False,
     teacher_kind=None,
+    embedding_model=None,
     teacher_revision=None,
     trust_remote_code=False,
     encoding_errors="strict",
@@ -137,6 +138,7 @@ def main(
     bf16: bool = DEFAULTS["bf16"],
     no_cuda: bool = DEFAULTS["no_cuda"],
     teacher_kind: str | None = DEFAULTS["teacher_kind"],
+    embedding_model: str | None = DEFAULTS["embedding_model"],
     teacher_revision: str | None = DEFAULTS["teacher_revision"],
     trust_remote_code: bool = DEFAULTS["trust_remote_code"],
     encoding_errors: str = DEFAULTS["encoding_errors"],
@@ -158,6 +160,8 @@ def main(
         bf16: bf16 autocast (GPU, or CPUs with bf16 support; never the CPU default).
         no_cuda: run on the CPU even when a GPU is present.
         teacher_kind: force 'nli' or 'embedding' (default: detected from the model's config).
+        embedding_model: NLI teachers: also keep each text's embedding from this sentence-embedding model (one
+            pass per text), which stage 2's label-free refinement needs. Embedding teachers keep their own.
         teacher_revision: hub revision (branch, tag or commit) of the teacher.
         trust_remote_code: allow models whose code lives in their hub repository.
         encoding_errors: 'strict' (default: invalid UTF-8 is an error), 'replace' or 'ignore'.
@@ -181,8 +185,14 @@ def main(
     teacher_batch_size, max_batch_tokens = teacher_batch_size or default_pairs, max_batch_tokens or default_tokens
     hypotheses = [hypothesis_template.format(name) for name in class_names]
     score_columns = list(teacher.label_columns) if teacher.kind == "nli" else ["similarity"]
-    # An embedding cache also keeps each text's embedding: a later run with more classes then embeds only them.
-    text_embedding_column = "text_embedding" if teacher.kind == "embedding" else None
+    # An embedding cache also keeps each text's embedding: a later run with more classes then embeds only them,
+    # and stage 2 refines its targets in that space. An NLI cache keeps them when --embedding_model names a model.
+    embedder = None
+    if embedding_model is not None:
+        if teacher.kind == "embedding":
+            raise UserError("--embedding_model is for NLI teachers: an embedding teacher's cache already keeps its own text embeddings; drop the flag")
+        embedder = zs_teacher.resolve_teacher(str(embedding_model), kind="embedding", trust_remote_code=trust_remote_code)
+    text_embedding_column = "text_embedding" if teacher.kind == "embedding" or embedder else None
 
     # 2. The key: everything the scores depend on. Same key, same scores: a complete cache is a hit.
     key_fields = {
@@ -196,6 +206,8 @@ def main(
         "max_length": max_length,
         "precision": precision,
     }
+    if embedder:  # only when given, so caches made without it keep their keys
+        key_fields["embedding_model"] = embedder.fingerprint
     key = cache.cache_key(key_fields)
     cache_path = os.path.join(str(cache_dir), key)
     if cache.is_complete(cache_path):
@@ -222,6 +234,7 @@ def main(
         "hypotheses": hypotheses,
         "score_columns": score_columns,
         "text_embedding_column": text_embedding_column,
+        "embedding_model": embedder.describe() if embedder else None,
         "precision": precision,
         "data": {"path": os.path.abspath(data_file), "text_column": text_column, "fingerprint": data_fingerprint},
         "num_examples": num_examples,
@@ -252,6 +265,7 @@ def main(
 
     # 5. Walk the data once, in order; compute each of this rank's shards that is not already complete.
     model = encoder = tokenizer = hypothesis_ids = hypothesis_embeddings = None
+    embedder_model = embedder_tokenizer = embedder_max_length = None
     effective_max_length = None
     stats = zs_teacher.Stats()
     my_shards = [i for i in range(len(bounds)) if i % world_size == rank]
@@ -320,6 +334,14 @@ def main(
                 progress.n = round(progress.n)
             else:
                 progress.update(stop - start)
+            if embedder and text_embeddings is None:
+                if embedder_model is None:
+                    log(f"loading embedding model {embedder.name_or_path} on {device}, {precision}")
+                    embedder_model, embedder_tokenizer = zs_teacher.load_model(embedder, device, trust_remote_code)
+                    embedder_max_length = zs_teacher.resolve_max_length(embedder_tokenizer, embedder_model, None)
+                text_embeddings = zs_teacher.embed(
+                    embedder_model, embedder_tokenizer, texts, embedder_max_length, teacher_batch_size, max_batch_tokens, embedder.pooling, precision, stats
+                )
             table = pa.table(
                 {
                     "index": pa.array(np.arange(start, stop, dtype=np.int64)),

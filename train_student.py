@@ -16,10 +16,12 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 import numpy as np
 
 from zsdistill import __version__, targets
+from zsdistill import refine as refine_mod  # `refine` is the CLI flag
 from zsdistill import cache as teacher_cache  # `cache` is the CLI flag
 from zsdistill.errors import UserError, run_cli
 from zsdistill.teacher import resolve_max_length
@@ -61,6 +63,74 @@ def holdout_metrics(student_logits: np.ndarray, teacher_targets: np.ndarray, mul
         "soft_cross_entropy": float(-(t * log_p).sum(-1).mean()),
         "teacher_entropy": float(-(t * np.log(np.clip(t, 1e-12, 1))).sum(-1).mean()),  # the floor of the soft CE
     }
+
+
+def build_targets(manifest: dict, table, multi_label: bool, temperature: float, refine: bool) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
+    """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record."""
+    if not refine:
+        log("refinement off (--norefine): training on the teacher's targets as they are")
+        return targets.cache_probabilities(manifest, table, multi_label, temperature), None, {"method": None, "reason": "--norefine"}
+    if multi_label:
+        log("refinement: not applied to multi-label targets; they are used as the teacher gives them")
+        return targets.cache_probabilities(manifest, table, True, temperature), None, {"method": None, "reason": "multi-label targets are used as the teacher gives them"}
+    embedding_column = manifest.get("text_embedding_column")
+    if not embedding_column:
+        log("refinement: the cache holds no text embeddings, so the teacher's targets are used as they are; "
+            "rebuild the cache with teacher_infer.py --embedding_model <sentence-embedding model> to refine them")
+        return targets.cache_probabilities(manifest, table, False, temperature), None, {"method": None, "reason": "the cache holds no text embeddings"}
+    started = time.time()
+    embedding_chunks = refine_mod.embedding_chunks(manifest, table)
+    teacher_posteriors = targets.cache_probabilities(manifest, table, False)
+    refined, refinement = refine_mod.refine(teacher_posteriors, embedding_chunks, log)
+    del teacher_posteriors
+    if temperature != 1.0:
+        refined = refinement.posteriors(embedding_chunks, table.num_rows, temperature)
+    info = {**refinement.settings(), "embedding_fingerprint": refine_mod.embedding_fingerprint(manifest), "seconds": round(time.time() - started, 3)}
+    log(f"refinement ({refine_mod.METHOD}): {refinement.rounds} rounds in {info['seconds']:.1f}s; "
+        f"its labels agree with the teacher's on {refinement.agreement_with_teacher:.1%} of the texts")
+    return refined, refinement, info
+
+
+def write_targets(soft_targets: np.ndarray, path: str) -> None:
+    """The targets as a one-column Arrow file (`labels`, list<float32>), so the Trainer's dataset memory-maps them."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    schema = pa.schema([("labels", pa.list_(pa.float32()))])
+    with teacher_cache.atomic_file(path, "wb") as f, ipc.new_stream(f, schema) as writer:
+        for start in range(0, len(soft_targets), teacher_cache.CHUNK_ROWS):
+            chunk = soft_targets[start : start + teacher_cache.CHUNK_ROWS]
+            writer.write_batch(pa.record_batch([teacher_cache.list_array(chunk)], schema=schema))
+
+
+def fit_logit_temperature(student_logits: np.ndarray, soft_targets: np.ndarray, multi_label: bool) -> float:
+    """The T that makes the student's probabilities softmax(z / T) (sigmoid for multi-label) closest to its
+    targets on held-out rows, by cross-entropy. Label-free: it matches the student to what it was taught."""
+    from scipy.optimize import minimize_scalar
+
+    z, t = student_logits.astype(np.float64), soft_targets.astype(np.float64)
+
+    def loss(log_t: float) -> float:
+        scaled = z / np.exp(log_t)
+        if multi_label:
+            return float((np.logaddexp(0, scaled) - t * scaled).mean())  # BCE with logits
+        scaled = scaled - scaled.max(1, keepdims=True)
+        return float(-(t * (scaled - np.log(np.exp(scaled).sum(1, keepdims=True)))).sum(1).mean())
+
+    return float(np.exp(minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
+
+
+def scale_classifier(model, num_labels: int, factor: float) -> None:
+    """Multiply the model's logits by `factor` by scaling its last Linear layer onto the labels (weight and bias)."""
+    import torch
+
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == num_labels]
+    if not heads:
+        raise RuntimeError("no Linear layer onto the labels found in the student")
+    with torch.no_grad():
+        heads[-1].weight.mul_(factor)
+        if heads[-1].bias is not None:
+            heads[-1].bias.mul_(factor)
 
 
 def tokenized_cache_dir(cache_path: str, key: str) -> str:
@@ -114,6 +184,8 @@ def main(
     temperature: float = 1.0,
     multi_class: bool = False,
     multi_label: bool | None = None,
+    refine: bool = True,
+    calibrate: bool | None = None,
     holdout_fraction: float = 0.05,
     max_length: int | None = None,
     overwrite_output_dir: bool = False,
@@ -129,6 +201,11 @@ def main(
         temperature: softens (T>1) or sharpens (T<1) the teacher's distribution before training.
         multi_class: multi-label targets: each class independently (entailment vs contradiction).
         multi_label: synonym of --multi_class.
+        refine: refine the teacher's targets without labels in the cache's text-embedding space (default; see
+            zsdistill/refine.py); --norefine (or --refine False) trains on the teacher's targets as they are.
+        calibrate: after training, rescale the student's logits so its confidence matches its targets on the
+            held-out rows (one temperature folded into the classifier head; needs --holdout_fraction > 0).
+            Default: on when refining, so --norefine alone gives the plain distillation of the reference script.
         holdout_fraction: fraction of the cache held out (deterministically) to measure student-teacher agreement.
         max_length: truncate student inputs to this many tokens (default: the student's maximum).
         overwrite_output_dir: replace a non-empty output_dir instead of refusing.
@@ -171,10 +248,11 @@ def main(
             f"single-label training needs at least 2 classes; the cache has {len(class_names)} ({class_names[0]!r}); "
             f"pass --multi_class or rebuild the cache with more class names"
         )
-    soft_targets = targets.teacher_probabilities(teacher_cache.logit_columns(manifest, table), multi_class, temperature)
     train_rows, holdout_rows = holdout_split(manifest["num_examples"], holdout_fraction)
     log(f"cache {manifest['key']}: {manifest['num_examples']} examples x {len(class_names)} classes; "
         f"{len(train_rows)} train, {len(holdout_rows)} held out; T={temperature}, {'multi' if multi_class else 'single'}-label")
+    calibrate = bool(refine) if calibrate is None else bool(calibrate)
+    soft_targets, refinement, refinement_info = build_targets(manifest, table, multi_class, temperature, bool(refine))
 
     try:
         args = TrainingArguments(output_dir=str(output_dir), **{"report_to": "none", **training_args})
@@ -217,7 +295,12 @@ def main(
             cache_file_name=os.path.join(tokenized_dir, f"{tokenizer_digest}.arrow"),
             desc="tokenizing",
         )
-    tokenized = tokenized.add_column("labels", soft_targets.tolist())
+    # The targets join the tokenized texts as a memory-mapped Arrow file, named by their content (reused when equal).
+    targets_path = os.path.join(tokenized_dir, f"targets-{hashlib.sha256(soft_targets.tobytes()).hexdigest()[:16]}.arrow")
+    with args.main_process_first(desc="writing targets"):
+        if not os.path.exists(targets_path):
+            write_targets(soft_targets, targets_path)
+    tokenized = concatenate_datasets([tokenized, Dataset.from_file(targets_path)], axis=1)
     train_dataset, holdout_dataset = tokenized.select(train_rows), tokenized.select(holdout_rows)
 
     # 4. Train with the Trainer; only the loss is ours.
@@ -240,16 +323,29 @@ def main(
         log(f"resuming from {resume_from}")
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     metrics = {"train": train_result.metrics}
+    logit_scale = 1.0
     if len(holdout_rows):
-        prediction = trainer.predict(holdout_dataset)
-        metrics["holdout"] = {"examples": int(len(holdout_rows)), **holdout_metrics(prediction.predictions, soft_targets[holdout_rows], multi_class)}
+        holdout_targets = soft_targets[holdout_rows]
+        holdout_logits = trainer.predict(holdout_dataset).predictions
+        if calibrate:
+            # Fold one temperature into the head so the saved student's confidence matches what it was taught.
+            logit_scale = 1.0 / fit_logit_temperature(holdout_logits, holdout_targets, multi_class)
+            scale_classifier(trainer.model, len(class_names), logit_scale)
+            metrics["holdout_before_calibration"] = holdout_metrics(holdout_logits, holdout_targets, multi_class)
+            holdout_logits = holdout_logits * logit_scale
+            log(f"calibration: logits scaled by {logit_scale:.3f} to match the targets on the held-out rows")
+        metrics["holdout"] = {"examples": int(len(holdout_rows)), **holdout_metrics(holdout_logits, holdout_targets, multi_class)}
         log(f"holdout ({len(holdout_rows)} examples): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["holdout"].items() if k != "examples"))
+    elif calibrate:
+        log("calibration: skipped (no held-out rows; --holdout_fraction 0)")
 
     # 5. Save a standard classifier plus what made it, atomically.
     if trainer.is_world_process_zero():
         os.makedirs(str(output_dir), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".staging-", dir=str(output_dir))
         trainer.save_model(staging)
+        if refinement is not None:
+            refine_mod.save(refinement, os.path.join(staging, refine_mod.FILE))
         info = {
             "zsdistill_version": __version__,
             "cache": os.path.abspath(cache_path),
@@ -269,6 +365,8 @@ def main(
             "temperature": temperature,
             "multi_class": multi_class,
             "similarity_scale": targets.SIMILARITY_SCALE if manifest["teacher"]["kind"] == "embedding" else None,
+            "refinement": {**refinement_info, "file": refine_mod.FILE if refinement else None},
+            "calibration": {"logit_scale": logit_scale, "applied": logit_scale != 1.0},
             "holdout_fraction": holdout_fraction,
             "max_length": student_max_length,
             "training_arguments": json.loads(args.to_json_string()),

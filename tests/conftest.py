@@ -140,8 +140,10 @@ def run_script(script: str, *args: str, env: dict | None = None, cwd: str | None
     )
 
 
-def write_toy_cache(path: str, texts: list[str], class_names: list[str], columns: dict, kind: str = "nli", shard_size: int = 100) -> str:
-    """A cache in the real format with scores we choose (a 'toy teacher'), written with the cache module."""
+def write_toy_cache(
+    path: str, texts: list[str], class_names: list[str], columns: dict, kind: str = "nli", shard_size: int = 100, text_embeddings=None
+) -> str:
+    """A cache in the real format with scores (and text embeddings) we choose (a 'toy teacher'), written with the cache module."""
     import numpy as np
     import pyarrow as pa
 
@@ -155,12 +157,14 @@ def write_toy_cache(path: str, texts: list[str], class_names: list[str], columns
             "index": pa.array(np.arange(start, stop, dtype=np.int64)),
             "text": pa.array(texts[start:stop]),
             **{name: cache.list_array(values[start:stop]) for name, values in columns.items()},
+            **({"text_embedding": cache.list_array(text_embeddings[start:stop])} if text_embeddings is not None else {}),
         })
         records.append(cache.write_shard(path, index, table, {"start": start, "stop": stop, "forward_passes": 0, "reused_pairs": 0}))
     manifest = {
         "format_version": cache.FORMAT_VERSION, "key": os.path.basename(path), "complete": True,
         "teacher": {"name_or_path": "toy", "fingerprint": "toy", "kind": kind}, "hypothesis_template": "{}",
         "class_names": class_names, "hypotheses": class_names, "score_columns": list(columns), "precision": "fp32",
+        "text_embedding_column": "text_embedding" if text_embeddings is not None else None,
         "data": {"path": "toy", "fingerprint": "toy", "text_column": "text"}, "num_examples": len(texts), "shards": records,
         "command": "python teacher_infer.py ...",
     }

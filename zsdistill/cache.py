@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from zsdistill.data import file_sha256
@@ -213,6 +214,24 @@ def load_cache(cache_path: str, verify: bool = True) -> tuple[dict, pa.Table]:
     if table.num_rows != manifest["num_examples"]:
         raise UserError(f"cache {cache_path}: shards hold {table.num_rows} rows, manifest says {manifest['num_examples']}; rerun: {command}")
     return manifest, table
+
+
+CHUNK_ROWS = 65_536  # rows per chunk when a stage walks a whole cache column
+
+
+def list_width(table: pa.Table, name: str) -> int:
+    """Width of a list<float32> column (0 for an empty table)."""
+    column = table.column(name)
+    return pc.list_value_length(column.slice(0, 1)).to_pylist()[0] if len(column) else 0
+
+
+def column_chunks(table: pa.Table, name: str, width: int, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
+    """(start row, (rows, width) float32 array) for consecutive slices of a list<float32> column.
+
+    The table is memory-mapped, so only one chunk is ever copied into memory.
+    """
+    for start in range(0, table.num_rows, chunk_rows):
+        yield start, list_column_to_numpy(table.column(name).slice(start, chunk_rows), width)
 
 
 def logit_columns(manifest: dict, table: pa.Table) -> dict[str, np.ndarray]:

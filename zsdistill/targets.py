@@ -59,3 +59,21 @@ def teacher_probabilities(columns: dict[str, np.ndarray], multi_label: bool, tem
     if multi_label:
         return multi_label_targets(columns["entailment"], columns["contradiction"], temperature)
     return single_label_targets(columns["entailment"], temperature)
+
+
+def cache_probabilities(manifest: dict, table, multi_label: bool, temperature: float = 1.0, chunk_rows: int | None = None) -> np.ndarray:
+    """teacher_probabilities over a whole (memory-mapped) cache, chunk by chunk: (N, K) float32.
+
+    Only the columns the targets need are read, one chunk at a time, so memory is the (N, K) result plus a chunk.
+    """
+    from zsdistill import cache
+
+    width = len(manifest["class_names"])
+    needed = ["similarity"] if "similarity" in manifest["score_columns"] else ["entailment", "contradiction"] if multi_label else ["entailment"]
+    out = np.empty((table.num_rows, width), dtype=np.float32)
+    chunk_rows = chunk_rows or cache.CHUNK_ROWS
+    for start in range(0, table.num_rows, chunk_rows):
+        rows = table.slice(start, chunk_rows)
+        columns = {name: cache.list_column_to_numpy(rows.column(name), width) for name in needed}
+        out[start : start + rows.num_rows] = teacher_probabilities(columns, multi_label, temperature)
+    return out

@@ -1,0 +1,188 @@
+"""Label-free refinement of the teacher's targets (stage 2's default) and the student's calibration."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASS_NAMES, CORPUS, make_student_base, run_script, write_toy_cache
+
+import evaluate
+import teacher_infer
+import train_student
+from zsdistill import cache, refine, targets
+
+QUICK = dict(max_steps=2, per_device_train_batch_size=4, use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+
+
+def clustered_task(bias: bool, per_class: int = 150, width: int = 16, seed: int = 0):
+    """Texts in three clean clusters of the embedding space, and a toy teacher's scores for them.
+
+    With `bias`, the teacher systematically calls 60% of class 1 "class 2" (less surely than it is right
+    elsewhere, as a real teacher's confusions go); without, it is right everywhere.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), per_class)
+    embeddings = np.eye(width)[labels] + 0.15 * rng.normal(size=(len(labels), width))
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    scores = rng.normal(0, 0.1, size=(len(labels), 3))
+    scores[np.arange(len(labels)), labels] += 2.0
+    confused = np.flatnonzero(labels == 1)[: int(0.6 * per_class)] if bias else np.array([], dtype=int)
+    scores[confused, 1] -= 1.5  # 0.5 left for the true class ...
+    scores[confused, 2] += 1.0  # ... and 1.0 for the wrong one
+    texts = [f"text {i}" for i in range(len(labels))]
+    return texts, labels, scores.astype(np.float32), embeddings.astype(np.float32)
+
+
+def toy_cache(tmp_path, kind: str, bias: bool, name: str = "toy"):
+    texts, labels, scores, embeddings = clustered_task(bias)
+    columns = {"similarity": scores * targets.SIMILARITY_SCALE} if kind == "embedding" else {"entailment": scores, "contradiction": -scores}
+    path = write_toy_cache(str(tmp_path / "cache" / name), texts, ["zero", "one", "two"], columns, kind=kind, shard_size=64, text_embeddings=embeddings)
+    return path, labels
+
+
+@pytest.mark.parametrize("kind", ["nli", "embedding"])
+def test_refinement_fixes_a_known_toy_bias(tmp_path, kind):
+    path, labels = toy_cache(tmp_path, kind, bias=True)
+    manifest, table = cache.load_cache(path)
+    teacher_accuracy = (targets.cache_probabilities(manifest, table, False).argmax(1) == labels).mean()
+    refined, refinement, info = train_student.build_targets(manifest, table, False, 1.0, refine=True)
+    assert teacher_accuracy < 0.85  # the bias is there: 90 of 450 texts wrong
+    assert (refined.argmax(1) == labels).mean() >= 0.98, info
+    assert refined.dtype == np.float32 and np.allclose(refined.sum(1), 1, atol=1e-5)
+    assert info["method"] == refine.METHOD and info["rounds"] >= 1
+
+
+@pytest.mark.parametrize("kind", ["nli", "embedding"])
+def test_refinement_leaves_a_right_teacher_alone(tmp_path, kind):
+    path, labels = toy_cache(tmp_path, kind, bias=False)
+    manifest, table = cache.load_cache(path)
+    teacher = targets.cache_probabilities(manifest, table, False)
+    assert (teacher.argmax(1) == labels).all()
+    refined, _, info = train_student.build_targets(manifest, table, False, 1.0, refine=True)
+    assert (refined.argmax(1) == labels).all() and info["agreement_with_teacher"] == 1.0
+
+
+def test_refinement_is_deterministic_and_chunking_does_not_change_it(tmp_path, monkeypatch):
+    path, _ = toy_cache(tmp_path, "nli", bias=True)
+    manifest, table = cache.load_cache(path)
+    first, _, _ = train_student.build_targets(manifest, table, False, 1.0, refine=True)
+    again, _, _ = train_student.build_targets(manifest, table, False, 1.0, refine=True)
+    assert np.array_equal(first, again)
+    monkeypatch.setattr(cache, "CHUNK_ROWS", 50)  # chunks that straddle the 64-row shards
+    chunked, _, _ = train_student.build_targets(manifest, table, False, 1.0, refine=True)
+    assert np.array_equal(first.argmax(1), chunked.argmax(1)) and np.allclose(first, chunked, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,multi_label", [("nli", False), ("nli", True), ("embedding", False)])
+def test_norefine_gives_the_plain_targets_bit_identical(tmp_path, kind, multi_label):
+    path, _ = toy_cache(tmp_path, kind, bias=True)
+    manifest, table = cache.load_cache(path)
+    plain = targets.teacher_probabilities(cache.logit_columns(manifest, table), multi_label, 2.0)  # the pre-refinement code path
+    off, refinement, info = train_student.build_targets(manifest, table, multi_label, 2.0, refine=False)
+    assert refinement is None and info["method"] is None
+    assert off.dtype == plain.dtype and np.array_equal(off, plain)
+
+
+def test_temperature_applies_to_the_refined_targets(tmp_path):
+    path, _ = toy_cache(tmp_path, "nli", bias=True)
+    manifest, table = cache.load_cache(path)
+    sharp, _, _ = train_student.build_targets(manifest, table, False, 1.0, refine=True)
+    soft, _, _ = train_student.build_targets(manifest, table, False, 3.0, refine=True)
+    assert np.array_equal(sharp.argmax(1), soft.argmax(1)) and soft.max(1).mean() < sharp.max(1).mean()
+    np.testing.assert_allclose(soft, targets._softmax(np.log(sharp.astype(np.float64)) / 3.0), atol=1e-4)  # log-odds / T
+
+
+def test_multi_label_targets_are_used_as_the_teacher_gives_them(tmp_path, capsys):
+    path, _ = toy_cache(tmp_path, "nli", bias=True)
+    manifest, table = cache.load_cache(path)
+    got, refinement, info = train_student.build_targets(manifest, table, True, 1.0, refine=True)
+    assert refinement is None and "as the teacher gives them" in info["reason"]
+    assert "as the teacher gives them" in capsys.readouterr().err
+    assert np.array_equal(got, targets.cache_probabilities(manifest, table, True))
+
+
+def test_stage_2_never_opens_a_labeled_file(tmp_path):
+    """The labeled data (here the very file the cache was made from, and a test set) is never opened by stage 2."""
+    labeled = tmp_path / "labeled.jsonl"
+    labeled.write_text("".join(json.dumps({"text": t, "label": "x"}) + "\n" for t in CORPUS))
+    path, _ = toy_cache(tmp_path, "embedding", bias=True)
+    manifest = json.load(open(os.path.join(path, cache.MANIFEST)))
+    manifest["data"]["path"] = str(labeled)
+    cache.write_json_atomic(os.path.join(path, cache.MANIFEST), manifest)
+    opened, recording = [], [True]
+    sys.addaudithook(lambda event, args: opened.append(str(args[0])) if recording[0] and event == "open" and args else None)
+    try:
+        output = train_student.main(cache=path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")), **QUICK)
+    finally:
+        recording[0] = False
+    assert any(p.endswith(".arrow") for p in opened)  # the hook saw stage 2's reads
+    assert not [p for p in opened if "labeled" in p], opened
+    info = json.load(open(os.path.join(output, "distill_info.json")))
+    assert info["refinement"]["method"] == refine.METHOD and os.path.exists(os.path.join(output, refine.FILE))
+
+
+def test_nli_cache_with_embedding_model_is_refined_and_evaluated(teachers, embedding_teacher, tmp_path):
+    """Stage 1 keeps text embeddings from --embedding_model; stage 2 refines with them; stage 3 shows the refined teacher."""
+    from zsdistill import teacher as zs_teacher
+
+    data = tmp_path / "texts.txt"
+    data.write_text("\n".join(CORPUS * 3) + "\n")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASS_NAMES) + "\n")
+    test = tmp_path / "test.jsonl"
+    test.write_text("".join(json.dumps({"text": t, "label": CLASS_NAMES[i % len(CLASS_NAMES)]}) + "\n" for i, t in enumerate(CORPUS)))
+    common = dict(class_names_file=str(classes), teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "cache"))
+    plain = teacher_infer.main(data_file=str(data), **common)
+    with_embeddings = teacher_infer.main(data_file=str(data), embedding_model=embedding_teacher, **common)
+    assert plain != with_embeddings  # the embedding model is part of the key; without it the key is as before
+    manifest, table = cache.load_cache(with_embeddings)
+    assert manifest["text_embedding_column"] == "text_embedding" and manifest["embedding_model"]["kind"] == "embedding"
+    assert cache.read_manifest(plain)["text_embedding_column"] is None
+    model, tokenizer = zs_teacher.load_model(zs_teacher.resolve_teacher(embedding_teacher, kind="embedding"), torch.device("cpu"))
+    direct = zs_teacher.embed(model, tokenizer, CORPUS * 3, 64, 8, 4096)
+    stored = cache.list_column_to_numpy(table.column("text_embedding"), direct.shape[1])
+    np.testing.assert_allclose(stored, direct, atol=1e-5)
+    # The NLI scores are the same as without the flag: the embedding model only adds a column.
+    np.testing.assert_allclose(cache.logit_columns(manifest, table)["entailment"], cache.logit_columns(*cache.load_cache(plain))["entailment"], atol=1e-6)
+
+    student = train_student.main(cache=with_embeddings, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")), **QUICK)
+    info = json.load(open(os.path.join(student, "distill_info.json")))
+    assert info["refinement"]["method"] == refine.METHOD
+    test_cache = teacher_infer.main(data_file=str(test), embedding_model=embedding_teacher, **common)
+    report = evaluate.main(model=student, test_file=str(test), teacher_cache=test_cache, output_dir=str(tmp_path / "report"))
+    assert set(report["refined_teacher"]["metrics"]) >= {"accuracy", "macro_f1", "ece"}
+    assert "refined teacher" in open(tmp_path / "report" / "report.md").read()
+    # A test cache without embeddings from that model: the report says why the refined teacher is missing.
+    report = evaluate.main(model=student, test_file=str(test), teacher_cache=teacher_infer.main(data_file=str(test), **common), output_dir=str(tmp_path / "report2"))
+    assert "no text embeddings" in report["refined_teacher"]["note"]
+
+
+def test_embedding_model_with_an_embedding_teacher_is_a_user_error(embedding_teacher, corpus_files, tmp_path):
+    data, classes = corpus_files
+    result = run_script("teacher_infer.py", "--data_file", data, "--class_names_file", classes, "--teacher_name_or_path", embedding_teacher,
+                        "--embedding_model", embedding_teacher, "--cache_dir", tmp_path / "cache")
+    assert result.returncode == 2 and "--embedding_model is for NLI teachers" in result.stderr and "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("multi_label", [False, True])
+def test_calibration_finds_the_temperature_that_matches_the_targets(multi_label):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, size=(500, 4))
+    taught = (1 / (1 + np.exp(-logits / 2.5))) if multi_label else targets._softmax(logits / 2.5)
+    assert train_student.fit_logit_temperature(logits, taught, multi_label) == pytest.approx(2.5, rel=0.01)
+
+
+def test_scale_classifier_multiplies_the_logits(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(make_student_base(str(tmp_path / "base")), num_labels=3).eval()
+    inputs = {"input_ids": torch.tensor([[101, 2023, 2003, 102]])}
+    with torch.no_grad():
+        before = model(**inputs).logits
+        train_student.scale_classifier(model, 3, 0.4)
+        after = model(**inputs).logits
+    torch.testing.assert_close(after, before * 0.4)
