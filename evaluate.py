@@ -187,7 +187,7 @@ def time_live_teacher(name_or_path: str, manifest: dict, texts: list[str], devic
     return {"teacher": name_or_path, "examples": len(texts), "examples_per_second": len(texts) / elapsed, "forward_passes_per_example": len(hypotheses) if teacher.kind == "nli" else 1}
 
 
-def refined_teacher(model_dir: str, manifest: dict, table, num_rows: int) -> tuple[np.ndarray, str] | str | None:
+def refined_teacher(model_dir: str, cache_path: str, manifest: dict) -> tuple[np.ndarray, str] | str | None:
     """The teacher's predictions after the student's label-free refinement, applied to the test cache: what the
     student was taught. None if the student was trained without refinement; a reason (str) if it cannot be shown."""
     info_path, refinement_path = os.path.join(model_dir, "distill_info.json"), os.path.join(model_dir, refine.FILE)
@@ -202,7 +202,7 @@ def refined_teacher(model_dir: str, manifest: dict, table, num_rows: int) -> tup
     if refine.embedding_fingerprint(manifest) != settings.get("embedding_fingerprint"):
         return "the teacher cache holds no text embeddings from the model the refinement was fitted with"
     refinement = refine.load(refinement_path)
-    return refinement.posteriors(refine.embedding_chunks(manifest, table), num_rows), settings["method"]
+    return refinement.posteriors(refine.embedding_chunks(cache_path, manifest), manifest["num_examples"]), settings["method"]
 
 
 def confusion_png(path: str, confusion: list[list[int]], class_names: list[str], title: str, columns: list[str] | None = None) -> None:
@@ -355,7 +355,7 @@ def main(
             "metrics": metric_fn(true, teacher_probabilities, class_names),
         }
         report["agreement"] = agreement(student_probabilities, teacher_probabilities, multi_label)
-        refined = refined_teacher(str(model), manifest, table, len(texts))
+        refined = refined_teacher(str(model), str(teacher_cache), manifest)
         if isinstance(refined, str):
             report["refined_teacher"] = {"note": refined}
             log(f"refined teacher: {refined}")

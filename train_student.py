@@ -27,7 +27,8 @@ from zsdistill.errors import UserError, run_cli
 from zsdistill.teacher import resolve_max_length
 
 INFO_FILE = "distill_info.json"  # written last: a student directory without it is not finished
-HOLDOUT_SEED = 1234  # the holdout split depends on the cache only, never on --seed
+HOLDOUT_SEED = 1234
+TARGET_BATCH_ROWS = 65_536  # rows per record batch of the targets file  # the holdout split depends on the cache only, never on --seed
 
 
 def log(message: str) -> None:
@@ -65,26 +66,25 @@ def holdout_metrics(student_logits: np.ndarray, teacher_targets: np.ndarray, mul
     }
 
 
-def build_targets(manifest: dict, table, multi_label: bool, temperature: float, refine: bool) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
+def build_targets(cache_path: str, manifest: dict, multi_label: bool, temperature: float, refine: bool) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record."""
     if not refine:
         log("refinement off (--norefine): training on the teacher's targets as they are")
-        return targets.cache_probabilities(manifest, table, multi_label, temperature), None, {"method": None, "reason": "--norefine"}
+        return targets.cache_probabilities(cache_path, manifest, multi_label, temperature), None, {"method": None, "reason": "--norefine"}
     if multi_label:
         log("refinement: not applied to multi-label targets; they are used as the teacher gives them")
-        return targets.cache_probabilities(manifest, table, True, temperature), None, {"method": None, "reason": "multi-label targets are used as the teacher gives them"}
+        return targets.cache_probabilities(cache_path, manifest, True, temperature), None, {"method": None, "reason": "multi-label targets are used as the teacher gives them"}
     embedding_column = manifest.get("text_embedding_column")
     if not embedding_column:
         log("refinement: the cache holds no text embeddings, so the teacher's targets are used as they are; "
             "rebuild the cache with teacher_infer.py --embedding_model <sentence-embedding model> to refine them")
-        return targets.cache_probabilities(manifest, table, False, temperature), None, {"method": None, "reason": "the cache holds no text embeddings"}
+        return targets.cache_probabilities(cache_path, manifest, False, temperature), None, {"method": None, "reason": "the cache holds no text embeddings"}
     started = time.time()
-    embedding_chunks = refine_mod.embedding_chunks(manifest, table)
-    teacher_posteriors = targets.cache_probabilities(manifest, table, False)
-    refined, refinement = refine_mod.refine(teacher_posteriors, embedding_chunks, log)
-    del teacher_posteriors
+    embedding_chunks = refine_mod.embedding_chunks(cache_path, manifest)
+    # Passed without a name of ours: refine() may then free the teacher's posteriors after its first round.
+    refined, refinement = refine_mod.refine(targets.cache_probabilities(cache_path, manifest, False), embedding_chunks, log)
     if temperature != 1.0:
-        refined = refinement.posteriors(embedding_chunks, table.num_rows, temperature)
+        refined = refinement.posteriors(embedding_chunks, manifest["num_examples"], temperature)
     info = {**refinement.settings(), "embedding_fingerprint": refine_mod.embedding_fingerprint(manifest), "seconds": round(time.time() - started, 3)}
     log(f"refinement ({refine_mod.METHOD}): {refinement.rounds} rounds in {info['seconds']:.1f}s; "
         f"its labels agree with the teacher's on {refinement.agreement_with_teacher:.1%} of the texts")
@@ -98,8 +98,8 @@ def write_targets(soft_targets: np.ndarray, path: str) -> None:
 
     schema = pa.schema([("labels", pa.list_(pa.float32()))])
     with teacher_cache.atomic_file(path, "wb") as f, ipc.new_stream(f, schema) as writer:
-        for start in range(0, len(soft_targets), teacher_cache.CHUNK_ROWS):
-            chunk = soft_targets[start : start + teacher_cache.CHUNK_ROWS]
+        for start in range(0, len(soft_targets), TARGET_BATCH_ROWS):
+            chunk = soft_targets[start : start + TARGET_BATCH_ROWS]
             writer.write_batch(pa.record_batch([teacher_cache.list_array(chunk)], schema=schema))
 
 
@@ -252,7 +252,9 @@ def main(
     log(f"cache {manifest['key']}: {manifest['num_examples']} examples x {len(class_names)} classes; "
         f"{len(train_rows)} train, {len(holdout_rows)} held out; T={temperature}, {'multi' if multi_class else 'single'}-label")
     calibrate = bool(refine) if calibrate is None else bool(calibrate)
-    soft_targets, refinement, refinement_info = build_targets(manifest, table, multi_class, temperature, bool(refine))
+    targets_started = time.time()
+    soft_targets, refinement, refinement_info = build_targets(cache_path, manifest, multi_class, temperature, bool(refine))
+    log(f"targets built in {time.time() - targets_started:.1f}s")
 
     try:
         args = TrainingArguments(output_dir=str(output_dir), **{"report_to": "none", **training_args})
@@ -286,21 +288,32 @@ def main(
         + f"|{student_max_length}|{type(tokenizer).__name__}".encode()
     ).hexdigest()[:16]
     tokenized_dir = tokenized_cache_dir(cache_path, manifest["key"])
-    texts = concatenate_datasets([Dataset.from_file(os.path.join(cache_path, s["file"])) for s in manifest["shards"]]).select_columns(["text"])
+    # Shard by shard, each into its own cache file: a shard's memory-mapped texts are released before the next,
+    # so memory stays flat however large the cache.
+    tokenized_files = [os.path.join(tokenized_dir, f"{tokenizer_digest}-{i:05d}.arrow") for i in range(len(manifest["shards"]))]
+    reused, tokenize_started = all(os.path.exists(f) for f in tokenized_files), time.time()
+    parts = []
     with args.main_process_first(desc="tokenizing"):
-        tokenized = texts.map(
-            lambda batch: tokenizer(batch["text"], truncation=True, max_length=student_max_length),
-            batched=True,
-            remove_columns=["text"],
-            cache_file_name=os.path.join(tokenized_dir, f"{tokenizer_digest}.arrow"),
-            desc="tokenizing",
-        )
+        for i, (shard, tokenized_file) in enumerate(zip(manifest["shards"], tokenized_files)):
+            shard_texts = Dataset.from_file(os.path.join(cache_path, shard["file"])).select_columns(["text"])
+            parts.append(shard_texts.map(
+                lambda batch: tokenizer(batch["text"], truncation=True, max_length=student_max_length),
+                batched=True,
+                remove_columns=["text"],
+                cache_file_name=tokenized_file,
+                desc=f"tokenizing shard {i + 1}/{len(tokenized_files)}",
+            ))
+            del shard_texts
+    tokenized = concatenate_datasets(parts)
+    log(f"tokenized in {time.time() - tokenize_started:.1f}s" + (" (reused the tokenization cache)" if reused else f" (cached in {tokenized_dir})"))
     # The targets join the tokenized texts as a memory-mapped Arrow file, named by their content (reused when equal).
-    targets_path = os.path.join(tokenized_dir, f"targets-{hashlib.sha256(soft_targets.tobytes()).hexdigest()[:16]}.arrow")
+    targets_path = os.path.join(tokenized_dir, f"targets-{hashlib.sha256(memoryview(soft_targets)).hexdigest()[:16]}.arrow")
     with args.main_process_first(desc="writing targets"):
         if not os.path.exists(targets_path):
             write_targets(soft_targets, targets_path)
     tokenized = concatenate_datasets([tokenized, Dataset.from_file(targets_path)], axis=1)
+    holdout_targets = soft_targets[holdout_rows]
+    del soft_targets  # training reads the memory-mapped file; only the held-out rows' targets stay in memory
     train_dataset, holdout_dataset = tokenized.select(train_rows), tokenized.select(holdout_rows)
 
     # 4. Train with the Trainer; only the loss is ours.
@@ -325,7 +338,6 @@ def main(
     metrics = {"train": train_result.metrics}
     logit_scale = 1.0
     if len(holdout_rows):
-        holdout_targets = soft_targets[holdout_rows]
         holdout_logits = trainer.predict(holdout_dataset).predictions
         if calibrate:
             # Fold one temperature into the head so the saved student's confidence matches what it was taught.

@@ -47,8 +47,8 @@ def toy_cache(tmp_path, kind: str, bias: bool, name: str = "toy"):
 def test_refinement_fixes_a_known_toy_bias(tmp_path, kind):
     path, labels = toy_cache(tmp_path, kind, bias=True)
     manifest, table = cache.load_cache(path)
-    teacher_accuracy = (targets.cache_probabilities(manifest, table, False).argmax(1) == labels).mean()
-    refined, refinement, info = train_student.build_targets(manifest, table, False, 1.0, refine=True)
+    teacher_accuracy = (targets.cache_probabilities(path, manifest, False).argmax(1) == labels).mean()
+    refined, refinement, info = train_student.build_targets(path, manifest, False, 1.0, refine=True)
     assert teacher_accuracy < 0.85  # the bias is there: 90 of 450 texts wrong
     assert (refined.argmax(1) == labels).mean() >= 0.98, info
     assert refined.dtype == np.float32 and np.allclose(refined.sum(1), 1, atol=1e-5)
@@ -59,21 +59,18 @@ def test_refinement_fixes_a_known_toy_bias(tmp_path, kind):
 def test_refinement_leaves_a_right_teacher_alone(tmp_path, kind):
     path, labels = toy_cache(tmp_path, kind, bias=False)
     manifest, table = cache.load_cache(path)
-    teacher = targets.cache_probabilities(manifest, table, False)
+    teacher = targets.cache_probabilities(path, manifest, False)
     assert (teacher.argmax(1) == labels).all()
-    refined, _, info = train_student.build_targets(manifest, table, False, 1.0, refine=True)
+    refined, _, info = train_student.build_targets(path, manifest, False, 1.0, refine=True)
     assert (refined.argmax(1) == labels).all() and info["agreement_with_teacher"] == 1.0
 
 
-def test_refinement_is_deterministic_and_chunking_does_not_change_it(tmp_path, monkeypatch):
+def test_refinement_is_deterministic(tmp_path):
     path, _ = toy_cache(tmp_path, "nli", bias=True)
     manifest, table = cache.load_cache(path)
-    first, _, _ = train_student.build_targets(manifest, table, False, 1.0, refine=True)
-    again, _, _ = train_student.build_targets(manifest, table, False, 1.0, refine=True)
+    first, _, _ = train_student.build_targets(path, manifest, False, 1.0, refine=True)
+    again, _, _ = train_student.build_targets(path, manifest, False, 1.0, refine=True)
     assert np.array_equal(first, again)
-    monkeypatch.setattr(cache, "CHUNK_ROWS", 50)  # chunks that straddle the 64-row shards
-    chunked, _, _ = train_student.build_targets(manifest, table, False, 1.0, refine=True)
-    assert np.array_equal(first.argmax(1), chunked.argmax(1)) and np.allclose(first, chunked, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind,multi_label", [("nli", False), ("nli", True), ("embedding", False)])
@@ -81,7 +78,7 @@ def test_norefine_gives_the_plain_targets_bit_identical(tmp_path, kind, multi_la
     path, _ = toy_cache(tmp_path, kind, bias=True)
     manifest, table = cache.load_cache(path)
     plain = targets.teacher_probabilities(cache.logit_columns(manifest, table), multi_label, 2.0)  # the pre-refinement code path
-    off, refinement, info = train_student.build_targets(manifest, table, multi_label, 2.0, refine=False)
+    off, refinement, info = train_student.build_targets(path, manifest, multi_label, 2.0, refine=False)
     assert refinement is None and info["method"] is None
     assert off.dtype == plain.dtype and np.array_equal(off, plain)
 
@@ -89,8 +86,8 @@ def test_norefine_gives_the_plain_targets_bit_identical(tmp_path, kind, multi_la
 def test_temperature_applies_to_the_refined_targets(tmp_path):
     path, _ = toy_cache(tmp_path, "nli", bias=True)
     manifest, table = cache.load_cache(path)
-    sharp, _, _ = train_student.build_targets(manifest, table, False, 1.0, refine=True)
-    soft, _, _ = train_student.build_targets(manifest, table, False, 3.0, refine=True)
+    sharp, _, _ = train_student.build_targets(path, manifest, False, 1.0, refine=True)
+    soft, _, _ = train_student.build_targets(path, manifest, False, 3.0, refine=True)
     assert np.array_equal(sharp.argmax(1), soft.argmax(1)) and soft.max(1).mean() < sharp.max(1).mean()
     np.testing.assert_allclose(soft, targets._softmax(np.log(sharp.astype(np.float64)) / 3.0), atol=1e-4)  # log-odds / T
 
@@ -98,10 +95,10 @@ def test_temperature_applies_to_the_refined_targets(tmp_path):
 def test_multi_label_targets_are_used_as_the_teacher_gives_them(tmp_path, capsys):
     path, _ = toy_cache(tmp_path, "nli", bias=True)
     manifest, table = cache.load_cache(path)
-    got, refinement, info = train_student.build_targets(manifest, table, True, 1.0, refine=True)
+    got, refinement, info = train_student.build_targets(path, manifest, True, 1.0, refine=True)
     assert refinement is None and "as the teacher gives them" in info["reason"]
     assert "as the teacher gives them" in capsys.readouterr().err
-    assert np.array_equal(got, targets.cache_probabilities(manifest, table, True))
+    assert np.array_equal(got, targets.cache_probabilities(path, manifest, True))
 
 
 def test_stage_2_never_opens_a_labeled_file(tmp_path):

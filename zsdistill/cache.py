@@ -216,22 +216,29 @@ def load_cache(cache_path: str, verify: bool = True) -> tuple[dict, pa.Table]:
     return manifest, table
 
 
-CHUNK_ROWS = 65_536  # rows per chunk when a stage walks a whole cache column
-
-
 def list_width(table: pa.Table, name: str) -> int:
     """Width of a list<float32> column (0 for an empty table)."""
     column = table.column(name)
     return pc.list_value_length(column.slice(0, 1)).to_pylist()[0] if len(column) else 0
 
 
-def column_chunks(table: pa.Table, name: str, width: int, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[int, np.ndarray]]:
-    """(start row, (rows, width) float32 array) for consecutive slices of a list<float32> column.
+def iter_shards(cache_path: str, manifest: dict, columns: list[str]) -> Iterator[tuple[int, pa.Table]]:
+    """(first row, table of `columns`) for each shard in order, read with plain file reads.
 
-    The table is memory-mapped, so only one chunk is ever copied into memory.
+    Passes over a whole cache use this rather than the memory-mapped table: pages touched through a memory map
+    stay in the process's resident memory, so a pass over a million rows of embeddings would grow it by
+    gigabytes; here memory is one shard at a time, whatever the cache's size.
     """
-    for start in range(0, table.num_rows, chunk_rows):
-        yield start, list_column_to_numpy(table.column(name).slice(start, chunk_rows), width)
+    for shard in manifest["shards"]:
+        with pa.OSFile(os.path.join(cache_path, shard["file"])) as f:
+            table = ipc.open_stream(f).read_all().select(columns)
+        yield shard["start"], table
+
+
+def column_chunks(cache_path: str, manifest: dict, name: str) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, (rows, width) float32 array) of a list<float32> column, one shard at a time."""
+    for start, table in iter_shards(cache_path, manifest, [name]):
+        yield start, list_column_to_numpy(table.column(name), list_width(table, name))
 
 
 def logit_columns(manifest: dict, table: pa.Table) -> dict[str, np.ndarray]:

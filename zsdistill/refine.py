@@ -54,7 +54,7 @@ class Refinement:
 
     def log_scores(self, embeddings: np.ndarray) -> np.ndarray:
         """Unnormalised log posteriors (rows, K) of texts with these embeddings."""
-        return (self.kappa * (embeddings.astype(np.float32) @ self.centroids.T.astype(np.float32)) + self.log_priors).astype(np.float32)
+        return (self.kappa * (embeddings.astype(np.float32, copy=False) @ self.centroids.T) + self.log_priors).astype(np.float32)
 
     def posteriors(self, embedding_chunks: "EmbeddingChunks", num_rows: int, temperature: float = 1.0) -> np.ndarray:
         """softmax(log scores / T) for every row, (N, K) float32, computed chunk by chunk."""
@@ -85,7 +85,7 @@ def _softmax_rows(scores: np.ndarray) -> np.ndarray:
 
 def _kept_rows(posteriors: np.ndarray, teacher_prediction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(kept mask, predicted class): per predicted class, its most confident KEEP_FRACTION that the teacher agrees with."""
-    prediction = posteriors.argmax(1)
+    prediction = posteriors.argmax(1).astype(np.int32)
     confidence = posteriors.max(1)
     kept = np.zeros(len(posteriors), dtype=bool)
     for k in range(posteriors.shape[1]):
@@ -103,8 +103,9 @@ def _kept_rows(posteriors: np.ndarray, teacher_prediction: np.ndarray) -> tuple[
 def refine(teacher_posteriors: np.ndarray, embedding_chunks: EmbeddingChunks, log: Callable[[str], None] = lambda _: None) -> tuple[np.ndarray, Refinement]:
     """Refined posteriors (N, K) float32 and the fitted Refinement. Deterministic: no randomness anywhere."""
     posteriors = np.asarray(teacher_posteriors, dtype=np.float32)
+    del teacher_posteriors  # memory: from the first round on, only the teacher's predictions are needed
     n, k = posteriors.shape
-    teacher_prediction = posteriors.argmax(1)
+    teacher_prediction = posteriors.argmax(1).astype(np.int32)
     refinement = None
     for round_number in range(1, MAX_ROUNDS + 1):
         kept, prediction = _kept_rows(posteriors, teacher_prediction)
@@ -119,11 +120,11 @@ def refine(teacher_posteriors: np.ndarray, embedding_chunks: EmbeddingChunks, lo
         # A class with no kept rows keeps a zero centroid: its score is then its prior alone.
         centroids = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
         log_priors = np.log(np.clip(posteriors.mean(0), 1e-12, None)).astype(np.float32)
-        refinement = Refinement(centroids.astype(np.float32), log_priors, rounds=round_number, changed=refinement.changed if refinement else [])
-        new = refinement.posteriors(embedding_chunks, n)
-        changed = float((new.argmax(1) != prediction).mean())
+        refinement = Refinement(centroids.astype(np.float32, copy=False), log_priors, rounds=round_number, changed=refinement.changed if refinement else [])
+        posteriors = None  # freed before the next round's array is made: memory stays at one (N, K) array
+        posteriors = refinement.posteriors(embedding_chunks, n)
+        changed = float((posteriors.argmax(1) != prediction).mean())
         refinement.changed.append(changed)
-        posteriors = new
         log(f"refinement round {round_number}: {kept.sum()} anchor rows, {changed:.2%} of predictions moved")
         if changed < MIN_CHANGE:
             break
@@ -140,13 +141,11 @@ def embedding_fingerprint(manifest: dict) -> str | None:
     return manifest["teacher"]["fingerprint"]
 
 
-def embedding_chunks(manifest: dict, table) -> EmbeddingChunks:
-    """The cache's text embeddings, chunk by chunk from the memory-mapped table."""
+def embedding_chunks(cache_path: str, manifest: dict) -> EmbeddingChunks:
+    """The cache's text embeddings, one shard at a time (see zsdistill.cache.iter_shards)."""
     from zsdistill import cache
 
-    column = manifest["text_embedding_column"]
-    width = cache.list_width(table, column)
-    return lambda: cache.column_chunks(table, column, width)
+    return lambda: cache.column_chunks(cache_path, manifest, manifest["text_embedding_column"])
 
 
 def save(refinement: Refinement, path: str) -> None:

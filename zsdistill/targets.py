@@ -61,19 +61,17 @@ def teacher_probabilities(columns: dict[str, np.ndarray], multi_label: bool, tem
     return single_label_targets(columns["entailment"], temperature)
 
 
-def cache_probabilities(manifest: dict, table, multi_label: bool, temperature: float = 1.0, chunk_rows: int | None = None) -> np.ndarray:
-    """teacher_probabilities over a whole (memory-mapped) cache, chunk by chunk: (N, K) float32.
+def cache_probabilities(cache_path: str, manifest: dict, multi_label: bool, temperature: float = 1.0) -> np.ndarray:
+    """teacher_probabilities over a whole cache, shard by shard: (N, K) float32.
 
-    Only the columns the targets need are read, one chunk at a time, so memory is the (N, K) result plus a chunk.
+    Only the columns the targets need are read, one shard at a time, so memory is the (N, K) result plus a shard.
     """
     from zsdistill import cache
 
     width = len(manifest["class_names"])
     needed = ["similarity"] if "similarity" in manifest["score_columns"] else ["entailment", "contradiction"] if multi_label else ["entailment"]
-    out = np.empty((table.num_rows, width), dtype=np.float32)
-    chunk_rows = chunk_rows or cache.CHUNK_ROWS
-    for start in range(0, table.num_rows, chunk_rows):
-        rows = table.slice(start, chunk_rows)
-        columns = {name: cache.list_column_to_numpy(rows.column(name), width) for name in needed}
-        out[start : start + rows.num_rows] = teacher_probabilities(columns, multi_label, temperature)
+    out = np.empty((manifest["num_examples"], width), dtype=np.float32)
+    for start, table in cache.iter_shards(cache_path, manifest, needed):
+        columns = {name: cache.list_column_to_numpy(table.column(name), width) for name in needed}
+        out[start : start + table.num_rows] = teacher_probabilities(columns, multi_label, temperature)
     return out
