@@ -32,7 +32,7 @@ EVAL_ARGS ?=
 
 WORDNET := /usr/share/wordnet/data.noun
 
-.PHONY: install teacher student distill evaluate demo test bench quality wordnet clean
+.PHONY: install teacher student distill evaluate demo test bench bench-scale quality wordnet clean
 
 install: $(STAMP)
 
@@ -93,6 +93,10 @@ test: install wordnet
 
 bench: install
 	$(PY) benchmarks/teacher_throughput.py
+
+# Stage 2 (and stage 1) peak memory and time at 50k, 400k and 1M examples (synthetic caches, about 1.6 GB per million).
+bench-scale: install
+	$(PY) benchmarks/scale.py $(SCALE_ARGS)
 
 # Student quality on the demo data: raw and refined teacher, plain and refined student, two seeds (about 15 min).
 quality: install wordnet
