@@ -27,8 +27,7 @@ from zsdistill.errors import UserError, run_cli
 from zsdistill.teacher import resolve_max_length
 
 INFO_FILE = "distill_info.json"  # written last: a student directory without it is not finished
-HOLDOUT_SEED = 1234
-TARGET_BATCH_ROWS = 65_536  # rows per record batch of the targets file  # the holdout split depends on the cache only, never on --seed
+HOLDOUT_SEED = 1234  # the holdout split depends on the cache only, never on --seed
 
 
 def log(message: str) -> None:
@@ -38,7 +37,7 @@ def log(message: str) -> None:
 
 def holdout_split(num_examples: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic (train, holdout) row indices."""
-    permutation = np.random.default_rng(HOLDOUT_SEED).permutation(num_examples)
+    permutation = np.random.default_rng(HOLDOUT_SEED).permutation(num_examples).astype(np.int32)  # int32: memory
     size = int(round(num_examples * fraction))
     if fraction > 0 and size == 0 and num_examples > 1:
         size = 1
@@ -80,27 +79,15 @@ def build_targets(cache_path: str, manifest: dict, multi_label: bool, temperatur
             "rebuild the cache with teacher_infer.py --embedding_model <sentence-embedding model> to refine them")
         return targets.cache_probabilities(cache_path, manifest, False, temperature), None, {"method": None, "reason": "the cache holds no text embeddings"}
     started = time.time()
-    embedding_chunks = refine_mod.embedding_chunks(cache_path, manifest)
-    # Passed without a name of ours: refine() may then free the teacher's posteriors after its first round.
-    refined, refinement = refine_mod.refine(targets.cache_probabilities(cache_path, manifest, False), embedding_chunks, log)
-    if temperature != 1.0:
-        refined = refinement.posteriors(embedding_chunks, manifest["num_examples"], temperature)
+    refined, refinement = refine_mod.refine(
+        lambda: targets.cache_probability_chunks(cache_path, manifest, False),
+        refine_mod.embedding_chunks(cache_path, manifest),
+        manifest["num_examples"], len(manifest["class_names"]), temperature, log,
+    )
     info = {**refinement.settings(), "embedding_fingerprint": refine_mod.embedding_fingerprint(manifest), "seconds": round(time.time() - started, 3)}
     log(f"refinement ({refine_mod.METHOD}): {refinement.rounds} rounds in {info['seconds']:.1f}s; "
         f"its labels agree with the teacher's on {refinement.agreement_with_teacher:.1%} of the texts")
     return refined, refinement, info
-
-
-def write_targets(soft_targets: np.ndarray, path: str) -> None:
-    """The targets as a one-column Arrow file (`labels`, list<float32>), so the Trainer's dataset memory-maps them."""
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
-
-    schema = pa.schema([("labels", pa.list_(pa.float32()))])
-    with teacher_cache.atomic_file(path, "wb") as f, ipc.new_stream(f, schema) as writer:
-        for start in range(0, len(soft_targets), TARGET_BATCH_ROWS):
-            chunk = soft_targets[start : start + TARGET_BATCH_ROWS]
-            writer.write_batch(pa.record_batch([teacher_cache.list_array(chunk)], schema=schema))
 
 
 def fit_logit_temperature(student_logits: np.ndarray, soft_targets: np.ndarray, multi_label: bool) -> float:
@@ -131,6 +118,62 @@ def scale_classifier(model, num_labels: int, factor: float) -> None:
         heads[-1].weight.mul_(factor)
         if heads[-1].bias is not None:
             heads[-1].bias.mul_(factor)
+
+
+class CompactRandomSampler:
+    """torch's RandomSampler, without its Python list of every index (36 bytes a row; 4 here): the same
+    random order from the same torch RNG state, one permutation per pass."""
+
+    def __init__(self, num_rows: int):
+        self.num_rows = num_rows
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __iter__(self):
+        import torch
+
+        generator = torch.Generator()
+        generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        yield from map(int, torch.randperm(self.num_rows, generator=generator).numpy().astype(np.int32))
+
+
+class RowSubset:
+    """Rows `rows` of the (memory-mapped) tokenized texts with their targets, a map-style dataset for the Trainer."""
+
+    def __init__(self, tokenized, soft_targets: np.ndarray, rows: np.ndarray):
+        self.tokenized, self.soft_targets, self.rows = tokenized, soft_targets, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        row = int(self.rows[i])
+        return {**self.tokenized[row], "labels": np.array(self.soft_targets[row])}
+
+
+def held_out_dataset(tokenized_files: list[str], shards: list[dict], rows: np.ndarray, holdout_targets: np.ndarray):
+    """The held-out rows' tokens and targets as a small in-memory dataset, read with plain file reads.
+
+    The held-out rows are spread over the whole cache; reading them through the memory map would fault in
+    nearly every page of the tokenized files, and keep them in the process's resident memory.
+    """
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    pieces = []
+    for path, shard in zip(tokenized_files, shards):
+        first, last = np.searchsorted(rows, [shard["start"], shard["stop"]])
+        if last > first:
+            with pa.OSFile(path) as f:
+                table = ipc.open_stream(f).read_all()
+            pieces.append(table.take(pa.array(rows[first:last] - shard["start"])))
+    if not pieces:
+        return None
+    table = pa.concat_tables(pieces)
+    return Dataset(InMemoryTable(table.append_column("labels", teacher_cache.list_array(holdout_targets))))
 
 
 def tokenized_cache_dir(cache_path: str, key: str) -> str:
@@ -301,23 +344,28 @@ def main(
                 batched=True,
                 remove_columns=["text"],
                 cache_file_name=tokenized_file,
+                # One Arrow record batch per shard: reading a file's batches through its memory map faults in the
+                # pages around each batch's header, which for datasets' 1,000-row batches was half the file.
+                batch_size=max(shard["rows"], 1),
+                writer_batch_size=max(shard["rows"], 1),
                 desc=f"tokenizing shard {i + 1}/{len(tokenized_files)}",
             ))
             del shard_texts
     tokenized = concatenate_datasets(parts)
     log(f"tokenized in {time.time() - tokenize_started:.1f}s" + (" (reused the tokenization cache)" if reused else f" (cached in {tokenized_dir})"))
-    # The targets join the tokenized texts as a memory-mapped Arrow file, named by their content (reused when equal).
-    targets_path = os.path.join(tokenized_dir, f"targets-{hashlib.sha256(memoryview(soft_targets)).hexdigest()[:16]}.arrow")
-    with args.main_process_first(desc="writing targets"):
-        if not os.path.exists(targets_path):
-            write_targets(soft_targets, targets_path)
-    tokenized = concatenate_datasets([tokenized, Dataset.from_file(targets_path)], axis=1)
     holdout_targets = soft_targets[holdout_rows]
-    del soft_targets  # training reads the memory-mapped file; only the held-out rows' targets stay in memory
-    train_dataset, holdout_dataset = tokenized.select(train_rows), tokenized.select(holdout_rows)
+    # Not tokenized.select(rows): datasets turns the row indices into a Python list (tens of MB per million rows).
+    # The targets stay one (N, K) float32 array in memory: memory-mapped, every page would end up resident anyway.
+    train_dataset = RowSubset(tokenized, soft_targets, train_rows)
+    holdout_dataset = held_out_dataset(tokenized_files, manifest["shards"], holdout_rows, holdout_targets)
 
     # 4. Train with the Trainer; only the loss is ours.
     class DistillationTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset=None):
+            if self.args.train_sampling_strategy != "random":
+                return super()._get_train_sampler(train_dataset)
+            return CompactRandomSampler(len(train_dataset if train_dataset is not None else self.train_dataset))
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             soft = inputs["labels"].float()
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})

@@ -156,7 +156,8 @@ def other_tasks_table(work: str) -> str:
         path = teacher_cache(os.path.join(directory, "pool.txt"), os.path.join(directory, "classes.txt"), os.path.join(work, "cache"), "This example is {}.")
         manifest, table = cache.load_cache(path)
         raw = targets.cache_probabilities(path, manifest, False)
-        refined, refinement = refine.refine(raw, refine.embedding_chunks(path, manifest))
+        refined, refinement = refine.refine(lambda: targets.cache_probability_chunks(path, manifest, False), refine.embedding_chunks(path, manifest),
+                                            len(raw), len(manifest["class_names"]))
         y = np.array(labels)
         scores = [((p.argmax(1) == y).mean(), f1_score(y, p.argmax(1), average="macro")) for p in (raw, refined)]
         lines.append(f"| {name} | {len(manifest['class_names'])} | {len(y)} | {scores[0][0]:.4f} | {scores[1][0]:.4f} | {scores[0][1]:.4f} | "

@@ -36,8 +36,8 @@ MAX_ROUNDS = 10
 MIN_CHANGE = 0.001
 FILE = "refinement.npz"  # in the student directory: lets evaluate.py show the refined teacher on a test cache
 
-# () -> iterator of (start row, float32 array (rows, H) of L2-normalised embeddings), in row order.
-EmbeddingChunks = Callable[[], Iterator[tuple[int, np.ndarray]]]
+# () -> iterator of (start row, float32 array (rows, H) of L2-normalised embeddings, or of (rows, K) posteriors), in row order.
+Chunks = Callable[[], Iterator[tuple[int, np.ndarray]]]
 
 
 @dataclass
@@ -56,11 +56,16 @@ class Refinement:
         """Unnormalised log posteriors (rows, K) of texts with these embeddings."""
         return (self.kappa * (embeddings.astype(np.float32, copy=False) @ self.centroids.T) + self.log_priors).astype(np.float32)
 
-    def posteriors(self, embedding_chunks: "EmbeddingChunks", num_rows: int, temperature: float = 1.0) -> np.ndarray:
-        """softmax(log scores / T) for every row, (N, K) float32, computed chunk by chunk."""
-        out = np.empty((num_rows, len(self.centroids)), dtype=np.float32)
+    def posterior_chunks(self, embedding_chunks: "Chunks", temperature: float = 1.0) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, softmax(log scores / T)) chunk by chunk."""
         for start, chunk in embedding_chunks():
-            out[start : start + len(chunk)] = _softmax_rows(self.log_scores(chunk) / temperature)
+            yield start, _softmax_rows(self.log_scores(chunk) / temperature)
+
+    def posteriors(self, embedding_chunks: "Chunks", num_rows: int, temperature: float = 1.0) -> np.ndarray:
+        """softmax(log scores / T) for every row, (N, K) float32."""
+        out = np.empty((num_rows, len(self.centroids)), dtype=np.float32)
+        for start, chunk in self.posterior_chunks(embedding_chunks, temperature):
+            out[start : start + len(chunk)] = chunk
         return out
 
     def settings(self) -> dict:
@@ -83,53 +88,69 @@ def _softmax_rows(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
-def _kept_rows(posteriors: np.ndarray, teacher_prediction: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(kept mask, predicted class): per predicted class, its most confident KEEP_FRACTION that the teacher agrees with."""
-    prediction = posteriors.argmax(1).astype(np.int32)
-    confidence = posteriors.max(1)
-    kept = np.zeros(len(posteriors), dtype=bool)
-    for k in range(posteriors.shape[1]):
+def _kept_rows(prediction: np.ndarray, confidence: np.ndarray, teacher_prediction: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per predicted class, its most confident KEEP_FRACTION rows that the teacher also puts in that class."""
+    kept = np.zeros(len(prediction), dtype=bool)
+    for k in range(num_classes):
         rows = np.flatnonzero(prediction == k)
         if len(rows) == 0:
             continue
         count = max(1, int(np.ceil(KEEP_FRACTION * len(rows))))
         # A stable sort on -confidence: ties keep row order, so the result never depends on anything but the data.
-        top = rows[np.argsort(-confidence[rows], kind="stable")[:count]]
-        kept[top] = True
+        kept[rows[np.argsort(-confidence[rows], kind="stable")[:count]]] = True
     kept &= prediction == teacher_prediction
-    return kept, prediction
+    return kept
 
 
-def refine(teacher_posteriors: np.ndarray, embedding_chunks: EmbeddingChunks, log: Callable[[str], None] = lambda _: None) -> tuple[np.ndarray, Refinement]:
-    """Refined posteriors (N, K) float32 and the fitted Refinement. Deterministic: no randomness anywhere."""
-    posteriors = np.asarray(teacher_posteriors, dtype=np.float32)
-    del teacher_posteriors  # memory: from the first round on, only the teacher's predictions are needed
-    n, k = posteriors.shape
-    teacher_prediction = posteriors.argmax(1).astype(np.int32)
+def _summaries(chunks: Iterator[tuple[int, np.ndarray]], num_rows: int, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(predicted class, confidence, mean posterior) of posteriors given chunk by chunk: O(N) memory, not O(N*K)."""
+    prediction, confidence = np.empty(num_rows, dtype=np.int32), np.empty(num_rows, dtype=np.float32)
+    total = np.zeros(num_classes, dtype=np.float64)
+    for start, posteriors in chunks:
+        prediction[start : start + len(posteriors)] = posteriors.argmax(1)
+        confidence[start : start + len(posteriors)] = posteriors.max(1)
+        total += posteriors.sum(0, dtype=np.float64)
+    return prediction, confidence, total / max(num_rows, 1)
+
+
+def refine(
+    teacher_chunks: Chunks,
+    embedding_chunks: Chunks,
+    num_rows: int,
+    num_classes: int,
+    temperature: float = 1.0,
+    log: Callable[[str], None] = lambda _: None,
+) -> tuple[np.ndarray, Refinement]:
+    """Refined targets (N, K) float32 at `temperature` and the fitted Refinement. Deterministic: no randomness anywhere.
+
+    teacher_chunks() gives the teacher's posteriors (T = 1) chunk by chunk, as embedding_chunks() the embeddings.
+    Between rounds only each row's prediction and confidence are kept; the (N, K) targets are made once, at the end.
+    """
+    prediction, confidence, prior = _summaries(teacher_chunks(), num_rows, num_classes)
+    teacher_prediction = prediction.copy()
     refinement = None
     for round_number in range(1, MAX_ROUNDS + 1):
-        kept, prediction = _kept_rows(posteriors, teacher_prediction)
-        sums, width = None, None
+        kept = _kept_rows(prediction, confidence, teacher_prediction, num_classes)
+        sums = np.zeros((num_classes, 0), dtype=np.float32)
         for start, chunk in embedding_chunks():
             rows = slice(start, start + len(chunk))
-            weights = np.zeros((len(chunk), k), dtype=np.float32)
+            weights = np.zeros((len(chunk), num_classes), dtype=np.float32)
             weights[np.flatnonzero(kept[rows]), prediction[rows][kept[rows]]] = 1.0
-            contribution = weights.T @ chunk
-            sums = contribution if sums is None else sums + contribution
+            sums = weights.T @ chunk if sums.shape[1] == 0 else sums + weights.T @ chunk
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         # A class with no kept rows keeps a zero centroid: its score is then its prior alone.
         centroids = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
-        log_priors = np.log(np.clip(posteriors.mean(0), 1e-12, None)).astype(np.float32)
+        log_priors = np.log(np.clip(prior, 1e-12, None)).astype(np.float32)
         refinement = Refinement(centroids.astype(np.float32, copy=False), log_priors, rounds=round_number, changed=refinement.changed if refinement else [])
-        posteriors = None  # freed before the next round's array is made: memory stays at one (N, K) array
-        posteriors = refinement.posteriors(embedding_chunks, n)
-        changed = float((posteriors.argmax(1) != prediction).mean())
+        new_prediction, confidence, prior = _summaries(refinement.posterior_chunks(embedding_chunks), num_rows, num_classes)
+        changed = float((new_prediction != prediction).mean())
+        prediction = new_prediction
         refinement.changed.append(changed)
         log(f"refinement round {round_number}: {kept.sum()} anchor rows, {changed:.2%} of predictions moved")
         if changed < MIN_CHANGE:
             break
-    refinement.agreement_with_teacher = float((posteriors.argmax(1) == teacher_prediction).mean())
-    return posteriors, refinement
+    refinement.agreement_with_teacher = float((prediction == teacher_prediction).mean())
+    return refinement.posteriors(embedding_chunks, num_rows, temperature), refinement
 
 
 def embedding_fingerprint(manifest: dict) -> str | None:
@@ -141,7 +162,7 @@ def embedding_fingerprint(manifest: dict) -> str | None:
     return manifest["teacher"]["fingerprint"]
 
 
-def embedding_chunks(cache_path: str, manifest: dict) -> EmbeddingChunks:
+def embedding_chunks(cache_path: str, manifest: dict) -> Chunks:
     """The cache's text embeddings, one shard at a time (see zsdistill.cache.iter_shards)."""
     from zsdistill import cache
 

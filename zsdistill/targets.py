@@ -4,6 +4,7 @@ All functions take numpy arrays of shape (N, K) (one column per class) and retur
 """
 
 import math
+from typing import Iterator
 
 import numpy as np
 
@@ -61,17 +62,19 @@ def teacher_probabilities(columns: dict[str, np.ndarray], multi_label: bool, tem
     return single_label_targets(columns["entailment"], temperature)
 
 
-def cache_probabilities(cache_path: str, manifest: dict, multi_label: bool, temperature: float = 1.0) -> np.ndarray:
-    """teacher_probabilities over a whole cache, shard by shard: (N, K) float32.
-
-    Only the columns the targets need are read, one shard at a time, so memory is the (N, K) result plus a shard.
-    """
+def cache_probability_chunks(cache_path: str, manifest: dict, multi_label: bool, temperature: float = 1.0) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, teacher_probabilities) for each shard of a cache, reading only the columns the targets need."""
     from zsdistill import cache
 
     width = len(manifest["class_names"])
     needed = ["similarity"] if "similarity" in manifest["score_columns"] else ["entailment", "contradiction"] if multi_label else ["entailment"]
-    out = np.empty((manifest["num_examples"], width), dtype=np.float32)
     for start, table in cache.iter_shards(cache_path, manifest, needed):
-        columns = {name: cache.list_column_to_numpy(table.column(name), width) for name in needed}
-        out[start : start + table.num_rows] = teacher_probabilities(columns, multi_label, temperature)
+        yield start, teacher_probabilities({name: cache.list_column_to_numpy(table.column(name), width) for name in needed}, multi_label, temperature)
+
+
+def cache_probabilities(cache_path: str, manifest: dict, multi_label: bool, temperature: float = 1.0) -> np.ndarray:
+    """teacher_probabilities over a whole cache, shard by shard: (N, K) float32 (memory: the result plus a shard)."""
+    out = np.empty((manifest["num_examples"], len(manifest["class_names"])), dtype=np.float32)
+    for start, probabilities in cache_probability_chunks(cache_path, manifest, multi_label, temperature):
+        out[start : start + len(probabilities)] = probabilities
     return out
