@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from zsdistill import cache, data, refine, targets
+from zsdistill import cache, card, data, refine, targets
 from zsdistill import teacher as zs_teacher
 from zsdistill.errors import UserError, run_cli
 
@@ -228,6 +228,40 @@ def confusion_png(path: str, confusion: list[list[int]], class_names: list[str],
     plt.close(fig)
 
 
+def reliability_png(path: str, probabilities: dict[str, np.ndarray], true: np.ndarray, multi_label: bool, bins: int = ECE_BINS) -> None:
+    """Reliability diagrams side by side: per confidence bin, accuracy against mean confidence (the diagonal is
+    perfect calibration), with each bin's share of examples as bars. Multi-label: every per-class probability
+    against whether the class is present."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(probabilities), figsize=(4.2 * len(probabilities), 4.4), squeeze=False)
+    edges = np.linspace(0, 1, bins + 1)
+    for ax, (who, p) in zip(axes[0], probabilities.items()):
+        if multi_label:
+            predicted = p > 0.5
+            confidence = np.where(predicted, p, 1 - p).ravel()
+            correct = (predicted == true.astype(bool)).ravel()
+        else:
+            confidence, correct = p.max(1), p.argmax(1) == true
+        which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+        counts = np.bincount(which, minlength=bins)
+        filled = counts > 0
+        accuracy = np.bincount(which, weights=correct.astype(float), minlength=bins)[filled] / counts[filled]
+        mean_confidence = np.bincount(which, weights=confidence, minlength=bins)[filled] / counts[filled]
+        ax.bar(edges[:-1], counts / counts.sum(), width=1 / bins, align="edge", color="lightgray", edgecolor="white", label="share of examples")
+        ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect calibration")
+        ax.plot(mean_confidence, accuracy, "o-", color="tab:blue", label="accuracy in bin")
+        ece = float((counts[filled] / counts.sum() * np.abs(accuracy - mean_confidence)).sum())
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=f"{who} (ECE {ece:.3f})")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def markdown_report(report: dict) -> str:
     multi = report["multi_label"]
     rows = [("subset accuracy", "subset_accuracy"), ("micro-F1", "micro_f1")] if multi else [("accuracy", "accuracy")]
@@ -265,6 +299,8 @@ def markdown_report(report: dict) -> str:
         lines += ["", f"Student-teacher agreement on the test set: {report['agreement']:.4f}."]
     if speed.get("speedup"):
         lines.append(f"Student speedup over the live zero-shot teacher: {speed['speedup']:.1f}x.")
+    lines += ["", "Plots: [reliability diagram](reliability.png), [student confusion matrix](confusion_student.png)"
+              + (", [teacher confusion matrix](confusion_teacher.png)" if teacher else "") + "."]
     lines += ["", "## Per class (student)", "", "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
     for name, m in report["student"]["metrics"]["per_class"].items():
         lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
@@ -379,6 +415,11 @@ def main(
             metrics = report[who]["metrics"]
             matrix, columns = (metrics["outcomes"], ["tn", "fp", "fn", "tp"]) if multi_label else (metrics["confusion_matrix"], None)
             confusion_png(os.path.join(str(output_dir), f"confusion_{who}.png"), matrix, class_names, who, columns)
+    probabilities = {"teacher": teacher_probabilities} if manifest is not None else {}
+    reliability_png(os.path.join(str(output_dir), "reliability.png"), {**probabilities, "student": student_probabilities}, true, multi_label)
+    if card.add_evaluation(str(model), os.path.basename(str(test_file)), report["student"]["metrics"], multi_label,
+                           report.get("refined_teacher", {}).get("metrics"), report.get("teacher", {}).get("metrics")):
+        log(f"added the results to the model card {os.path.join(str(model), card.CARD_FILE)}")
     markdown = markdown_report(report)
     for name, text in (("report.md", markdown), ("report.json", json.dumps(report, indent=2) + "\n")):
         with cache.atomic_file(os.path.join(str(output_dir), name)) as f:

@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from zsdistill import __version__, targets
+from zsdistill import __version__, card, targets
 from zsdistill import refine as refine_mod  # `refine` is the CLI flag
 from zsdistill import cache as teacher_cache  # `cache` is the CLI flag
 from zsdistill.errors import UserError, run_cli
@@ -434,6 +434,7 @@ def main(
         }
         with open(os.path.join(staging, INFO_FILE), "w") as f:
             json.dump(info, f, indent=2)
+        card.write(staging, info)  # README.md: the model card the hub shows
         _publish(staging, str(output_dir))
         log(f"saved student to {output_dir}")
         print(output_dir)

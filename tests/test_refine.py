@@ -183,3 +183,27 @@ def test_scale_classifier_multiplies_the_logits(tmp_path):
         train_student.scale_classifier(model, 3, 0.4)
         after = model(**inputs).logits
     torch.testing.assert_close(after, before * 0.4)
+
+
+def test_target_building_memory_is_the_targets_plus_a_shard(tmp_path):
+    """Stage 2's targets are one (N, K) float32 array, built shard by shard: never Python lists, never an (N, H) copy."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    n, k, width = 20_000, 4, 32
+    embeddings = rng.normal(size=(n, width)).astype(np.float32)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    scores = rng.normal(size=(n, k)).astype(np.float32)
+    path = write_toy_cache(str(tmp_path / "cache" / "big"), [f"t{i}" for i in range(n)], ["a", "b", "c", "d"],
+                           {"entailment": scores, "contradiction": -scores}, shard_size=1000, text_embeddings=embeddings)
+    manifest, _ = cache.load_cache(path)
+    targets_bytes, shard_bytes = n * k * 4, 1000 * (width + 2 * k) * 4
+    for refine_flag in (False, True):
+        tracemalloc.start()
+        got, _, _ = train_student.build_targets(path, manifest, False, 1.0, refine=refine_flag)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert got.shape == (n, k) and got.dtype == np.float32
+        # The targets, per-row bookkeeping (a few bytes a row) and a few shards' worth; a list of Python floats
+        # would be about 10x the targets, a copy of all embeddings 8x.
+        assert peak < 2 * targets_bytes + 16 * n + 8 * shard_bytes, (refine_flag, peak, targets_bytes)

@@ -1,0 +1,107 @@
+"""The student's model card (`README.md` in its directory, the hub's format): written by stage 2, extended by stage 3.
+
+The card is what people read first on the hub: a YAML header (library, pipeline tag, base model, labels as
+tags) and a short text saying how the student was made, how well it agrees with its teacher, and how to load it.
+"""
+
+import os
+import re
+
+from zsdistill.cache import atomic_file
+
+CARD_FILE = "README.md"
+EVALUATION_HEADING = "## Evaluation"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def _card_data(info: dict):
+    from huggingface_hub import ModelCardData
+
+    base = info["student_base"]
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-classification",
+        # The hub links a base model by its id; a local directory has none to link.
+        base_model=base if HUB_ID.match(base) and not os.path.exists(base) else None,
+        tags=["zero-shot-distillation", "zsdistill", "multi-label" if info["multi_class"] else "single-label"],
+    )
+
+
+def render(info: dict, evaluations: str = "") -> str:
+    """The card's text for a student described by its distill_info.json."""
+    summary = info["cache_summary"]
+    refinement = info.get("refinement") or {}
+    holdout = info.get("metrics", {}).get("holdout", {})
+    agreement = f"{holdout['agreement']:.4f} on {holdout['examples']} held-out texts" if "agreement" in holdout else "not measured (no held-out rows)"
+    if refinement.get("method"):
+        refined = (f"label-free refinement of the teacher's targets (`{refinement['method']}`, {refinement['rounds']} rounds; "
+                   f"the refined labels agree with the teacher's on {refinement['agreement_with_teacher']:.1%} of the texts)")
+    else:
+        refined = f"none ({refinement.get('reason', 'not recorded')})"
+    classes = ", ".join(f"`{name}`" for name in summary["class_names"])
+    lines = [
+        "# A zero-shot classifier, distilled",
+        "",
+        f"A {'multi' if info['multi_class'] else 'single'}-label text classifier distilled with "
+        f"zsdistill from the zero-shot teacher `{summary['teacher']}` "
+        f"({summary['teacher_kind']}), without labeled data: the teacher scored {summary['num_examples']:,} unlabeled texts "
+        f"once, and this student learned its scores. It classifies a text in one forward pass.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| teacher | `{summary['teacher']}` |",
+        f"| hypothesis template | `{summary['hypothesis_template']}` |",
+        f"| classes | {classes} |",
+        f"| unlabeled texts | {summary['num_examples']:,} |",
+        f"| base model | `{info['student_base']}` |",
+        f"| temperature | {info['temperature']} |",
+        f"| labels | {'multi-label (sigmoid per class)' if info['multi_class'] else 'single-label (softmax)'} |",
+        f"| target refinement | {refined} |",
+        f"| agreement with the targets | {agreement} |",
+        "",
+        "## How to use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        'classifier = pipeline("text-classification", model="<this model\'s directory or hub id>", top_k=None)',
+        'classifier(["Your text here."])',
+        "```",
+        "",
+        "`distill_info.json` beside this card records every setting and metric of the run.",
+        "",
+    ]
+    card = _card_data(info).to_yaml()
+    return f"---\n{card}\n---\n\n" + "\n".join(lines) + (evaluations or "")
+
+
+def write(directory: str, info: dict) -> None:
+    with atomic_file(os.path.join(directory, CARD_FILE)) as f:
+        f.write(render(info))
+
+
+def add_evaluation(directory: str, test_set: str, metrics: dict, multi_label: bool, refined_teacher: dict | None, teacher: dict | None) -> bool:
+    """Add (or replace) the card's evaluation section with one test set's results. Touches nothing else in the
+    directory. Returns False when there is no card to extend or the directory is not writable."""
+    path = os.path.join(directory, CARD_FILE)
+    if not os.path.exists(path) or not os.access(directory, os.W_OK) or not os.access(path, os.W_OK):
+        return False
+    with open(path) as f:
+        text = f.read()
+    keys = [("subset accuracy", "subset_accuracy"), ("micro-F1", "micro_f1")] if multi_label else [("accuracy", "accuracy")]
+    keys += [("macro-F1", "macro_f1"), ("ECE (15 bins)", "ece")]
+    columns = [("student", metrics)] + ([("zero-shot teacher", teacher)] if teacher else []) + ([("refined teacher", refined_teacher)] if refined_teacher else [])
+    section = [
+        EVALUATION_HEADING,
+        "",
+        f"On the labeled test set `{test_set}` (measured by zsdistill's evaluate.py):",
+        "",
+        "| metric | " + " | ".join(name for name, _ in columns) + " |",
+        "| --- " * (len(columns) + 1) + "|",
+    ]
+    for title, key in keys:
+        section.append(f"| {title} | " + " | ".join(f"{m[key]:.4f}" for _, m in columns) + " |")
+    before = text.split("\n" + EVALUATION_HEADING + "\n")[0].rstrip("\n")
+    with atomic_file(path) as f:
+        f.write(before + "\n\n" + "\n".join(section) + "\n")
+    return True
