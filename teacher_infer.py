@@ -107,7 +107,12 @@ def find_reusable(
             manifest = cache.read_manifest(path)
         except ValueError:
             continue
-        if os.path.basename(path) == key or not manifest or not manifest.get("complete"):
+        if os.path.basename(path) == key or not isinstance(manifest, dict) or not manifest.get("complete"):
+            continue
+        try:
+            cache.validate_manifest(path, manifest)  # a donor is untrusted input like any cache
+        except UserError as e:
+            log(f"not reusing scores from {path}: {e}")
             continue
         donor_identity = {k: v for k, v in manifest.get("key_fields", {}).items() if k not in ("class_names", "hypothesis_template")}
         if (
@@ -210,7 +215,8 @@ def main(
         key_fields["embedding_model"] = embedder.fingerprint
     key = cache.cache_key(key_fields)
     cache_path = os.path.join(str(cache_dir), key)
-    if cache.is_complete(cache_path):
+    expected = {"key": key, "class_names": class_names, "hypotheses": hypotheses, "num_examples": num_examples, "score_columns": score_columns}
+    if cache.is_complete(cache_path, expected, verify=True):
         log(f"cache hit: {cache_path} already holds {num_examples} examples x {len(class_names)} classes; nothing to do")
         if rank == 0:
             print(cache_path)

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import tempfile
 from typing import Iterator
 
@@ -131,7 +132,10 @@ def read_done_record(cache_path: str, index: int, start: int, stop: int, verify:
     try:
         with open(record_path) as f:
             record = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    # A record is untrusted input too: it must name its own shard, with sane counts, or it does not count.
+    if not isinstance(record, dict) or record.get("file") != shard_file(index) or record.get("rows") != stop - start:
         return None
     shard_path = os.path.join(cache_path, shard_file(index))
     if record.get("start") != start or record.get("stop") != stop or not os.path.exists(shard_path):
@@ -151,15 +155,101 @@ def read_manifest(cache_path: str) -> dict | None:
         return None
 
 
-def is_complete(cache_path: str) -> bool:
-    """A cheap check for the cache-hit path: complete manifest, every shard present with its size."""
-    manifest = read_manifest(cache_path)
-    if not manifest or not manifest.get("complete"):
+def is_complete(cache_path: str, expected: dict | None = None, verify: bool = False) -> bool:
+    """Complete and valid manifest, every shard present with its size (and checksum, with `verify`).
+
+    `expected`: manifest fields the caller knows (stage 1 knows its key, classes and row count); a manifest
+    that disagrees was not made by this command and is refused.
+    """
+    try:
+        manifest = read_manifest(cache_path)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{os.path.join(cache_path, MANIFEST)} is not valid JSON; delete {cache_path} and rerun to rebuild it") from None
+    if not isinstance(manifest, dict) or not manifest.get("complete"):
         return False
+    validate_manifest(cache_path, manifest)
+    for name, value in (expected or {}).items():
+        if manifest.get(name) != value:
+            raise UserError(f"cache {cache_path}: {MANIFEST} does not match the cache's key (its {name} differ); it was not written by "
+                            f"this command or was damaged: delete {cache_path} and rerun to rebuild it")
     return all(
-        os.path.exists(p := os.path.join(cache_path, s["file"])) and os.path.getsize(p) == s["bytes"]
+        os.path.exists(p := os.path.join(cache_path, s["file"])) and os.path.getsize(p) == s["bytes"] and (not verify or file_sha256(p) == s["sha256"])
         for s in manifest["shards"]
     )
+
+
+SHARD_NAME = re.compile(r"^shard-\d{5}\.arrow$")
+
+
+def validate_manifest(cache_path: str, manifest: dict) -> None:
+    """Treat a manifest as untrusted input: types, counts and shard names must be what teacher_infer.py writes.
+
+    A violation is a one-line UserError that names only the cache directory (never a path the manifest gives).
+    """
+    def refuse(problem: str):
+        raise UserError(f"cache {cache_path}: {MANIFEST} is invalid ({problem}); it was not written by teacher_infer.py or was "
+                        f"damaged: delete {cache_path} and rerun the teacher command to rebuild it")
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not isinstance(manifest, dict):
+        refuse("not a JSON object")
+    expected = {"format_version": int, "class_names": list, "hypotheses": list, "score_columns": list, "num_examples": int,
+                "shards": list, "teacher": dict, "complete": bool}
+    for name, kind in expected.items():
+        if name not in manifest:
+            refuse(f"no field {name!r}")
+        if not isinstance(manifest[name], kind) or (kind is int and isinstance(manifest[name], bool)):
+            refuse(f"field {name!r} is not a {kind.__name__}")
+    class_names, num_examples = manifest["class_names"], manifest["num_examples"]
+    if not class_names or not all(isinstance(c, str) and c for c in class_names) or len(set(class_names)) != len(class_names):
+        refuse("class_names must be distinct non-empty strings")
+    if len(manifest["hypotheses"]) != len(class_names) or not all(isinstance(h, str) for h in manifest["hypotheses"]):
+        refuse(f"{len(manifest['hypotheses'])} hypotheses for {len(class_names)} classes")
+    if not manifest["score_columns"] or not all(isinstance(c, str) and c.isidentifier() for c in manifest["score_columns"]):
+        refuse("score_columns must be column names")
+    embedding_column = manifest.get("text_embedding_column")
+    if embedding_column is not None and not (isinstance(embedding_column, str) and embedding_column.isidentifier()):
+        refuse("text_embedding_column must be a column name")
+    if manifest["teacher"].get("kind") not in ("nli", "embedding"):
+        refuse("teacher.kind must be 'nli' or 'embedding'")
+    if num_examples < 0:
+        refuse("num_examples is negative")
+    expected_start = 0
+    for index, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict):
+            refuse(f"shard {index} is not an object")
+        name = shard.get("file")
+        if not isinstance(name, str) or not SHARD_NAME.match(name) or name != shard_file(index):
+            refuse(f"shard {index} does not name its file shard-{index:05d}.arrow inside the cache directory")
+        counts = [shard.get(k) for k in ("start", "stop", "rows")]
+        if not all(is_int(c) and c >= 0 for c in counts):
+            refuse(f"shard {index}: start, stop and rows must be non-negative integers")
+        start, stop, rows = counts
+        if start != expected_start or stop <= start or rows != stop - start:
+            refuse(f"shard {index}: rows {start}-{stop} ({rows}) do not follow the previous shard")
+        if manifest["complete"] and (not is_int(shard.get("bytes")) or shard["bytes"] < 0 or not isinstance(shard.get("sha256"), str)):
+            refuse(f"shard {index}: bytes and sha256 are missing or invalid")
+        expected_start = stop
+    if expected_start != num_examples:
+        refuse(f"the shards hold rows 0-{expected_start}, num_examples is {num_examples}")
+
+
+def check_widths(cache_path: str, manifest: dict, table: pa.Table) -> None:
+    """Every score column holds one value per class, every text embedding the same number of values."""
+    for name in manifest["score_columns"] + ([manifest["text_embedding_column"]] if manifest.get("text_embedding_column") else []):
+        if name not in table.column_names:
+            raise UserError(f"cache {cache_path}: the shards have no column {name!r} that {MANIFEST} names; delete {cache_path} and rerun the teacher command")
+        if table.num_rows == 0:
+            continue
+        lengths = pc.min_max(pc.list_value_length(table.column(name))).as_py()
+        width = len(manifest["class_names"]) if name in manifest["score_columns"] else lengths["max"]
+        if lengths["min"] != width or lengths["max"] != width:
+            raise UserError(
+                f"cache {cache_path}: column {name!r} holds {lengths['min']}-{lengths['max']} values per row, expected {width} "
+                f"({'one per class' if name in manifest['score_columns'] else 'the same for every text'}); delete {cache_path} and rerun the teacher command"
+            )
 
 
 def open_table(cache_path: str, manifest: dict) -> pa.Table:
@@ -174,20 +264,22 @@ def load_cache(cache_path: str, verify: bool = True) -> tuple[dict, pa.Table]:
         raise UserError(f"cache {cache_path!r} does not exist: pass the directory teacher_infer.py printed")
     try:
         manifest = read_manifest(cache_path)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{os.path.join(cache_path, MANIFEST)} is not valid JSON ({e}); rerun teacher_infer.py to rebuild it") from None
     if manifest is None:
         raise UserError(
             f"{cache_path!r} is not a teacher cache (no {MANIFEST}); pass the directory that teacher_infer.py printed, "
             f"e.g. cache/<key>"
         )
-    version = manifest.get("format_version")
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise UserError(
             f"{cache_path}: cache format version {version!r} is newer than this zsdistill reads ({FORMAT_VERSION}); "
             f"upgrade zsdistill"
         )
-    command = manifest.get("command", "the teacher_infer.py command that made it")
+    validate_manifest(cache_path, manifest)
+    command = manifest.get("command")
+    command = command if isinstance(command, str) else "the teacher_infer.py command that made it"
     if not manifest.get("complete"):
         missing = [
             s["file"]
@@ -210,9 +302,13 @@ def load_cache(cache_path: str, verify: bool = True) -> tuple[dict, pa.Table]:
             f"cache {cache_path} is corrupt: {', '.join(bad)}; delete those files and their .done.json records, "
             f"then rerun: {command}"
         )
-    table = open_table(cache_path, manifest)
+    try:
+        table = open_table(cache_path, manifest)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UserError(f"cache {cache_path}: a shard is not a readable Arrow stream ({str(e).splitlines()[0][:200]}); delete {cache_path} and rerun: {command}") from None
     if table.num_rows != manifest["num_examples"]:
         raise UserError(f"cache {cache_path}: shards hold {table.num_rows} rows, manifest says {manifest['num_examples']}; rerun: {command}")
+    check_widths(cache_path, manifest, table)
     return manifest, table
 
 
