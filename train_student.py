@@ -35,12 +35,13 @@ def log(message: str) -> None:
         print(f"[student] {message}", file=sys.stderr, flush=True)
 
 
-def holdout_split(num_examples: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(num_examples: int, fraction: float, max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic (train, holdout) row indices."""
     permutation = np.random.default_rng(HOLDOUT_SEED).permutation(num_examples).astype(np.int32)  # int32: memory
     size = int(round(num_examples * fraction))
     if fraction > 0 and size == 0 and num_examples > 1:
         size = 1
+    size = size if max_rows is None else min(size, max_rows)
     return np.sort(permutation[size:]), np.sort(permutation[:size])
 
 
@@ -230,6 +231,7 @@ def main(
     refine: bool = True,
     calibrate: bool | None = None,
     holdout_fraction: float = 0.05,
+    max_holdout_examples: int = 10_000,
     max_length: int | None = None,
     overwrite_output_dir: bool = False,
     trust_remote_code: bool = False,
@@ -250,6 +252,7 @@ def main(
             held-out rows (one temperature folded into the classifier head; needs --holdout_fraction > 0).
             Default: on when refining, so --norefine alone gives the plain distillation of the reference script.
         holdout_fraction: fraction of the cache held out (deterministically) to measure student-teacher agreement.
+        max_holdout_examples: at most this many held-out rows (10,000 measure agreement to about +-1%; more only cost time).
         max_length: truncate student inputs to this many tokens (default: the student's maximum).
         overwrite_output_dir: replace a non-empty output_dir instead of refusing.
         trust_remote_code: allow models whose code lives in their hub repository.
@@ -269,6 +272,8 @@ def main(
         raise UserError(f"--holdout_fraction {holdout_fraction!r} is not a number; give a value in [0, 1)") from None
     if not 0 <= holdout_fraction < 1:
         raise UserError(f"--holdout_fraction {holdout_fraction} must be in [0, 1), e.g. 0.05")
+    if isinstance(max_holdout_examples, bool) or not isinstance(max_holdout_examples, int) or max_holdout_examples < 0:
+        raise UserError(f"--max_holdout_examples must be a non-negative integer, got {max_holdout_examples!r}")
 
     from transformers import TrainingArguments
 
@@ -291,7 +296,7 @@ def main(
             f"single-label training needs at least 2 classes; the cache has {len(class_names)} ({class_names[0]!r}); "
             f"pass --multi_class or rebuild the cache with more class names"
         )
-    train_rows, holdout_rows = holdout_split(manifest["num_examples"], holdout_fraction)
+    train_rows, holdout_rows = holdout_split(manifest["num_examples"], holdout_fraction, max_holdout_examples)
     log(f"cache {manifest['key']}: {manifest['num_examples']} examples x {len(class_names)} classes; "
         f"{len(train_rows)} train, {len(holdout_rows)} held out; T={temperature}, {'multi' if multi_class else 'single'}-label")
     calibrate = bool(refine) if calibrate is None else bool(calibrate)
@@ -428,6 +433,7 @@ def main(
             "refinement": {**refinement_info, "file": refine_mod.FILE if refinement else None},
             "calibration": {"logit_scale": logit_scale, "applied": logit_scale != 1.0},
             "holdout_fraction": holdout_fraction,
+            "max_holdout_examples": max_holdout_examples,
             "max_length": student_max_length,
             "training_arguments": json.loads(args.to_json_string()),
             "metrics": metrics,

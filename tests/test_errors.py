@@ -244,7 +244,13 @@ def test_evaluate_bad_inputs(toy_cache, tmp_path, embedding_teacher):
     good.write_text(json.dumps({"text": "apple pie", "label": "apple"}) + "\n")
     assert_user_error(run_script("evaluate.py", "--model", embedding_teacher, "--test_file", good, "--output_dir", tmp_path / "r2"), "not a sequence classifier")
     assert_user_error(run_script("evaluate.py", "--model", tmp_path / "nothing", "--test_file", good, "--output_dir", tmp_path / "r3"), "not a model directory")
-    for report in ("r1", "r2", "r3"):
+    bracket = tmp_path / "bracket.csv"
+    bracket.write_text('text,label\napple pie,"[apple"\n')
+    assert_user_error(run_script("evaluate.py", "--model", student, "--test_file", bracket, "--output_dir", tmp_path / "r4"), "bracket.csv, row 1", "not a JSON list")
+    numbers = tmp_path / "numbers.csv"
+    numbers.write_text('text,label\napple pie,"[1, 2]"\n')
+    assert_user_error(run_script("evaluate.py", "--model", student, "--test_file", numbers, "--output_dir", tmp_path / "r5"), "must hold class names")
+    for report in ("r1", "r2", "r3", "r4", "r5"):
         assert not (tmp_path / report).exists()
 
 

@@ -106,6 +106,13 @@ def test_multi_label_student_learns_two_true_classes(tmp_path):
     assert holdout["agreement"] >= 0.75 and holdout["f1_vs_teacher"] >= 0.75, holdout  # chance: 0.5
 
 
+def test_holdout_is_capped_and_the_cap_keeps_the_rows_it_keeps():
+    _, full = train_student.holdout_split(100_000, 0.05)
+    train, capped = train_student.holdout_split(100_000, 0.05, max_rows=1000)
+    assert len(full) == 5000 and len(capped) == 1000 and len(train) == 99_000
+    assert set(capped) <= set(full) and not set(capped) & set(train)
+
+
 def test_holdout_split_is_deterministic_and_disjoint():
     train_a, hold_a = train_student.holdout_split(1000, 0.05)
     train_b, hold_b = train_student.holdout_split(1000, 0.05)

@@ -199,7 +199,15 @@ def read_labeled(path: str, text_column: str = "text", label_column: str = "labe
             if not isinstance(text, str):
                 raise UserError(f"{path}, {where}: column {text_column!r} is not a string")
             if isinstance(label, str) and label.startswith("[") and suffix != ".jsonl":
-                label = json.loads(label)  # a list stored as JSON text in a CSV cell
+                try:
+                    label = json.loads(label)  # a list stored as JSON text in a CSV cell
+                except json.JSONDecodeError:
+                    raise UserError(
+                        f"{path}, {where}: label {label[:60]!r} starts with '[' but is not a JSON list; write several labels "
+                        f'as ["a", "b"], or quote a single label that starts with a bracket differently'
+                    ) from None
+            if isinstance(label, list) and not all(isinstance(name, str) for name in label):
+                raise UserError(f"{path}, {where}: a list label must hold class names (strings), got {label!r:.80}")
             if label is None or label == "":
                 raise UserError(f"{path}, {where}: column {label_column!r} is empty; every row needs a label")
             texts.append(text)
