@@ -32,7 +32,7 @@ from zsdistill.targets import SIMILARITY_SCALE
 METHOD = "confident-centroids"
 KAPPA = 1.0 / SIMILARITY_SCALE
 KEEP_FRACTION = 0.5
-MAX_ROUNDS = 10
+MAX_ROUNDS = 5  # self-training drifts on tasks whose texts do not cluster by class: 10 rounds lost 1-3 points there
 MIN_CHANGE = 0.001
 FILE = "refinement.npz"  # in the student directory: lets evaluate.py show the refined teacher on a test cache
 
