@@ -111,6 +111,20 @@ def find_reusable(
     return reusable
 
 
+def plan_reuse(reusable: dict, hypotheses: list[str]) -> tuple[dict[str, tuple[list[int], list[int]]], list[int]]:
+    """({donor cache: (our positions, its positions)}, positions of the hypotheses to compute here)."""
+    if reusable:
+        log(f"reusing {len(reusable)} of {len(hypotheses)} hypotheses from earlier caches; computing {len(hypotheses) - len(reusable)}")
+    by_donor: dict[str, tuple[list[int], list[int]]] = {}
+    for position, hypothesis in enumerate(hypotheses):
+        if hypothesis in reusable:
+            donor_path, donor_position = reusable[hypothesis]
+            ours, theirs = by_donor.setdefault(donor_path, ([], []))
+            ours.append(position)
+            theirs.append(donor_position)
+    return by_donor, [i for i, h in enumerate(hypotheses) if h not in reusable]
+
+
 @dataclass
 class Plan:
     """What every shard of this run needs, decided once in main()."""
@@ -374,20 +388,11 @@ def main(
         cache.begin(cache_path, manifest)
     else:
         os.makedirs(cache_path, exist_ok=True)
-    reusable = find_reusable(str(cache_dir), key, key_fields, hypotheses, score_columns, text_embedding_column)
-    if reusable:
-        log(f"reusing {len(reusable)} of {len(hypotheses)} hypotheses from earlier caches; computing {len(hypotheses) - len(reusable)}")
-    reuse_by_donor: dict[str, tuple[list[int], list[int]]] = {}
-    for position, hypothesis in enumerate(hypotheses):
-        if hypothesis in reusable:
-            donor_path, donor_position = reusable[hypothesis]
-            reuse_by_donor.setdefault(donor_path, ([], []))[0].append(position)
-            reuse_by_donor[donor_path][1].append(donor_position)
+    reuse_by_donor, missing_positions = plan_reuse(find_reusable(str(cache_dir), key, key_fields, hypotheses, score_columns, text_embedding_column), hypotheses)
     default_pairs, default_tokens = inference.default_batches(device)
     plan = Plan(
         cache_path, teacher, embedder, device, precision, hypotheses, score_columns, text_embedding_column,
-        teacher_batch_size or default_pairs, max_batch_tokens or default_tokens, max_length, reuse_by_donor,
-        [i for i, h in enumerate(hypotheses) if h not in reusable], trust_remote_code,
+        teacher_batch_size or default_pairs, max_batch_tokens or default_tokens, max_length, reuse_by_donor, missing_positions, trust_remote_code,
     )
 
     # 4. Each rank scores its shards that are not complete yet.
