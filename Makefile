@@ -20,7 +20,8 @@ TEACHER_ARGS ?=
 CACHE ?=
 STUDENT ?= distilbert-base-uncased
 TEMPERATURE ?= 1.0
-MULTI_CLASS ?= False
+# MULTI_CLASS (the reference script's name) is an alias of MULTI_LABEL.
+MULTI_LABEL ?= $(or $(MULTI_CLASS),False)
 OUTPUT ?= students/student
 STUDENT_ARGS ?=
 # Stage 3 (evaluate)
@@ -54,7 +55,7 @@ teacher: install
 student: install
 	@test -n "$(CACHE)" || { echo "error: set CACHE to the directory 'make teacher' printed, e.g. make student CACHE=cache/<key>" >&2; exit 2; }
 	$(PY) train_student.py --cache "$(CACHE)" --output_dir "$(OUTPUT)" --student_name_or_path "$(STUDENT)" \
-		--temperature $(TEMPERATURE) --multi_class $(MULTI_CLASS) $(STUDENT_ARGS)
+		--temperature $(TEMPERATURE) --multi_label $(MULTI_LABEL) $(STUDENT_ARGS)
 
 # Teacher then student in one command, like the reference script.
 distill: install
@@ -88,7 +89,9 @@ demo: install wordnet
 	$(PY) evaluate.py --model $(DEMO)/student --test_file $(DEMO)/data/test.jsonl --teacher_cache "$$test_cache" \
 		--output_dir $(DEMO)/report --time_teacher --time_teacher_samples 256
 
-test: install wordnet
+# WordNet is installed where possible (root with apt-get); without it, the one test that needs it is skipped.
+test: install
+	@$(MAKE) -s wordnet 2>/dev/null || echo "note: WordNet is missing and cannot be installed here; the real-data test will be skipped"
 	$(PY) -m pytest -q
 
 bench: install

@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from zsdistill import cache, card, data, refine, targets
-from zsdistill import teacher as zs_teacher
+from zsdistill import inference
+from zsdistill import models
 from zsdistill.errors import UserError, run_cli
 
 ECE_BINS = 15
@@ -25,13 +26,6 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------- metrics
-
-
-def _precision_recall_f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    precision = np.divide(tp, tp + fp, out=np.zeros(len(tp)), where=(tp + fp) > 0)
-    recall = np.divide(tp, tp + fn, out=np.zeros(len(tp)), where=(tp + fn) > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(len(tp)), where=(precision + recall) > 0)
-    return precision, recall, f1
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -47,18 +41,18 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 
 
 def single_label_metrics(true: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:
-    k = len(class_names)
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+    labels = list(range(len(class_names)))
     predicted = probabilities.argmax(1)
-    confusion = np.zeros((k, k), dtype=np.int64)  # rows: true class, columns: predicted class
-    np.add.at(confusion, (true, predicted), 1)
-    tp = np.diag(confusion).astype(float)
-    precision, recall, f1 = _precision_recall_f1(tp, confusion.sum(0) - tp, confusion.sum(1) - tp)
+    confusion = confusion_matrix(true, predicted, labels=labels)  # rows: true class, columns: predicted class
+    precision, recall, f1, support = precision_recall_fscore_support(true, predicted, labels=labels, zero_division=0)
     return {
         "accuracy": float((predicted == true).mean()),
         "macro_f1": float(f1.mean()),
         "ece": expected_calibration_error(probabilities.max(1), (predicted == true).astype(float)),
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(confusion[i].sum())}
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
             for i, name in enumerate(class_names)
         },
         "confusion_matrix": confusion.tolist(),
@@ -66,26 +60,24 @@ def single_label_metrics(true: np.ndarray, probabilities: np.ndarray, class_name
 
 
 def multi_label_metrics(true: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:
+    from sklearn.metrics import f1_score, multilabel_confusion_matrix, precision_recall_fscore_support
+
     predicted = probabilities > 0.5
     true = true.astype(bool)
-    tp = (predicted & true).sum(0).astype(float)
-    fp = (predicted & ~true).sum(0).astype(float)
-    fn = (~predicted & true).sum(0).astype(float)
-    precision, recall, f1 = _precision_recall_f1(tp, fp, fn)
-    _, _, micro_f1 = _precision_recall_f1(np.array([tp.sum()]), np.array([fp.sum()]), np.array([fn.sum()]))
+    precision, recall, f1, support = precision_recall_fscore_support(true, predicted, zero_division=0)
     return {
         "subset_accuracy": float((predicted == true).all(1).mean()),
-        "micro_f1": float(micro_f1[0]),
+        "micro_f1": float(f1_score(true, predicted, average="micro", zero_division=0)),
         "macro_f1": float(f1.mean()),
         # Calibration of every per-class probability against whether the class is present.
         "ece": expected_calibration_error(
             np.where(predicted, probabilities, 1 - probabilities).ravel(), (predicted == true).astype(float).ravel()
         ),
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(true[:, i].sum())}
+            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
             for i, name in enumerate(class_names)
         },
-        "outcomes": [[int(len(true) - tp[i] - fp[i] - fn[i]), int(fp[i]), int(fn[i]), int(tp[i])] for i in range(len(class_names))],
+        "outcomes": multilabel_confusion_matrix(true, predicted).reshape(len(class_names), 4).tolist(),  # per class: tn, fp, fn, tp
     }
 
 
@@ -141,10 +133,10 @@ def predict_student(model, tokenizer, texts: list[str], batch_size: int, multi_l
     import torch
 
     device = next(model.parameters()).device
-    max_length = zs_teacher.resolve_max_length(tokenizer, model, None)
+    max_length = models.resolve_max_length(tokenizer, model, None)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     lengths = np.array([len(ids) for ids in encoded])
-    batches = zs_teacher.length_sorted_batches(lengths, batch_size, batch_size * max_length)
+    batches = inference.length_sorted_batches(lengths, batch_size, batch_size * max_length)
     out = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
 
     def run(batch):
@@ -167,18 +159,20 @@ def predict_student(model, tokenizer, texts: list[str], batch_size: int, multi_l
 
 def time_live_teacher(name_or_path: str, manifest: dict, texts: list[str], device) -> dict:
     """Examples/second of the live zero-shot teacher on a sample, through stage 1's code path and batch defaults."""
+    from zsdistill import teacher as zs_teacher  # only here: the rest of stage 3 never loads a teacher
+
     teacher = zs_teacher.resolve_teacher(name_or_path, kind=manifest["teacher"]["kind"])
     model, tokenizer = zs_teacher.load_model(teacher, device)
-    max_length = zs_teacher.resolve_max_length(tokenizer, model, manifest.get("max_length"))
+    max_length = models.resolve_max_length(tokenizer, model, manifest.get("max_length"))
     hypotheses = manifest["hypotheses"]
-    batch_size, max_tokens = zs_teacher.default_batches(device)
+    batch_size, max_tokens = inference.default_batches(device)
 
     def run(sample):
         if teacher.kind == "nli":
-            encoder = zs_teacher.PairEncoder(tokenizer, max_length)
-            return zs_teacher.nli_logits(model, encoder, encoder.tokenize(sample), encoder.tokenize(hypotheses), batch_size, max_tokens)
-        embeddings = zs_teacher.embed(model, tokenizer, sample, max_length, batch_size, max_tokens, teacher.pooling)
-        return embeddings @ zs_teacher.embed(model, tokenizer, hypotheses, max_length, batch_size, max_tokens, teacher.pooling).T
+            encoder = inference.PairEncoder(tokenizer, max_length)
+            return inference.nli_logits(model, encoder, encoder.tokenize(sample), encoder.tokenize(hypotheses), batch_size, max_tokens)
+        embeddings = inference.embed(model, tokenizer, sample, max_length, batch_size, max_tokens, teacher.pooling)
+        return embeddings @ inference.embed(model, tokenizer, hypotheses, max_length, batch_size, max_tokens, teacher.pooling).T
 
     run(texts[: min(4, len(texts))])  # warm-up
     started = time.perf_counter()
@@ -339,7 +333,7 @@ def main(
     """
     # 1. Cheap validation first: test file, model config, labels, cache.
     texts, labels = data.read_labeled(str(test_file), text_column, label_column)
-    device = zs_teacher.select_device(no_cuda)
+    device = models.select_device(no_cuda)
     student, tokenizer = load_student(str(model), device)
     class_names = [student.config.id2label[i] for i in range(student.config.num_labels)]
     multi_label = student.config.problem_type == "multi_label_classification"
@@ -370,19 +364,19 @@ def main(
         "num_examples": len(texts),
         "class_names": class_names,
         "multi_label": multi_label,
-        "hardware": zs_teacher.hardware_name(device),
+        "hardware": models.hardware_name(device),
         "student": {"metrics": metric_fn(true, student_probabilities, class_names)},
         "speed": {"student_examples_per_second": student_speed, "student_batch_size": batch_size},
     }
     distill_info = os.path.join(str(model), "distill_info.json")
     if os.path.exists(distill_info):
         with open(distill_info) as f:
-            report["student"]["distill_info"] = {k: v for k, v in json.load(f).items() if k in ("cache_key", "teacher", "student_base", "temperature", "multi_class", "refinement", "calibration")}
+            report["student"]["distill_info"] = {k: v for k, v in json.load(f).items() if k in ("cache_key", "teacher", "student_base", "temperature", "multi_label", "refinement", "calibration")}
 
     # 3. The teacher, rebuilt from its cache with the same target math as stage 2 (T=1).
     if manifest is not None:
         order = [manifest["class_names"].index(name) for name in class_names]
-        columns = {name: values[:, order] for name, values in cache.logit_columns(manifest, table).items()}
+        columns = {name: values[:, order] for name, values in cache.score_arrays(manifest, table).items()}
         teacher_probabilities = targets.teacher_probabilities(columns, multi_label, temperature=1.0)
         report["teacher"] = {
             "cache": os.path.abspath(str(teacher_cache)),

@@ -24,7 +24,7 @@ from zsdistill import __version__, card, targets
 from zsdistill import refine as refine_mod  # `refine` is the CLI flag
 from zsdistill import cache as teacher_cache  # `cache` is the CLI flag
 from zsdistill.errors import UserError, run_cli
-from zsdistill.teacher import resolve_max_length
+from zsdistill.models import resolve_max_length
 
 INFO_FILE = "distill_info.json"  # written last: a student directory without it is not finished
 HOLDOUT_SEED = 1234  # the holdout split depends on the cache only, never on --seed
@@ -122,20 +122,24 @@ def scale_classifier(model, num_labels: int, factor: float) -> None:
 
 
 class CompactRandomSampler:
-    """torch's RandomSampler, without its Python list of every index (36 bytes a row; 4 here): the same
-    random order from the same torch RNG state, one permutation per pass."""
+    """A random order of the training rows, new each epoch, without torch RandomSampler's Python list of every
+    index (36 bytes a row; 4 here). Seeded by --seed and the epoch alone, so every rank of a torchrun job draws
+    the same order (as accelerate's seedable sampler does)."""
 
-    def __init__(self, num_rows: int):
-        self.num_rows = num_rows
+    def __init__(self, num_rows: int, seed: int):
+        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
 
     def __len__(self) -> int:
         return self.num_rows
+
+    def set_epoch(self, epoch: int) -> None:  # the Trainer calls this before each epoch
+        self.epoch = epoch
 
     def __iter__(self):
         import torch
 
         generator = torch.Generator()
-        generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        generator.manual_seed(self.seed + self.epoch)
         yield from map(int, torch.randperm(self.num_rows, generator=generator).numpy().astype(np.int32))
 
 
@@ -226,8 +230,8 @@ def main(
     output_dir: str,
     student_name_or_path: str = "distilbert-base-uncased",
     temperature: float = 1.0,
-    multi_class: bool = False,
-    multi_label: bool | None = None,
+    multi_label: bool = False,
+    multi_class: bool | None = None,
     refine: bool = True,
     calibrate: bool | None = None,
     holdout_fraction: float = 0.05,
@@ -244,8 +248,8 @@ def main(
         output_dir: where the student (a standard Hugging Face classifier) is saved.
         student_name_or_path: the student's base model (hub id or directory).
         temperature: softens (T>1) or sharpens (T<1) the teacher's distribution before training.
-        multi_class: multi-label targets: each class independently (entailment vs contradiction).
-        multi_label: synonym of --multi_class.
+        multi_label: multi-label targets: each class independently (entailment vs contradiction), BCE loss.
+        multi_class: the reference script's name for --multi_label (an alias).
         refine: refine the teacher's targets without labels in the cache's text-embedding space (default; see
             zsdistill/refine.py); --norefine (or --refine False) trains on the teacher's targets as they are.
         calibrate: after training, rescale the student's logits so its confidence matches its targets on the
@@ -261,11 +265,11 @@ def main(
     cache_path, student_name_or_path = str(cache), str(student_name_or_path)
     # 1. Validate flags before any expensive work.
     temperature = targets.check_temperature(temperature)
-    if multi_label is not None:
-        if multi_class and not multi_label:
-            raise UserError("--multi_class and --multi_label are synonyms; give one of them")
-        multi_class = bool(multi_label)
-    multi_class = bool(multi_class)
+    if multi_class is not None:  # the alias
+        if multi_label and not multi_class:
+            raise UserError("--multi_class is an alias of --multi_label; give one of them")
+        multi_label = bool(multi_class)
+    multi_label = bool(multi_label)
     try:
         holdout_fraction = float(holdout_fraction)
     except (TypeError, ValueError):
@@ -291,17 +295,17 @@ def main(
     # 2. The cache: verified, then turned into soft targets. The teacher is never loaded.
     manifest, table = teacher_cache.load_cache(str(cache_path))
     class_names = manifest["class_names"]
-    if not multi_class and len(class_names) < 2:
+    if not multi_label and len(class_names) < 2:
         raise UserError(
             f"single-label training needs at least 2 classes; the cache has {len(class_names)} ({class_names[0]!r}); "
-            f"pass --multi_class or rebuild the cache with more class names"
+            f"pass --multi_label or rebuild the cache with more class names"
         )
     train_rows, holdout_rows = holdout_split(manifest["num_examples"], holdout_fraction, max_holdout_examples)
     log(f"cache {manifest['key']}: {manifest['num_examples']} examples x {len(class_names)} classes; "
-        f"{len(train_rows)} train, {len(holdout_rows)} held out; T={temperature}, {'multi' if multi_class else 'single'}-label")
+        f"{len(train_rows)} train, {len(holdout_rows)} held out; T={temperature}, {'multi' if multi_label else 'single'}-label")
     calibrate = bool(refine) if calibrate is None else bool(calibrate)
     targets_started = time.time()
-    soft_targets, refinement, refinement_info = build_targets(cache_path, manifest, multi_class, temperature, bool(refine))
+    soft_targets, refinement, refinement_info = build_targets(cache_path, manifest, multi_label, temperature, bool(refine))
     log(f"targets built in {time.time() - targets_started:.1f}s")
 
     try:
@@ -324,7 +328,7 @@ def main(
             num_labels=len(class_names),
             id2label=dict(enumerate(class_names)),
             label2id={name: i for i, name in enumerate(class_names)},
-            problem_type="multi_label_classification" if multi_class else "single_label_classification",
+            problem_type="multi_label_classification" if multi_label else "single_label_classification",
             ignore_mismatched_sizes=True,
             trust_remote_code=trust_remote_code,
         )
@@ -369,13 +373,13 @@ def main(
         def _get_train_sampler(self, train_dataset=None):
             if self.args.train_sampling_strategy != "random":
                 return super()._get_train_sampler(train_dataset)
-            return CompactRandomSampler(len(train_dataset if train_dataset is not None else self.train_dataset))
+            return CompactRandomSampler(len(train_dataset if train_dataset is not None else self.train_dataset), self.args.seed)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             soft = inputs["labels"].float()
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
             logits = outputs.logits.float()
-            if multi_class:
+            if multi_label:
                 # Each class is its own yes/no question: BCE against the teacher's per-class probability.
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, soft)
             else:
@@ -394,12 +398,12 @@ def main(
         holdout_logits = trainer.predict(holdout_dataset).predictions
         if calibrate:
             # Fold one temperature into the head so the saved student's confidence matches what it was taught.
-            logit_scale = 1.0 / fit_logit_temperature(holdout_logits, holdout_targets, multi_class)
+            logit_scale = 1.0 / fit_logit_temperature(holdout_logits, holdout_targets, multi_label)
             scale_classifier(trainer.model, len(class_names), logit_scale)
-            metrics["holdout_before_calibration"] = holdout_metrics(holdout_logits, holdout_targets, multi_class)
+            metrics["holdout_before_calibration"] = holdout_metrics(holdout_logits, holdout_targets, multi_label)
             holdout_logits = holdout_logits * logit_scale
             log(f"calibration: logits scaled by {logit_scale:.3f} to match the targets on the held-out rows")
-        metrics["holdout"] = {"examples": int(len(holdout_rows)), **holdout_metrics(holdout_logits, holdout_targets, multi_class)}
+        metrics["holdout"] = {"examples": int(len(holdout_rows)), **holdout_metrics(holdout_logits, holdout_targets, multi_label)}
         log(f"holdout ({len(holdout_rows)} examples): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["holdout"].items() if k != "examples"))
     elif calibrate:
         log("calibration: skipped (no held-out rows; --holdout_fraction 0)")
@@ -428,7 +432,7 @@ def main(
             "teacher": manifest["teacher"]["name_or_path"],
             "student_base": student_name_or_path,
             "temperature": temperature,
-            "multi_class": multi_class,
+            "multi_label": multi_label,
             "similarity_scale": targets.SIMILARITY_SCALE if manifest["teacher"]["kind"] == "embedding" else None,
             "refinement": {**refinement_info, "file": refine_mod.FILE if refinement else None},
             "calibration": {"logit_scale": logit_scale, "applied": logit_scale != 1.0},

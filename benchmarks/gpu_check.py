@@ -68,8 +68,8 @@ def main(texts: int = 4000, cpu_texts: int = 256, k: int = 8, cpu_dry_run: bool 
         )
         gpu_manifest, gpu_table = cache.load_cache(gpu_cache)
         cpu_manifest, cpu_table = cache.load_cache(cpu_cache)
-        gpu_columns = {n: v[:cpu_texts] for n, v in cache.logit_columns(gpu_manifest, gpu_table).items()}
-        cpu_columns = cache.logit_columns(cpu_manifest, cpu_table)
+        gpu_columns = {n: v[:cpu_texts] for n, v in cache.score_arrays(gpu_manifest, gpu_table).items()}
+        cpu_columns = cache.score_arrays(cpu_manifest, cpu_table)
         assert gpu_table.column("text").to_pylist()[:cpu_texts] == cpu_table.column("text").to_pylist()
         pairs = texts * k
         print(f"torchrun x{gpus} --bf16: {texts} texts x {k} classes = {pairs} pairs in {gpu_seconds:.1f}s wall "

@@ -52,12 +52,19 @@ def build_cache(path: str, num_examples: int, num_classes: int, seed: int = 0) -
     if cache.is_complete(path):
         return path
     shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(path)
     rng, words = np.random.default_rng(seed), vocabulary()
     centres = rng.normal(size=(num_classes, EMBEDDING_WIDTH)).astype(np.float32)
-    records = []
-    for index, start in enumerate(range(0, num_examples, SHARD_SIZE)):
-        stop = min(start + SHARD_SIZE, num_examples)
+    class_names = [f"class {k}" for k in range(num_classes)]
+    bounds = [(start, min(start + SHARD_SIZE, num_examples)) for start in range(0, num_examples, SHARD_SIZE)]
+    manifest = cache.new_manifest(
+        os.path.basename(path), {"synthetic": seed, "num_examples": num_examples}, bounds,
+        teacher={"name_or_path": "synthetic", "fingerprint": f"synthetic-{seed}", "kind": "embedding"}, hypothesis_template="{}",
+        class_names=class_names, hypotheses=class_names, score_columns=["similarity"], text_embedding_column="text_embedding",
+        embedding_model=None, precision="fp32", data={"path": "synthetic", "fingerprint": f"synthetic-{num_examples}", "text_column": "text"},
+        num_examples=num_examples, shard_size=SHARD_SIZE, command="benchmarks/scale.py", versions={},
+    )
+    cache.begin(path, manifest)
+    for index, (start, stop) in enumerate(bounds):
         labels = rng.integers(num_classes, size=stop - start)
         embeddings = centres[labels] + 2.0 * rng.normal(size=(stop - start, EMBEDDING_WIDTH)).astype(np.float32)
         embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
@@ -69,16 +76,8 @@ def build_cache(path: str, num_examples: int, num_classes: int, seed: int = 0) -
             "similarity": cache.list_array(similarity),
             "text_embedding": cache.list_array(embeddings),
         })
-        records.append(cache.write_shard(path, index, table, {"start": start, "stop": stop, "forward_passes": 0, "reused_pairs": 0}))
-    class_names = [f"class {k}" for k in range(num_classes)]
-    cache.write_json_atomic(os.path.join(path, cache.MANIFEST), {
-        "format_version": cache.FORMAT_VERSION, "key": os.path.basename(path), "complete": True,
-        "teacher": {"name_or_path": "synthetic", "fingerprint": f"synthetic-{seed}", "kind": "embedding"},
-        "hypothesis_template": "{}", "class_names": class_names, "hypotheses": class_names, "score_columns": ["similarity"],
-        "text_embedding_column": "text_embedding", "precision": "fp32",
-        "data": {"path": "synthetic", "fingerprint": f"synthetic-{num_examples}", "text_column": "text"},
-        "num_examples": num_examples, "shard_size": SHARD_SIZE, "shards": records, "command": "benchmarks/scale.py",
-    })
+        cache.write_shard(path, index, table, {"start": start, "stop": stop, "forward_passes": 0, "reused_pairs": 0})
+    cache.seal(path, manifest, max_length=None)
     return path
 
 

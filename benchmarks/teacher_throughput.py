@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from zsdistill import teacher as zs_teacher  # noqa: E402
+from zsdistill import inference  # noqa: E402
+from zsdistill import models  # noqa: E402
 
 CLASS_NAMES = ["animal", "plant", "food", "person", "location", "artifact", "body", "substance"]
 TEMPLATE = "This example is {}."
@@ -150,7 +151,7 @@ def main(
     if threads:
         torch.set_num_threads(threads)
     device = "cuda" if torch.cuda.is_available() and not no_cuda else "cpu"
-    default_pairs, default_tokens = zs_teacher.default_batches(torch.device(device))
+    default_pairs, default_tokens = inference.default_batches(torch.device(device))
     batch_pairs, batch_tokens = batch_pairs or default_pairs, batch_tokens or default_tokens
     sample = corpus(texts)
     class_names = CLASS_NAMES[:k]
@@ -162,7 +163,7 @@ def main(
         model = AutoModelForSequenceClassification.from_pretrained(teacher_dir, attn_implementation="sdpa").eval().to(device)
         zero_shot = pipeline("zero-shot-classification", model=model, tokenizer=tokenizer, device=device)
         student = pipeline("text-classification", model=student_dir, device=device, top_k=None)
-        max_length = zs_teacher.resolve_max_length(tokenizer, model, None)
+        max_length = models.resolve_max_length(tokenizer, model, None)
         entailment = model.config.label2id["ENTAILMENT"]
 
         def run_pipeline(sample=sample):
@@ -179,14 +180,14 @@ def main(
             return torch.cat(out).numpy().reshape(len(sample), k, -1)
 
         def run_ours(precision: str, stats=None, sample=sample, on_batch=None):
-            encoder = zs_teacher.PairEncoder(tokenizer, max_length)
+            encoder = inference.PairEncoder(tokenizer, max_length)
             premise_ids, hypothesis_ids = encoder.tokenize(sample), encoder.tokenize(hypotheses)
-            return zs_teacher.nli_logits(model, encoder, premise_ids, hypothesis_ids, batch_pairs, batch_tokens, precision, stats, on_batch)
+            return inference.nli_logits(model, encoder, premise_ids, hypothesis_ids, batch_pairs, batch_tokens, precision, stats, on_batch)
 
         def run_student(sample=sample):
             return student(sample, batch_size=32)
 
-        stats = zs_teacher.Stats()
+        stats = inference.Stats()
         methods = {"(a) zero-shot pipeline": run_pipeline, "(b) reference loop": run_reference, "(c) zsdistill fp32": lambda **kw: run_ours("fp32", stats, **kw)}
         bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported() if device == "cpu" else torch.cuda.is_bf16_supported()
         if bf16:
@@ -195,7 +196,7 @@ def main(
         for run in methods.values():  # warm-up on a few texts, untimed
             run(sample=sample[:4])
         stats.tokens = stats.padded_tokens = 0  # padding is reported for the timed runs only
-        encoder = zs_teacher.PairEncoder(tokenizer, max_length)
+        encoder = inference.PairEncoder(tokenizer, max_length)
         premise_ids, hypothesis_ids = encoder.tokenize(sample), encoder.tokenize(hypotheses)
         lengths = [len(encoder.encode(p, h)[0]) for p in premise_ids for h in hypothesis_ids]
         useful_flops = sum(layer_flops(length, model.config.hidden_size, model.config.num_hidden_layers) for length in lengths)
@@ -223,7 +224,7 @@ def main(
             return e / e.sum(1, keepdims=True)
 
         rows = []
-        print(f"machine: {zs_teacher.hardware_name(torch.device(device))}, torch {torch.__version__}")
+        print(f"machine: {models.hardware_name(torch.device(device))}, torch {torch.__version__}")
         print(f"(c) batches: at most {batch_pairs} pairs and {batch_tokens} padded tokens; (a) and (b): 32 pairs")
         print(f"teacher: random BERT-base (12 layers, 768 hidden, 3 labels); {texts} texts x {k} classes = {pairs} pairs; "
               f"pair length min {min(lengths)} / median {int(np.median(lengths))} / max {max(lengths)} tokens; {repeats} repeats, medians")

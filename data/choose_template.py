@@ -28,7 +28,7 @@ def main(dev_file: str = "demo/data/dev.jsonl", class_names_file: str = "demo/da
     for template in CANDIDATES:
         path = teacher_infer.main(data_file=dev_file, class_names_file=class_names_file, teacher_name_or_path=teacher, hypothesis_template=template, cache_dir=cache_dir)
         manifest, table = cache.load_cache(path)
-        probabilities = targets.teacher_probabilities(cache.logit_columns(manifest, table), multi_label=False)
+        probabilities = targets.teacher_probabilities(cache.score_arrays(manifest, table), multi_label=False)
         print(f"dev accuracy {(probabilities.argmax(1) == true).mean():.4f}  template {template!r}")
 
 

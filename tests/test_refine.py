@@ -77,7 +77,7 @@ def test_refinement_is_deterministic(tmp_path):
 def test_norefine_gives_the_plain_targets_bit_identical(tmp_path, kind, multi_label):
     path, _ = toy_cache(tmp_path, kind, bias=True)
     manifest, table = cache.load_cache(path)
-    plain = targets.teacher_probabilities(cache.logit_columns(manifest, table), multi_label, 2.0)  # the pre-refinement code path
+    plain = targets.teacher_probabilities(cache.score_arrays(manifest, table), multi_label, 2.0)  # the pre-refinement code path
     off, refinement, info = train_student.build_targets(path, manifest, multi_label, 2.0, refine=False)
     assert refinement is None and info["method"] is None
     assert off.dtype == plain.dtype and np.array_equal(off, plain)
@@ -123,6 +123,7 @@ def test_stage_2_never_opens_a_labeled_file(tmp_path):
 
 def test_nli_cache_with_embedding_model_is_refined_and_evaluated(teachers, embedding_teacher, tmp_path):
     """Stage 1 keeps text embeddings from --embedding_model; stage 2 refines with them; stage 3 shows the refined teacher."""
+    from zsdistill import inference
     from zsdistill import teacher as zs_teacher
 
     data = tmp_path / "texts.txt"
@@ -139,11 +140,11 @@ def test_nli_cache_with_embedding_model_is_refined_and_evaluated(teachers, embed
     assert manifest["text_embedding_column"] == "text_embedding" and manifest["embedding_model"]["kind"] == "embedding"
     assert cache.read_manifest(plain)["text_embedding_column"] is None
     model, tokenizer = zs_teacher.load_model(zs_teacher.resolve_teacher(embedding_teacher, kind="embedding"), torch.device("cpu"))
-    direct = zs_teacher.embed(model, tokenizer, CORPUS * 3, 64, 8, 4096)
+    direct = inference.embed(model, tokenizer, CORPUS * 3, 64, 8, 4096)
     stored = cache.list_column_to_numpy(table.column("text_embedding"), direct.shape[1])
     np.testing.assert_allclose(stored, direct, atol=1e-5)
     # The NLI scores are the same as without the flag: the embedding model only adds a column.
-    np.testing.assert_allclose(cache.logit_columns(manifest, table)["entailment"], cache.logit_columns(*cache.load_cache(plain))["entailment"], atol=1e-6)
+    np.testing.assert_allclose(cache.score_arrays(manifest, table)["entailment"], cache.score_arrays(*cache.load_cache(plain))["entailment"], atol=1e-6)
 
     student = train_student.main(cache=with_embeddings, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")), **QUICK)
     info = json.load(open(os.path.join(student, "distill_info.json")))

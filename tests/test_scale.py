@@ -1,4 +1,4 @@
-"""Issue 6: torchrun across processes, crash-safe resume, corrupt shards, concurrent runs, incremental classes."""
+"""Stage 1 at scale: torchrun across processes, crash-safe resume, corrupt shards, concurrent runs, incremental classes."""
 
 import json
 import os
@@ -12,6 +12,7 @@ from conftest import CLASS_NAMES, ROOT, count_forward_passes
 
 import teacher_infer
 from zsdistill import cache
+from zsdistill.errors import UserError
 
 TEXTS = [f"sentence {i}: " + " ".join(["sports", "money", "bread", "rain", "phone", "doctor"][j % 6] for j in range(i % 7 + 1)) for i in range(26)]
 
@@ -25,7 +26,7 @@ def corpus(tmp_path):
 
 def table_of(path):
     manifest, table = cache.load_cache(path)
-    return manifest, table.column("text").to_pylist(), cache.logit_columns(manifest, table)
+    return manifest, table.column("text").to_pylist(), cache.score_arrays(manifest, table)
 
 
 def assert_same_cache(a, b, atol=1e-6):
@@ -72,7 +73,7 @@ def test_crash_after_first_shard_resumes_without_recomputing_it(corpus, teachers
     monkeypatch.setattr(cache, "write_shard", real_write)
     crashed = os.path.join(corpus / "crashed", os.listdir(corpus / "crashed")[0])
     assert not cache.is_complete(crashed)  # the manifest does not claim completeness
-    with pytest.raises(Exception, match="incomplete: 2 of 3 shards missing"):
+    with pytest.raises(UserError, match="incomplete: 2 of 3 shards missing"):
         cache.load_cache(crashed)
 
     counter = count_forward_passes(monkeypatch)
@@ -109,7 +110,7 @@ def test_truncated_shard_is_detected_and_recomputed(corpus, teachers, monkeypatc
     shard = os.path.join(path, "shard-00001.arrow")
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
-    with pytest.raises(Exception, match="shard-00001.arrow"):
+    with pytest.raises(UserError, match="shard-00001.arrow"):
         cache.load_cache(path)
     counter = count_forward_passes(monkeypatch)
     assert teacher_infer.main(**kwargs) == path

@@ -50,7 +50,7 @@ def test_two_students_from_one_cache_without_the_teacher(teachers, corpus_files,
     text = CORPUS[0]
     for directory, multi_label in ((single, False), (multi, True)):
         info = json.load(open(os.path.join(directory, "distill_info.json")))
-        assert info["multi_class"] is multi_label and info["temperature"] == (2.0 if multi_label else 1.0)
+        assert info["multi_label"] is multi_label and info["temperature"] == (2.0 if multi_label else 1.0)
         assert info["cache_key"] == os.path.basename(cache_path) and info["student_base"] == base
         assert "holdout" in info["metrics"] and "training_arguments" in info
         classifier = pipeline("text-classification", model=directory, top_k=None)
@@ -99,7 +99,7 @@ def test_multi_label_student_learns_two_true_classes(tmp_path):
     cache_path = write_toy_cache(str(tmp_path / "cache" / "multi"), texts, classes, {"entailment": entailment, "contradiction": -entailment})
     output = train_student.main(
         cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")),
-        multi_class=True, holdout_fraction=0.2, num_train_epochs=60, learning_rate=1e-3, per_device_train_batch_size=16,
+        multi_label=True, holdout_fraction=0.2, num_train_epochs=60, learning_rate=1e-3, per_device_train_batch_size=16,
         use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
     )
     holdout = json.load(open(os.path.join(output, "distill_info.json")))["metrics"]["holdout"]

@@ -12,6 +12,7 @@ from conftest import CLASS_NAMES, CORPUS, count_forward_passes, run_script
 
 import teacher_infer
 from zsdistill import cache, targets
+from zsdistill import inference
 from zsdistill import teacher as zs_teacher
 from zsdistill.errors import UserError
 
@@ -71,7 +72,7 @@ def test_cached_logits_reproduce_zero_shot_pipeline(teachers, tmp_path, style):
         hypothesis_template=template, cache_dir=str(tmp_path / "cache"), shard_size=4, teacher_batch_size=7,
     )
     manifest, table = cache.load_cache(path)
-    columns = cache.logit_columns(manifest, table)
+    columns = cache.score_arrays(manifest, table)
     classifier = pipeline("zero-shot-classification", model=teachers[style], device="cpu")
     for multi_label in (False, True):
         ours = targets.teacher_probabilities(columns, multi_label=multi_label)
@@ -162,7 +163,7 @@ def test_pair_encoder_matches_tokenizer_pairs(teachers):
 
     for style in ("upper", "lower"):
         tokenizer = AutoTokenizer.from_pretrained(teachers[style])
-        encoder = zs_teacher.PairEncoder(tokenizer, 24)
+        encoder = inference.PairEncoder(tokenizer, 24)
         premises = CORPUS[:3] + [LONG_TEXT]
         hypotheses = ["This example is sports.", "finance"]
         premise_ids, hypothesis_ids = encoder.tokenize(premises), encoder.tokenize(hypotheses)
@@ -176,7 +177,7 @@ def test_pair_encoder_matches_tokenizer_pairs(teachers):
 
 def test_length_sorted_batches_respect_budgets():
     lengths = np.array([5, 50, 7, 30, 30, 6, 100, 8])
-    batches = zs_teacher.length_sorted_batches(lengths, max_pairs=3, max_tokens=100)
+    batches = inference.length_sorted_batches(lengths, max_pairs=3, max_tokens=100)
     assert sorted(np.concatenate(batches).tolist()) == list(range(8))
     for batch in batches:
         assert len(batch) <= 3 and (len(batch) == 1 or len(batch) * lengths[batch].max() <= 100)
@@ -185,16 +186,16 @@ def test_length_sorted_batches_respect_budgets():
 def test_batch_defaults_follow_the_device_and_flags_override_them(teachers, corpus_files, tmp_path, monkeypatch):
     data_file, classes_file = corpus_files
     seen = []
-    real = zs_teacher.nli_logits
+    real = inference.nli_logits
 
     def spy(model, encoder, premises, hypotheses, max_pairs, max_tokens, *args, **kwargs):
         seen.append((max_pairs, max_tokens))
         return real(model, encoder, premises, hypotheses, max_pairs, max_tokens, *args, **kwargs)
 
-    monkeypatch.setattr(zs_teacher, "nli_logits", spy)
+    monkeypatch.setattr(inference, "nli_logits", spy)
     common = dict(data_file=data_file, class_names_file=classes_file, teacher_name_or_path=teachers["upper"])
     default_path = teacher_infer.main(**common, cache_dir=str(tmp_path / "a"))
-    assert set(seen) == {zs_teacher.BATCH_DEFAULTS["cpu"]}
+    assert set(seen) == {inference.BATCH_DEFAULTS["cpu"]}
     seen.clear()
     explicit_path = teacher_infer.main(**common, cache_dir=str(tmp_path / "b"), teacher_batch_size=3, max_batch_tokens=64)
     assert set(seen) == {(3, 64)}
@@ -214,7 +215,7 @@ def test_gpu_out_of_memory_names_the_flag_to_lower(teachers, corpus_files, tmp_p
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(zs_teacher, "nli_logits", out_of_memory)
+    monkeypatch.setattr(inference, "nli_logits", out_of_memory)
     with pytest.raises(UserError, match=r"out of GPU memory .* lower --max_batch_tokens \(e\.g\. to 2048\)"):
         teacher_infer.main(
             data_file=data_file, class_names_file=classes_file, teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "c")
@@ -229,9 +230,9 @@ def test_bf16_autocast_path_stays_close_to_fp32(teachers):
     # tiny model does not mind: this checks the numbers of the --bf16 path, not its speed (benchmarks/ does that).
     teacher = zs_teacher.resolve_teacher(teachers["upper"])
     model, tokenizer = zs_teacher.load_model(teacher, torch.device("cpu"))
-    encoder = zs_teacher.PairEncoder(tokenizer, 64)
+    encoder = inference.PairEncoder(tokenizer, 64)
     premises, hypotheses = encoder.tokenize(CORPUS + [LONG_TEXT]), encoder.tokenize([f"This example is {c}." for c in CLASS_NAMES])
-    logits = {p: zs_teacher.nli_logits(model, encoder, premises, hypotheses, 8, 512, p) for p in ("fp32", "bf16")}
+    logits = {p: inference.nli_logits(model, encoder, premises, hypotheses, 8, 512, p) for p in ("fp32", "bf16")}
     assert logits["bf16"].dtype == np.float32
     assert 0 < np.abs(logits["bf16"] - logits["fp32"]).max()  # it did run in lower precision
     for multi_label in (False, True):

@@ -126,6 +126,56 @@ def write_shard(cache_path: str, index: int, table: pa.Table, record: dict) -> d
     return record
 
 
+def new_manifest(key: str, key_fields: dict, bounds: list[tuple[int, int]], **fields) -> dict:
+    """A cache's manifest before its shards exist (`complete` false); `seal` completes it.
+
+    `fields`: teacher, hypothesis_template, class_names, hypotheses, score_columns, text_embedding_column,
+    embedding_model, precision, data, num_examples, shard_size, command, versions (docs/cache_format.md).
+    """
+    order = ["teacher", "hypothesis_template", "class_names", "hypotheses", "score_columns", "text_embedding_column", "embedding_model",
+             "precision", "data", "num_examples", "shard_size"]
+    manifest = {"format_version": FORMAT_VERSION, "key": key, "complete": False, "key_fields": key_fields}
+    manifest.update({name: fields[name] for name in order})
+    manifest["shards"] = [{"file": shard_file(i), "start": a, "stop": b, "rows": b - a} for i, (a, b) in enumerate(bounds)]
+    manifest.update(command=fields["command"], versions=fields["versions"])
+    return manifest
+
+
+def begin(cache_path: str, manifest: dict) -> None:
+    """Write the unsealed manifest (once, by one process), unless a complete one is already there."""
+    os.makedirs(cache_path, exist_ok=True)
+    with file_lock(os.path.join(cache_path, "manifest.lock")):
+        if not (read_manifest(cache_path) or {}).get("complete"):
+            write_json_atomic(os.path.join(cache_path, MANIFEST), manifest)
+
+
+def seal(cache_path: str, manifest: dict, max_length: int | None) -> dict | None:
+    """Once every shard has its completion record, mark the manifest complete with the records' totals.
+
+    Returns the sealed manifest, or None when the cache was already complete (another run sealed it).
+    """
+    import datetime
+
+    with file_lock(os.path.join(cache_path, "manifest.lock")):
+        if is_complete(cache_path):
+            return None
+        records = [read_done_record(cache_path, i, s["start"], s["stop"]) for i, s in enumerate(manifest["shards"])]
+        absent = [shard_file(i) for i, r in enumerate(records) if r is None]
+        if absent:
+            raise RuntimeError(f"shards {absent} have no valid completion record after all ranks finished")
+        lengths = {r["max_length"] for r in records if r.get("max_length") is not None}
+        sealed = {
+            **manifest,
+            "complete": True,
+            "max_length": max(lengths) if lengths else max_length,
+            "shards": records,
+            "forward_passes": {"computed": sum(r["forward_passes"] for r in records), "reused_pairs": sum(r["reused_pairs"] for r in records)},
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json_atomic(os.path.join(cache_path, MANIFEST), sealed)
+        return sealed
+
+
 def read_done_record(cache_path: str, index: int, start: int, stop: int, verify: bool = True) -> dict | None:
     """The shard's completion record if the shard is complete and intact, else None."""
     record_path = os.path.join(cache_path, done_file(index))
@@ -337,7 +387,7 @@ def column_chunks(cache_path: str, manifest: dict, name: str) -> Iterator[tuple[
         yield start, list_column_to_numpy(table.column(name), list_width(table, name))
 
 
-def logit_columns(manifest: dict, table: pa.Table) -> dict[str, np.ndarray]:
+def score_arrays(manifest: dict, table: pa.Table) -> dict[str, np.ndarray]:
     """Every per-class score column of the cache as an (N, K) array."""
     width = len(manifest["class_names"])
     return {name: list_column_to_numpy(table.column(name), width) for name in manifest["score_columns"]}

@@ -23,7 +23,7 @@ def _card_data(info: dict):
         pipeline_tag="text-classification",
         # The hub links a base model by its id; a local directory has none to link.
         base_model=base if HUB_ID.match(base) and not os.path.exists(base) else None,
-        tags=["zero-shot-distillation", "zsdistill", "multi-label" if info["multi_class"] else "single-label"],
+        tags=["zero-shot-distillation", "zsdistill", "multi-label" if info["multi_label"] else "single-label"],
     )
 
 
@@ -42,7 +42,7 @@ def render(info: dict, evaluations: str = "") -> str:
     lines = [
         "# A zero-shot classifier, distilled",
         "",
-        f"A {'multi' if info['multi_class'] else 'single'}-label text classifier distilled with "
+        f"A {'multi' if info['multi_label'] else 'single'}-label text classifier distilled with "
         f"zsdistill from the zero-shot teacher `{summary['teacher']}` "
         f"({summary['teacher_kind']}), without labeled data: the teacher scored {summary['num_examples']:,} unlabeled texts "
         f"once, and this student learned its scores. It classifies a text in one forward pass.",
@@ -55,7 +55,7 @@ def render(info: dict, evaluations: str = "") -> str:
         f"| unlabeled texts | {summary['num_examples']:,} |",
         f"| base model | `{info['student_base']}` |",
         f"| temperature | {info['temperature']} |",
-        f"| labels | {'multi-label (sigmoid per class)' if info['multi_class'] else 'single-label (softmax)'} |",
+        f"| labels | {'multi-label (sigmoid per class)' if info['multi_label'] else 'single-label (softmax)'} |",
         f"| target refinement | {refined} |",
         f"| agreement with the targets | {agreement} |",
         "",

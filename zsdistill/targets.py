@@ -54,7 +54,7 @@ def teacher_probabilities(columns: dict[str, np.ndarray], multi_label: bool, tem
         if multi_label:
             raise UserError(
                 "multi-label targets need an NLI teacher: an embedding teacher's similarities have no per-class "
-                "yes/no calibration; drop --multi_class or rebuild the cache with an NLI teacher"
+                "yes/no calibration; drop --multi_label or rebuild the cache with an NLI teacher"
             )
         return similarity_targets(columns["similarity"], temperature)
     if multi_label:

@@ -1,0 +1,213 @@
+"""The batched inference engine of stage 1 (and stage 3's live timing): NLI pair logits and sentence embeddings.
+
+Speed (see benchmarks/teacher_throughput.py): each premise and each hypothesis is tokenized once and the
+pair encodings are assembled from them; pairs are sorted by length and batched under a token budget so
+almost no compute goes to padding; the original order is restored before anything is written.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from zsdistill.errors import UserError
+
+# (pairs, padded tokens) per forward pass. A CPU's matmuls are saturated by ~500-token batches; a GPU needs
+# far more work per launch (on an H200, 256/65536 ran bf16 2.8x faster than 32/8192: README, Speed).
+BATCH_DEFAULTS = {"cpu": (32, 8192), "cuda": (256, 65536)}
+
+
+def default_batches(device: torch.device) -> tuple[int, int]:
+    return BATCH_DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+
+
+class PairEncoder:
+    """Builds `premise + hypothesis` encodings from separately tokenized parts, as the tokenizer would.
+
+    The tokenizer's own pair template (special tokens and token types around each segment) is read once
+    from a probe encoding, so BERT-, RoBERTa- and DeBERTa-style templates all come out right. Only the
+    premise is truncated, as the zero-shot pipeline's `truncation="only_first"` does.
+    """
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.use_token_types = "token_type_ids" in tokenizer.model_input_names
+        probe = tokenizer("a", "b", return_token_type_ids=True)
+        ids, types, segments = probe["input_ids"], probe["token_type_ids"], probe.sequence_ids()
+        first = [i for i, s in enumerate(segments) if s == 0]
+        second = [i for i, s in enumerate(segments) if s == 1]
+        self.prefix = ids[: first[0]]
+        self.middle = ids[first[-1] + 1 : second[0]]
+        self.suffix = ids[second[-1] + 1 :]
+        self.prefix_types = types[: first[0]]
+        self.middle_types = types[first[-1] + 1 : second[0]]
+        self.suffix_types = types[second[-1] + 1 :]
+        self.first_type, self.second_type = types[first[0]], types[second[0]]
+        self.num_special = len(self.prefix) + len(self.middle) + len(self.suffix)
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        # A premise never needs more than max_length tokens; cutting here keeps 100k-character lines cheap.
+        return self.tokenizer(
+            texts, add_special_tokens=False, truncation=True, max_length=self.max_length, return_attention_mask=False
+        )["input_ids"]
+
+    def premise_budget(self, hypothesis_length: int) -> int:
+        budget = self.max_length - hypothesis_length - self.num_special
+        if budget < 1:
+            raise UserError(
+                f"a hypothesis is {hypothesis_length} tokens, too long for --max_length {self.max_length}; "
+                f"shorten the class name or template, or raise --max_length"
+            )
+        return budget
+
+    def encode(self, premise: list[int], hypothesis: list[int]) -> tuple[list[int], list[int]]:
+        premise = premise[: self.premise_budget(len(hypothesis))]
+        ids = self.prefix + premise + self.middle + hypothesis + self.suffix
+        types = (
+            self.prefix_types + [self.first_type] * len(premise) + self.middle_types + [self.second_type] * len(hypothesis) + self.suffix_types
+        )
+        return ids, types
+
+
+def length_sorted_batches(
+    lengths: np.ndarray, max_pairs: int, max_tokens: int, max_padding: float = 0.03, min_tokens: int = 256
+) -> list[np.ndarray]:
+    """Group item indices into batches of similar length.
+
+    Each batch holds at most `max_pairs` items and `max_tokens` padded tokens. Once a batch is big enough to
+    keep the matrix units busy (`min_tokens`), it is also closed before padding would exceed `max_padding`
+    of its tokens: in sparse stretches of the length distribution, two smaller batches beat one padded one.
+    """
+    order = np.argsort(lengths, kind="stable")
+    sorted_lengths = np.asarray(lengths)[order]
+    batches, start = [], 0
+    while start < len(order):
+        stop, real_tokens = start + 1, int(sorted_lengths[start])
+        while stop < len(order) and stop - start < max_pairs:
+            # Lengths ascend, so the batch's padded size is (items) x (length of its last item).
+            length, items = int(sorted_lengths[stop]), stop - start + 1
+            if items * length > max_tokens:
+                break
+            big_enough = (items - 1) * int(sorted_lengths[stop - 1]) >= min_tokens
+            if big_enough and 1 - (real_tokens + length) / (items * length) > max_padding:
+                break
+            real_tokens += length
+            stop += 1
+        batches.append(order[start:stop])
+        start = stop
+    return batches
+
+
+def _pad(sequences: list[list[int]], pad_value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), pad_value, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        out[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+    return out
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        # From pinned memory the copy is queued like a kernel; a blocking copy would wait for the GPU's queue.
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+@dataclass
+class Stats:
+    """What the teacher spent: forward passes (sequences), real and padded tokens."""
+
+    forward_passes: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+
+    def record(self, attention_mask: torch.Tensor) -> None:
+        self.forward_passes += attention_mask.shape[0]
+        self.tokens += int(attention_mask.sum())
+        self.padded_tokens += attention_mask.numel()
+
+
+def nli_logits(
+    model,
+    encoder: PairEncoder,
+    premise_ids: list[list[int]],
+    hypothesis_ids: list[list[int]],
+    max_pairs: int,
+    max_tokens: int,
+    precision: str = "fp32",
+    stats: Stats | None = None,
+    on_batch=None,
+) -> np.ndarray:
+    """Raw logits of every (premise, hypothesis) pair: array (n_premises, n_hypotheses, n_labels), float32."""
+    device = next(model.parameters()).device
+    n, k = len(premise_ids), len(hypothesis_ids)
+    hypothesis_lengths = np.array([len(h) for h in hypothesis_ids])
+    budgets = np.array([encoder.premise_budget(length) for length in hypothesis_lengths])
+    premise_lengths = np.array([len(p) for p in premise_ids])
+    pair_lengths = (np.minimum(premise_lengths[:, None], budgets[None, :]) + hypothesis_lengths[None, :] + encoder.num_special).reshape(-1)
+    out = np.empty((n * k, model.config.num_labels), dtype=np.float32)
+    # Logits stay on the device until the end: copying each batch back would make the CPU wait for the GPU,
+    # where now it builds and queues the next batch while the GPU computes this one.
+    pending = []
+    with torch.inference_mode(), _autocast(device, precision):
+        for batch in length_sorted_batches(pair_lengths, max_pairs, max_tokens):
+            encoded = [encoder.encode(premise_ids[p // k], hypothesis_ids[p % k]) for p in batch.tolist()]
+            attention_mask = _pad([[1] * len(ids) for ids, _ in encoded], 0)
+            inputs = {"input_ids": _pad([ids for ids, _ in encoded], encoder.pad_id), "attention_mask": attention_mask}
+            if encoder.use_token_types:
+                inputs["token_type_ids"] = _pad([types for _, types in encoded], 0)
+            inputs = {name: _to_device(tensor, device) for name, tensor in inputs.items()}
+            pending.append((batch, model(**inputs).logits.float()))
+            if stats is not None:
+                stats.record(attention_mask)
+            if on_batch is not None:
+                on_batch(len(batch))
+    for batch, logits in pending:
+        out[batch] = logits.cpu().numpy()
+    return out.reshape(n, k, -1)
+
+
+def embed(
+    model,
+    tokenizer,
+    texts: list[str],
+    max_length: int,
+    max_items: int,
+    max_tokens: int,
+    pooling: str = "mean",
+    precision: str = "fp32",
+    stats: Stats | None = None,
+    on_batch=None,
+) -> np.ndarray:
+    """L2-normalised sentence embeddings (n, hidden), float32, pooled as sentence-transformers does."""
+    device = next(model.parameters()).device
+    ids = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
+    lengths = np.array([len(i) for i in ids])
+    out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
+    pad_id = tokenizer.pad_token_id or 0
+    pending = []  # embeddings stay on the device until the end, as in nli_logits
+    with torch.inference_mode(), _autocast(device, precision):
+        for batch in length_sorted_batches(lengths, max_items, max_tokens):
+            input_ids = _to_device(_pad([ids[i] for i in batch.tolist()], pad_id), device)
+            attention_mask = _pad([[1] * len(ids[i]) for i in batch.tolist()], 0)
+            device_mask = _to_device(attention_mask, device)
+            hidden = model(input_ids=input_ids, attention_mask=device_mask).last_hidden_state.float()
+            if pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = device_mask.unsqueeze(-1).float()
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            pending.append((batch, torch.nn.functional.normalize(pooled, p=2, dim=1)))
+            if stats is not None:
+                stats.record(attention_mask)
+            if on_batch is not None:
+                on_batch(len(batch))
+    for batch, embeddings in pending:
+        out[batch] = embeddings.cpu().numpy()
+    return out
