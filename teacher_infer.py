@@ -221,11 +221,12 @@ def score_shard(plan: Plan, scorer: Scorer, donors: dict, texts: list[str], star
     text_embeddings = reused_scores(plan, donors, start, start + len(texts), scores)
     computed = plan.missing_positions
     if computed and plan.teacher.kind == "nli":
-        shown, pairs = [0], [0]  # texts shown on the progress bar, pairs scored
+        shown, pairs, started = [0], [0], time.time()  # texts shown on the progress bar, pairs scored
 
         def on_batch(batch_pairs: int) -> None:
             pairs[0] += batch_pairs
             done = pairs[0] // len(computed)
+            progress.set_postfix_str(f"{pairs[0] / max(time.time() - started, 1e-9):.1f} pairs/s", refresh=False)
             progress.update(done - shown[0])
             shown[0] = done
 
