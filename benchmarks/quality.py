@@ -175,7 +175,7 @@ def main(seeds: str | int | tuple = (0, 1), work_dir: str = "bench/quality", oth
         demo: run the demo table (students trained and evaluated).
     """
     seeds = [int(s) for s in (seeds.split(",") if isinstance(seeds, str) else seeds if isinstance(seeds, (tuple, list)) else [seeds])]
-    from zsdistill.teacher import hardware_name
+    from zsdistill.models import hardware_name
 
     import torch
 

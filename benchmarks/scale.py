@@ -132,7 +132,7 @@ def main(sizes: str | int | tuple = (50_000, 400_000, 1_000_000), stage1_sizes: 
     as_list = lambda v: [int(s) for s in (v.split(",") if isinstance(v, str) else v if isinstance(v, (tuple, list)) else [v])]  # noqa: E731
     import torch
 
-    from zsdistill.teacher import hardware_name
+    from zsdistill.models import hardware_name
 
     os.makedirs(work_dir, exist_ok=True)
     student, teacher = tiny_models(work_dir)
