@@ -131,12 +131,12 @@ def refine(
     refinement = None
     for round_number in range(1, MAX_ROUNDS + 1):
         kept = _kept_rows(prediction, confidence, teacher_prediction, num_classes)
-        sums = np.zeros((num_classes, 0), dtype=np.float32)
+        sums = 0.0  # (K, H) once the first chunk is in
         for start, chunk in embedding_chunks():
             rows = slice(start, start + len(chunk))
             weights = np.zeros((len(chunk), num_classes), dtype=np.float32)
             weights[np.flatnonzero(kept[rows]), prediction[rows][kept[rows]]] = 1.0
-            sums = weights.T @ chunk if sums.shape[1] == 0 else sums + weights.T @ chunk
+            sums = sums + weights.T @ chunk
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         # A class with no kept rows keeps a zero centroid: its score is then its prior alone.
         centroids = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
