@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from tqdm import tqdm
 
@@ -209,8 +208,7 @@ def reused_scores(plan: Plan, donors: dict, start: int, stop: int, scores: dict[
         for name in plan.score_columns:
             scores[name][:, positions] = cache.list_column_to_numpy(rows.column(name), len(donor_manifest["class_names"]))[:, donor_positions]
         if plan.text_embedding_column and text_embeddings is None:  # any donor will do: same texts, teacher and settings
-            column = rows.column(plan.text_embedding_column)
-            text_embeddings = cache.list_column_to_numpy(column, pc.list_value_length(column)[0].as_py())
+            text_embeddings = cache.list_column_to_numpy(rows.column(plan.text_embedding_column), cache.list_width(rows, plan.text_embedding_column))
     return text_embeddings
 
 

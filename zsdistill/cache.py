@@ -10,7 +10,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import tempfile
 from typing import Iterator
 
@@ -205,6 +204,16 @@ def read_manifest(cache_path: str) -> dict | None:
         return None
 
 
+def shard_problem(cache_path: str, shard: dict, verify: bool) -> str | None:
+    """What is wrong with a sealed manifest's shard file ('missing', 'checksum mismatch'), or None."""
+    path = os.path.join(cache_path, shard["file"])
+    if not os.path.exists(path):
+        return "missing"
+    if os.path.getsize(path) != shard["bytes"] or (verify and file_sha256(path) != shard["sha256"]):
+        return "checksum mismatch"
+    return None
+
+
 def is_complete(cache_path: str, expected: dict | None = None, verify: bool = False) -> bool:
     """Complete and valid manifest, every shard present with its size (and checksum, with `verify`).
 
@@ -222,13 +231,7 @@ def is_complete(cache_path: str, expected: dict | None = None, verify: bool = Fa
         if manifest.get(name) != value:
             raise UserError(f"cache {cache_path}: {MANIFEST} does not match the cache's key (its {name} differ); it was not written by "
                             f"this command or was damaged: delete {cache_path} and rerun to rebuild it")
-    return all(
-        os.path.exists(p := os.path.join(cache_path, s["file"])) and os.path.getsize(p) == s["bytes"] and (not verify or file_sha256(p) == s["sha256"])
-        for s in manifest["shards"]
-    )
-
-
-SHARD_NAME = re.compile(r"^shard-\d{5}\.arrow$")
+    return not any(shard_problem(cache_path, shard, verify) for shard in manifest["shards"])
 
 
 def validate_manifest(cache_path: str, manifest: dict) -> None:
@@ -271,7 +274,7 @@ def validate_manifest(cache_path: str, manifest: dict) -> None:
         if not isinstance(shard, dict):
             refuse(f"shard {index} is not an object")
         name = shard.get("file")
-        if not isinstance(name, str) or not SHARD_NAME.match(name) or name != shard_file(index):
+        if name != shard_file(index):  # a bare name inside the cache, and the right one
             refuse(f"shard {index} does not name its file shard-{index:05d}.arrow inside the cache directory")
         counts = [shard.get(k) for k in ("start", "stop", "rows")]
         if not all(is_int(c) and c >= 0 for c in counts):
@@ -340,13 +343,7 @@ def load_cache(cache_path: str, verify: bool = True) -> tuple[dict, pa.Table]:
             f"cache {cache_path} is incomplete: {len(missing)} of {len(manifest['shards'])} shards missing "
             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); complete it by rerunning: {command}"
         )
-    bad = []
-    for shard in manifest["shards"]:
-        path = os.path.join(cache_path, shard["file"])
-        if not os.path.exists(path):
-            bad.append(f"{shard['file']} (missing)")
-        elif os.path.getsize(path) != shard["bytes"] or (verify and file_sha256(path) != shard["sha256"]):
-            bad.append(f"{shard['file']} (checksum mismatch)")
+    bad = [f"{shard['file']} ({problem})" for shard in manifest["shards"] if (problem := shard_problem(cache_path, shard, verify))]
     if bad:
         raise UserError(
             f"cache {cache_path} is corrupt: {', '.join(bad)}; delete those files and their .done.json records, "
