@@ -32,6 +32,9 @@ from zsdistill import models
 from zsdistill import teacher as zs_teacher
 from zsdistill.errors import UserError, run_cli
 
+# NLI caches keep each text's embedding from this small model (stage 2 refines the targets in that space).
+DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
 def log(message: str) -> None:
     rank = int(os.environ.get("RANK", 0))
     prefix = f"[teacher rank {rank}]" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "[teacher]"
@@ -82,7 +85,9 @@ def find_reusable(
     cache_dir: str, key: str, key_fields: dict, hypotheses: list[str], score_columns: list[str], text_embedding_column: str | None
 ) -> dict:
     """Hypotheses already scored by another complete cache of the same data and teacher: {hypothesis: (path, position)}."""
-    identity = {k: v for k, v in key_fields.items() if k not in ("class_names", "hypothesis_template")}
+    # Scores do not depend on the class list, the template or which model embeds the texts (NLI caches): a cache
+    # made before text embeddings were kept by default still gives its scores, and only the embeddings are computed.
+    identity = {k: v for k, v in key_fields.items() if k not in ("class_names", "hypothesis_template", "embedding_model")}
     reusable: dict[str, tuple[str, int]] = {}
     for manifest_path in sorted(glob.glob(os.path.join(cache_dir, "*", cache.MANIFEST))):
         path = os.path.dirname(manifest_path)
@@ -97,11 +102,11 @@ def find_reusable(
         except UserError as e:
             log(f"not reusing scores from {path}: {e}")
             continue
-        donor_identity = {k: v for k, v in manifest.get("key_fields", {}).items() if k not in ("class_names", "hypothesis_template")}
+        donor_identity = {k: v for k, v in manifest.get("key_fields", {}).items() if k not in ("class_names", "hypothesis_template", "embedding_model")}
         if (
             donor_identity != identity
             or manifest.get("score_columns") != score_columns
-            or manifest.get("text_embedding_column") != text_embedding_column
+            or manifest.get("text_embedding_column") not in (text_embedding_column, None)
         ):
             continue
         for position, hypothesis in enumerate(manifest["hypotheses"]):
@@ -152,6 +157,7 @@ class Scorer:
         self.model = self.tokenizer = self.max_length = None
         self.hypothesis_ids = self.hypothesis_embeddings = None
         self.embedder = None  # (model, tokenizer, max length)
+        self.embedder_texts, self.embedder_seconds = 0, 0.0  # its cost, for the log
 
     def _load_teacher(self) -> None:
         plan = self.plan
@@ -194,7 +200,10 @@ class Scorer:
             model, tokenizer = zs_teacher.load_model(plan.embedder, plan.device, plan.trust_remote_code)
             self.embedder = (model, tokenizer, models.resolve_max_length(tokenizer, model, None))
         model, tokenizer, max_length = self.embedder
-        return self._embed(model, tokenizer, texts, max_length, plan.embedder.pooling)
+        started = time.time()
+        embeddings = self._embed(model, tokenizer, texts, max_length, plan.embedder.pooling)
+        self.embedder_texts, self.embedder_seconds = self.embedder_texts + len(texts), self.embedder_seconds + time.time() - started
+        return embeddings
 
 
 def reused_scores(plan: Plan, donors: dict, start: int, stop: int, scores: dict[str, np.ndarray]) -> np.ndarray | None:
@@ -207,7 +216,8 @@ def reused_scores(plan: Plan, donors: dict, start: int, stop: int, scores: dict[
         rows = donor_table.slice(start, stop - start)
         for name in plan.score_columns:
             scores[name][:, positions] = cache.list_column_to_numpy(rows.column(name), len(donor_manifest["class_names"]))[:, donor_positions]
-        if plan.text_embedding_column and text_embeddings is None:  # any donor will do: same texts, teacher and settings
+        same_embeddings = donor_manifest["key_fields"].get("embedding_model") == (plan.embedder.fingerprint if plan.embedder else None)
+        if plan.text_embedding_column and donor_manifest.get("text_embedding_column") and same_embeddings and text_embeddings is None:
             text_embeddings = cache.list_column_to_numpy(rows.column(plan.text_embedding_column), cache.list_width(rows, plan.text_embedding_column))
     return text_embeddings
 
@@ -282,6 +292,10 @@ def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], texts_iter, rank: i
         f"{stats.forward_passes / max(seconds, 1e-9):.1f}/s), {skipped} shards already complete and reused"
         + (f"; padding {1 - stats.tokens / stats.padded_tokens:.1%} of tokens" if stats.padded_tokens else "")
     )
+    if scorer.embedder_texts:
+        log(f"text embeddings for refinement: {plan.embedder.name_or_path}, one pass per text ({scorer.embedder_texts} texts) in "
+            f"{scorer.embedder_seconds:.1f}s, {scorer.embedder_seconds / max(seconds, 1e-9):.1%} of this process's scoring time "
+            f"(the teacher: {len(plan.missing_positions)} passes per text); --embedding_model none skips them")
 
 
 def main(
@@ -322,8 +336,10 @@ def main(
         bf16: bf16 autocast (GPU, or CPUs with bf16 support; never the CPU default).
         no_cuda: run on the CPU even when a GPU is present.
         teacher_kind: force 'nli' or 'embedding' (unset: detected from the model's config).
-        embedding_model: NLI teachers: also keep each text's embedding from this sentence-embedding model (one
-            pass per text), which stage 2's label-free refinement needs. Embedding teachers keep their own.
+        embedding_model: NLI teachers also keep each text's embedding from this sentence-embedding model (one small
+            pass per text against the teacher's K), which stage 2's label-free refinement needs. Unset: the
+            environment's ZSDISTILL_EMBEDDING_MODEL, else sentence-transformers/all-MiniLM-L6-v2; 'none': no
+            embeddings (stage 2 then trains on the teacher's targets as they are). Embedding teachers keep their own.
         teacher_revision: hub revision (branch, tag or commit) of the teacher.
         trust_remote_code: allow models whose code lives in their hub repository.
         encoding_errors: 'strict' (invalid UTF-8 is an error), 'replace' or 'ignore'.
@@ -344,14 +360,20 @@ def main(
     device = models.select_device(no_cuda)
     precision = zs_teacher.check_precision(fp16, bf16, device)
     embedder = None
-    if embedding_model is not None:
-        if teacher.kind == "embedding":
-            raise UserError("--embedding_model is for NLI teachers: an embedding teacher's cache already keeps its own text embeddings; drop the flag")
-        embedder = zs_teacher.resolve_teacher(str(embedding_model), kind="embedding", trust_remote_code=trust_remote_code)
+    if teacher.kind == "embedding" and embedding_model is not None and str(embedding_model).lower() != "none":
+        raise UserError("--embedding_model is for NLI teachers: an embedding teacher's cache already keeps its own text embeddings; drop the flag")
+    if teacher.kind == "nli":
+        embedding_model = str(os.environ.get("ZSDISTILL_EMBEDDING_MODEL", DEFAULT_EMBEDDING_MODEL) if embedding_model is None else embedding_model)
+        if embedding_model.lower() != "none":
+            try:
+                embedder = zs_teacher.resolve_teacher(embedding_model, kind="embedding", trust_remote_code=trust_remote_code)
+            except UserError as e:
+                raise UserError(f"--embedding_model (the text embeddings stage 2 refines with): {str(e).removeprefix('teacher ')}; "
+                                f"or pass --embedding_model none to cache none") from None
     hypotheses = [hypothesis_template.format(name) for name in class_names]
     score_columns = list(teacher.label_columns) if teacher.kind == "nli" else ["similarity"]
     # Embedding caches keep each text's embedding (more classes later embed only the new hypotheses, and stage 2
-    # refines its targets in that space); NLI caches keep them when --embedding_model names a model.
+    # refines its targets in that space); NLI caches keep them unless --embedding_model is none.
     text_embedding_column = "text_embedding" if teacher.kind == "embedding" or embedder else None
 
     # 2. The key: everything the scores depend on. Same key, same scores: a complete cache is a hit.
@@ -360,7 +382,7 @@ def main(
         "teacher": teacher.fingerprint, "teacher_kind": teacher.kind, "hypothesis_template": hypothesis_template,
         "class_names": class_names, "max_length": max_length, "precision": precision,
     }
-    if embedder:  # only when given, so caches made without it keep their keys
+    if embedder:  # absent with --embedding_model none, so caches made without embeddings keep their keys
         key_fields["embedding_model"] = embedder.fingerprint
     key = cache.cache_key(key_fields)
     cache_path = os.path.join(str(cache_dir), key)

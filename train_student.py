@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import numpy as np
+from transformers import Trainer
 
 from zsdistill import __version__, card, targets
 from zsdistill import refine as refine_mod  # `refine` is the CLI flag
@@ -27,7 +28,9 @@ from zsdistill.errors import UserError, run_cli
 from zsdistill.models import resolve_max_length
 
 INFO_FILE = "distill_info.json"  # written last: a student directory without it is not finished
+BALANCE_METHOD = "class-balanced row sampling"
 HOLDOUT_SEED = 1234  # the holdout split depends on the cache only, never on --seed
+MIN_BALANCED_PRIOR = 0.1  # balanced distillation upweights a class at most as if its share of the rows were 0.1 / K
 
 
 def log(message: str) -> None:
@@ -77,8 +80,10 @@ def build_targets(cache_path: str, manifest: dict, multi_label: bool, temperatur
     embedding_column = manifest.get("text_embedding_column")
     if not embedding_column:
         log("refinement: the cache holds no text embeddings, so the teacher's targets are used as they are; "
-            "rebuild the cache with teacher_infer.py --embedding_model <sentence-embedding model> to refine them")
+            "rebuild it with teacher_infer.py without --embedding_model none (or with --embedding_model <sentence-embedding model>) to refine them")
         return targets.cache_probabilities(cache_path, manifest, False, temperature), None, {"method": None, "reason": "the cache holds no text embeddings"}
+    embedded_by = (manifest.get("embedding_model") or manifest["teacher"])["name_or_path"]
+    log(f"refinement: in the text-embedding space of {embedded_by} (cached by stage 1)")
     started = time.time()
     refined, refinement = refine_mod.refine(
         lambda: targets.cache_probability_chunks(cache_path, manifest, False),
@@ -141,6 +146,38 @@ class CompactRandomSampler:
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
         yield from map(int, torch.randperm(self.num_rows, generator=generator).numpy().astype(np.int32))
+
+
+def class_balanced_weights(soft_targets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Per training row, how often balanced distillation draws it: 1 / (rows of its class), mean 1.
+
+    A row's class is its targets' most likely one (no label is read), so every class the targets teach gets an
+    equal share of the draws: a class of 1% gets as many gradient steps as one of 30%. Rows, not labels, are
+    reweighted: each drawn row keeps its own soft target, so the student's best fit is still the targets
+    themselves and its confidence stays theirs.
+    """
+    num_classes = soft_targets.shape[1]
+    predicted = np.empty(len(rows), dtype=np.int32)
+    for start in range(0, len(rows), 65_536):  # chunked: soft_targets[rows] would copy (N, K)
+        predicted[start : start + 65_536] = soft_targets[rows[start : start + 65_536]].argmax(1)
+    counts = np.bincount(predicted, minlength=num_classes).astype(np.float64)
+    # Floored at a tenth of a uniform share: a class of a handful of rows is not repeated a tenth of every batch.
+    counts = np.maximum(counts, MIN_BALANCED_PRIOR * len(rows) / num_classes)
+    weights = 1.0 / counts[predicted]
+    return weights / weights.mean()
+
+
+class BalancedRandomSampler(CompactRandomSampler):
+    """len(weights) draws with replacement, row i with probability weights[i] / sum(weights); new each epoch,
+    seeded by --seed and the epoch alone (every rank draws the same rows)."""
+
+    def __init__(self, weights: np.ndarray, seed: int):
+        super().__init__(len(weights), seed)
+        self.probabilities = weights / weights.sum()
+
+    def __iter__(self):
+        draws = np.random.default_rng([self.seed, self.epoch]).choice(self.num_rows, size=self.num_rows, p=self.probabilities)
+        yield from map(int, draws.astype(np.int32))
 
 
 class RowSubset:
@@ -224,6 +261,124 @@ def _publish(staging: str, output_dir: str) -> None:
     shutil.rmtree(staging, ignore_errors=True)
 
 
+def load_student_base(name_or_path: str, class_names: list[str], multi_label: bool, trust_remote_code: bool):
+    """The student's tokenizer and its base model with a new K-way head."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name_or_path,
+            num_labels=len(class_names),
+            id2label=dict(enumerate(class_names)),
+            label2id={name: i for i, name in enumerate(class_names)},
+            problem_type="multi_label_classification" if multi_label else "single_label_classification",
+            ignore_mismatched_sizes=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise UserError(f"student {name_or_path!r}: cannot load it ({str(e).splitlines()[0]}); check the name or path") from None
+    return tokenizer, model
+
+
+def tokenize_cache(cache_path: str, manifest: dict, tokenizer, max_length: int, args):
+    """The cache's texts tokenized, shard by shard into `tokenized/<tokenizer digest>-<shard>.arrow` (memory-mapped);
+    a later run with the same tokenizer and max_length reuses the files. Returns (dataset, its files)."""
+    from datasets import Dataset, concatenate_datasets
+
+    tokenizer_digest = hashlib.sha256(
+        (tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer)).encode()
+        + f"|{max_length}|{type(tokenizer).__name__}".encode()
+    ).hexdigest()[:16]
+    tokenized_dir = tokenized_cache_dir(cache_path, manifest["key"])
+    # Shard by shard, each into its own cache file: a shard's memory-mapped texts are released before the next,
+    # so memory stays flat however large the cache.
+    tokenized_files = [os.path.join(tokenized_dir, f"{tokenizer_digest}-{i:05d}.arrow") for i in range(len(manifest["shards"]))]
+    reused, started = all(os.path.exists(f) for f in tokenized_files), time.time()
+    parts = []
+    with args.main_process_first(desc="tokenizing"):
+        for i, (shard, tokenized_file) in enumerate(zip(manifest["shards"], tokenized_files)):
+            shard_texts = Dataset.from_file(os.path.join(cache_path, shard["file"])).select_columns(["text"])
+            parts.append(shard_texts.map(
+                lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+                batched=True,
+                remove_columns=["text"],
+                cache_file_name=tokenized_file,
+                # One Arrow record batch per shard: reading a file's batches through its memory map faults in the
+                # pages around each batch's header, which for datasets' 1,000-row batches was half the file.
+                batch_size=max(shard["rows"], 1),
+                writer_batch_size=max(shard["rows"], 1),
+                desc=f"tokenizing shard {i + 1}/{len(tokenized_files)}",
+            ))
+            del shard_texts
+    log(f"tokenized in {time.time() - started:.1f}s" + (" (reused the tokenization cache)" if reused else f" (cached in {tokenized_dir})"))
+    return concatenate_datasets(parts), tokenized_files
+
+
+class DistillationTrainer(Trainer):
+    """The Trainer with two hooks of ours: the loss against soft targets, and the order the rows are drawn in."""
+
+    def __init__(self, *args, multi_label: bool, sample_weights: np.ndarray | None = None, **kwargs):
+        from transformers import DataCollatorWithPadding
+
+        kwargs.setdefault("data_collator", DataCollatorWithPadding(kwargs["processing_class"]))
+        super().__init__(*args, **kwargs)
+        self.multi_label, self.sample_weights = multi_label, sample_weights
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.args.train_sampling_strategy != "random":
+            return super()._get_train_sampler(train_dataset)
+        if self.sample_weights is not None:
+            return BalancedRandomSampler(self.sample_weights, self.args.seed)
+        return CompactRandomSampler(len(train_dataset if train_dataset is not None else self.train_dataset), self.args.seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        import torch
+
+        soft = inputs["labels"].float()
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        logits = outputs.logits.float()
+        if self.multi_label:
+            # Each class is its own yes/no question: BCE against the teacher's per-class probability.
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, soft)
+        else:
+            loss = -(soft * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
+        return (loss, outputs) if return_outputs else loss
+
+
+def calibrate_on_holdout(trainer, holdout_dataset, holdout_targets: np.ndarray, multi_label: bool, calibrate: bool) -> tuple[float, dict]:
+    """Predict the held-out rows; when calibrating, fold the temperature that matches the targets there into the
+    head. Returns (logit scale, metrics)."""
+    if holdout_dataset is None:
+        if calibrate:
+            log("calibration: skipped (no held-out rows; --holdout_fraction 0)")
+        return 1.0, {}
+    metrics, logit_scale = {}, 1.0
+    holdout_logits = trainer.predict(holdout_dataset).predictions
+    if calibrate:
+        logit_scale = 1.0 / fit_logit_temperature(holdout_logits, holdout_targets, multi_label)
+        scale_classifier(trainer.model, trainer.model.config.num_labels, logit_scale)
+        metrics["holdout_before_calibration"] = holdout_metrics(holdout_logits, holdout_targets, multi_label)
+        holdout_logits = holdout_logits * logit_scale
+        log(f"calibration: logits scaled by {logit_scale:.3f} to match the targets on the held-out rows")
+    metrics["holdout"] = {"examples": int(len(holdout_targets)), **holdout_metrics(holdout_logits, holdout_targets, multi_label)}
+    log(f"holdout ({len(holdout_targets)} examples): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["holdout"].items() if k != "examples"))
+    return logit_scale, metrics
+
+
+def save_student(trainer, output_dir: str, info: dict, refinement) -> None:
+    """The model, tokenizer, refinement, distill_info.json and model card, published into output_dir atomically."""
+    os.makedirs(output_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".staging-", dir=output_dir)
+    trainer.save_model(staging)
+    if refinement is not None:
+        refine_mod.save(refinement, os.path.join(staging, refine_mod.FILE))
+    with open(os.path.join(staging, INFO_FILE), "w") as f:
+        json.dump(info, f, indent=2)
+    card.write(staging, info)  # README.md: the model card the hub shows
+    _publish(staging, output_dir)
+
+
 def main(
     *,
     cache: str,
@@ -233,6 +388,7 @@ def main(
     multi_label: bool = False,
     multi_class: bool | None = None,
     refine: bool = True,
+    balance: bool = True,
     calibrate: bool | None = None,
     holdout_fraction: float = 0.05,
     max_holdout_examples: int = 10_000,
@@ -252,6 +408,9 @@ def main(
         multi_class: the reference script's name for --multi_label (an alias).
         refine: refine the teacher's targets without labels in the cache's text-embedding space (default; see
             zsdistill/refine.py); --norefine (or --refine False) trains on the teacher's targets as they are.
+        balance: balanced distillation (default): draw training rows as often as their classes are rare in the targets,
+            so the student learns every class they teach whatever the learning rate; each row keeps its own soft
+            target, so confidence is unchanged. --nobalance (or --balance False) draws every row once an epoch.
         calibrate: after training, rescale the student's logits so its confidence matches its targets on the
             held-out rows (one temperature folded into the classifier head; needs --holdout_fraction > 0).
             Default: on when refining, so --norefine alone gives the plain distillation of the reference script.
@@ -313,108 +472,37 @@ def main(
     except (ValueError, TypeError, ImportError) as e:
         raise UserError(f"invalid training arguments: {e}") from None
 
-    # 3. Tokenize the cache's texts once per student tokenizer; later runs reuse the result.
-    import torch
-    from datasets import Dataset, concatenate_datasets
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer
+    # 3. The student's base model, and the cache's texts tokenized once per student tokenizer (reused by later runs).
     from transformers.trainer_utils import enable_full_determinism, set_seed
 
     # The new K-way head is initialised from the global RNG: seed it first, or --seed would not make runs repeatable.
     enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(student_name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            student_name_or_path,
-            num_labels=len(class_names),
-            id2label=dict(enumerate(class_names)),
-            label2id={name: i for i, name in enumerate(class_names)},
-            problem_type="multi_label_classification" if multi_label else "single_label_classification",
-            ignore_mismatched_sizes=True,
-            trust_remote_code=trust_remote_code,
-        )
-    except (OSError, ValueError) as e:
-        raise UserError(f"student {student_name_or_path!r}: cannot load it ({str(e).splitlines()[0]}); check the name or path") from None
+    tokenizer, model = load_student_base(student_name_or_path, class_names, multi_label, trust_remote_code)
     student_max_length = resolve_max_length(tokenizer, model, max_length)
-    tokenizer_digest = hashlib.sha256(
-        (tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer)).encode()
-        + f"|{student_max_length}|{type(tokenizer).__name__}".encode()
-    ).hexdigest()[:16]
-    tokenized_dir = tokenized_cache_dir(cache_path, manifest["key"])
-    # Shard by shard, each into its own cache file: a shard's memory-mapped texts are released before the next,
-    # so memory stays flat however large the cache.
-    tokenized_files = [os.path.join(tokenized_dir, f"{tokenizer_digest}-{i:05d}.arrow") for i in range(len(manifest["shards"]))]
-    reused, tokenize_started = all(os.path.exists(f) for f in tokenized_files), time.time()
-    parts = []
-    with args.main_process_first(desc="tokenizing"):
-        for i, (shard, tokenized_file) in enumerate(zip(manifest["shards"], tokenized_files)):
-            shard_texts = Dataset.from_file(os.path.join(cache_path, shard["file"])).select_columns(["text"])
-            parts.append(shard_texts.map(
-                lambda batch: tokenizer(batch["text"], truncation=True, max_length=student_max_length),
-                batched=True,
-                remove_columns=["text"],
-                cache_file_name=tokenized_file,
-                # One Arrow record batch per shard: reading a file's batches through its memory map faults in the
-                # pages around each batch's header, which for datasets' 1,000-row batches was half the file.
-                batch_size=max(shard["rows"], 1),
-                writer_batch_size=max(shard["rows"], 1),
-                desc=f"tokenizing shard {i + 1}/{len(tokenized_files)}",
-            ))
-            del shard_texts
-    tokenized = concatenate_datasets(parts)
-    log(f"tokenized in {time.time() - tokenize_started:.1f}s" + (" (reused the tokenization cache)" if reused else f" (cached in {tokenized_dir})"))
+    tokenized, tokenized_files = tokenize_cache(cache_path, manifest, tokenizer, student_max_length, args)
     holdout_targets = soft_targets[holdout_rows]
     # Not tokenized.select(rows): datasets turns the row indices into a Python list (tens of MB per million rows).
     # The targets stay one (N, K) float32 array in memory: memory-mapped, every page would end up resident anyway.
     train_dataset = RowSubset(tokenized, soft_targets, train_rows)
     holdout_dataset = held_out_dataset(tokenized_files, manifest["shards"], holdout_rows, holdout_targets)
 
-    # 4. Train with the Trainer; only the loss is ours.
-    class DistillationTrainer(Trainer):
-        def _get_train_sampler(self, train_dataset=None):
-            if self.args.train_sampling_strategy != "random":
-                return super()._get_train_sampler(train_dataset)
-            return CompactRandomSampler(len(train_dataset if train_dataset is not None else self.train_dataset), self.args.seed)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            soft = inputs["labels"].float()
-            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-            logits = outputs.logits.float()
-            if multi_label:
-                # Each class is its own yes/no question: BCE against the teacher's per-class probability.
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, soft)
-            else:
-                loss = -(soft * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
-            return (loss, outputs) if return_outputs else loss
-
-    trainer = DistillationTrainer(
-        model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer)
-    )
+    # 4. Train; then fold one temperature into the head so the student's confidence matches its targets.
+    sample_weights = None
+    if balance and not multi_label:
+        sample_weights = class_balanced_weights(soft_targets, train_rows)
+        log(f"balanced distillation: each class of the targets drawn equally often (row weights {sample_weights.min():.2f} to {sample_weights.max():.2f}); --nobalance draws every row once an epoch")
+    elif balance:
+        log("balanced distillation: not applied to multi-label targets (classes are independent yes/no questions)")
+    trainer = DistillationTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                                  multi_label=multi_label, sample_weights=sample_weights)
     if resume_from:
         log(f"resuming from {resume_from}")
-    train_result = trainer.train(resume_from_checkpoint=resume_from)
-    metrics = {"train": train_result.metrics}
-    logit_scale = 1.0
-    if len(holdout_rows):
-        holdout_logits = trainer.predict(holdout_dataset).predictions
-        if calibrate:
-            # Fold one temperature into the head so the saved student's confidence matches what it was taught.
-            logit_scale = 1.0 / fit_logit_temperature(holdout_logits, holdout_targets, multi_label)
-            scale_classifier(trainer.model, len(class_names), logit_scale)
-            metrics["holdout_before_calibration"] = holdout_metrics(holdout_logits, holdout_targets, multi_label)
-            holdout_logits = holdout_logits * logit_scale
-            log(f"calibration: logits scaled by {logit_scale:.3f} to match the targets on the held-out rows")
-        metrics["holdout"] = {"examples": int(len(holdout_rows)), **holdout_metrics(holdout_logits, holdout_targets, multi_label)}
-        log(f"holdout ({len(holdout_rows)} examples): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["holdout"].items() if k != "examples"))
-    elif calibrate:
-        log("calibration: skipped (no held-out rows; --holdout_fraction 0)")
+    metrics = {"train": trainer.train(resume_from_checkpoint=resume_from).metrics}
+    logit_scale, holdout = calibrate_on_holdout(trainer, holdout_dataset, holdout_targets, multi_label, calibrate)
+    metrics.update(holdout)
 
     # 5. Save a standard classifier plus what made it, atomically.
     if trainer.is_world_process_zero():
-        os.makedirs(str(output_dir), exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".staging-", dir=str(output_dir))
-        trainer.save_model(staging)
-        if refinement is not None:
-            refine_mod.save(refinement, os.path.join(staging, refine_mod.FILE))
         info = {
             "zsdistill_version": __version__,
             "cache": os.path.abspath(cache_path),
@@ -428,6 +516,7 @@ def main(
                 "num_examples": manifest["num_examples"],
                 "precision": manifest.get("precision"),
                 "data_fingerprint": manifest["data"]["fingerprint"],
+                "embedding_model": (manifest.get("embedding_model") or {}).get("name_or_path"),
             },
             "teacher": manifest["teacher"]["name_or_path"],
             "student_base": student_name_or_path,
@@ -435,6 +524,8 @@ def main(
             "multi_label": multi_label,
             "similarity_scale": targets.SIMILARITY_SCALE if manifest["teacher"]["kind"] == "embedding" else None,
             "refinement": {**refinement_info, "file": refine_mod.FILE if refinement else None},
+            "balance": {"applied": sample_weights is not None, "method": BALANCE_METHOD if sample_weights is not None else None,
+                        "min_prior": MIN_BALANCED_PRIOR if sample_weights is not None else None},
             "calibration": {"logit_scale": logit_scale, "applied": logit_scale != 1.0},
             "holdout_fraction": holdout_fraction,
             "max_holdout_examples": max_holdout_examples,
@@ -442,10 +533,7 @@ def main(
             "training_arguments": json.loads(args.to_json_string()),
             "metrics": metrics,
         }
-        with open(os.path.join(staging, INFO_FILE), "w") as f:
-            json.dump(info, f, indent=2)
-        card.write(staging, info)  # README.md: the model card the hub shows
-        _publish(staging, str(output_dir))
+        save_student(trainer, str(output_dir), info, refinement)
         log(f"saved student to {output_dir}")
         print(output_dir)
     return str(output_dir)

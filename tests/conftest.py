@@ -18,6 +18,9 @@ sys.path.insert(0, ROOT)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Stage 1's default embedding model for NLI teachers is a hub model; tests that need text embeddings name a local
+# one (tests/test_refine.py covers the default flags with a local model through this variable).
+os.environ["ZSDISTILL_EMBEDDING_MODEL"] = "none"
 
 LABEL_MAPS = {
     "upper": {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"},  # roberta-large-mnli

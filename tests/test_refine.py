@@ -208,3 +208,79 @@ def test_target_building_memory_is_the_targets_plus_a_shard(tmp_path):
         # The targets, per-row bookkeeping (a few bytes a row) and a few shards' worth; a list of Python floats
         # would be about 10x the targets, a copy of all embeddings 8x.
         assert peak < 2 * targets_bytes + 16 * n + 8 * shard_bytes, (refine_flag, peak, targets_bytes)
+
+
+def half_aligned_task(per_class: int = 200, width: int = 16, seed: int = 0):
+    """Texts in three tight clusters that are only half aligned with the classes (cluster j holds about half of
+    class j's texts, the rest spread over the others), and a teacher right about 70% of the time whatever the
+    cluster: a task whose texts do not cluster by class, where refinement's labels are right about half the time."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(3), per_class)
+    clusters = np.where(rng.random(len(labels)) < 0.5, labels, (labels + rng.integers(1, 3, size=len(labels))) % 3)
+    embeddings = np.eye(width)[clusters] + 0.15 * rng.normal(size=(len(labels), width))
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    scores = rng.normal(0, 0.5, size=(len(labels), 3))
+    scores[np.arange(len(labels)), labels] += 1.0
+    return labels, scores.astype(np.float32), embeddings.astype(np.float32)
+
+
+def test_refinement_is_no_more_confident_than_it_is_right_where_texts_do_not_cluster(tmp_path, monkeypatch):
+    labels, scores, embeddings = half_aligned_task()
+    path = write_toy_cache(str(tmp_path / "cache" / "half"), [f"text {i}" for i in range(len(labels))], ["zero", "one", "two"],
+                           {"entailment": scores, "contradiction": -scores}, shard_size=64, text_embeddings=embeddings)
+    manifest, _ = cache.load_cache(path)
+
+    def overconfidence(refined):
+        return refined.max(1).mean() - (refined.argmax(1) == labels).mean()
+
+    refined, refinement, info = train_student.build_targets(path, manifest, False, 1.0, refine=True)
+    assert info["kappa"] < refine.KAPPA / 4 and info["rounds_kappa"] == refine.KAPPA
+    assert abs(overconfidence(refined)) <= 0.1, (refined.max(1).mean(), (refined.argmax(1) == labels).mean())
+    # Without the fitted kappa (the rounds' fixed one, as before), the same targets claim far more than they get right.
+    monkeypatch.setattr(refine, "fit_kappa", lambda *args: refine.KAPPA)
+    unfitted, _, _ = train_student.build_targets(path, manifest, False, 1.0, refine=True)
+    assert overconfidence(unfitted) >= 0.3 and np.array_equal(unfitted.argmax(1), refined.argmax(1))
+
+
+def test_fitted_kappa_keeps_a_clean_task_confident(tmp_path):
+    """Where texts cluster by class and the teacher is right, the fitted kappa stays high: confident, right targets."""
+    path, labels = toy_cache(tmp_path, "nli", bias=False)
+    manifest, _ = cache.load_cache(path)
+    refined, _, info = train_student.build_targets(path, manifest, False, 1.0, refine=True)
+    assert (refined.argmax(1) == labels).all() and refined.max(1).mean() >= 0.9, info
+
+
+def test_nli_cache_made_with_default_flags_keeps_text_embeddings_and_is_refined(teachers, embedding_teacher, corpus_files, tmp_path, monkeypatch, capsys):
+    """NLI teachers' caches carry text embeddings by default (the default model named through the environment here,
+    since tests are offline); --embedding_model none opts out; a cache made without them lends its NLI scores."""
+    from conftest import count_forward_passes
+
+    data, classes = corpus_files
+    common = dict(data_file=data, class_names_file=classes, teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setenv("ZSDISTILL_EMBEDDING_MODEL", embedding_teacher)
+    without = teacher_infer.main(embedding_model="none", **common)
+    assert cache.read_manifest(without)["text_embedding_column"] is None
+    capsys.readouterr()
+    counter = count_forward_passes(monkeypatch)
+    path = teacher_infer.main(**common)  # default flags
+    err = capsys.readouterr().err
+    manifest, table = cache.load_cache(path)
+    assert path != without and manifest["text_embedding_column"] == "text_embedding" and manifest["embedding_model"]["name_or_path"] == embedding_teacher
+    assert f"text embeddings for refinement: {embedding_teacher}, one pass per text ({len(CORPUS)} texts)" in err and "of this process's scoring time" in err
+    # The NLI scores came from the cache made without embeddings: only the embedding model ran, once per text.
+    assert counter == {"pairs": len(CORPUS), "loads": 1}
+    np.testing.assert_array_equal(cache.score_arrays(manifest, table)["entailment"], cache.score_arrays(*cache.load_cache(without))["entailment"])
+
+    student = train_student.main(cache=path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")), **QUICK)
+    info = json.load(open(os.path.join(student, "distill_info.json")))
+    assert info["refinement"]["method"] == refine.METHOD and info["cache_summary"]["embedding_model"] == embedding_teacher
+    assert f"refinement: in the text-embedding space of {embedding_teacher}" in capsys.readouterr().err
+
+
+def test_default_embedding_model_that_cannot_be_loaded_says_how_to_opt_out(teachers, corpus_files, tmp_path):
+    data, classes = corpus_files
+    result = run_script("teacher_infer.py", "--data_file", data, "--class_names_file", classes, "--teacher_name_or_path", teachers["upper"],
+                        "--cache_dir", tmp_path / "cache", env={"ZSDISTILL_EMBEDDING_MODEL": str(tmp_path / "no-such-model")})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--embedding_model" in result.stderr and "--embedding_model none" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "cache")

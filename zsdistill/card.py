@@ -35,9 +35,12 @@ def render(info: dict, evaluations: str = "") -> str:
     agreement = f"{holdout['agreement']:.4f} on {holdout['examples']} held-out texts" if "agreement" in holdout else "not measured (no held-out rows)"
     if refinement.get("method"):
         refined = (f"label-free refinement of the teacher's targets (`{refinement['method']}`, {refinement['rounds']} rounds; "
-                   f"the refined labels agree with the teacher's on {refinement['agreement_with_teacher']:.1%} of the texts)")
+                   f"the refined labels agree with the teacher's on {refinement['agreement_with_teacher']:.1%} of the texts"
+                   + (f"; confidence fitted to the teacher's labels, kappa {refinement['kappa']:.1f}" if "rounds_kappa" in refinement else "") + ")")
     else:
         refined = f"none ({refinement.get('reason', 'not recorded')})"
+    balance = info.get("balance") or {}
+    balanced = f"{balance['method']} (every class of the targets drawn equally often)" if balance.get("applied") else "none: every row once an epoch"
     classes = ", ".join(f"`{name}`" for name in summary["class_names"])
     lines = [
         "# A zero-shot classifier, distilled",
@@ -57,6 +60,7 @@ def render(info: dict, evaluations: str = "") -> str:
         f"| temperature | {info['temperature']} |",
         f"| labels | {'multi-label (sigmoid per class)' if info['multi_label'] else 'single-label (softmax)'} |",
         f"| target refinement | {refined} |",
+        f"| balanced distillation | {balanced} |",
         f"| agreement with the targets | {agreement} |",
         "",
         "## How to use",
