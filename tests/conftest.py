@@ -143,6 +143,29 @@ def run_script(script: str, *args: str, env: dict | None = None, cwd: str | None
     )
 
 
+def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a stage's CLI (fire parsing, run_cli's error handling) in this process: the same code path as
+    run_script without paying a new interpreter's imports. For tests of what the CLI says, not of the process."""
+    import contextlib
+    import importlib
+    import io
+
+    from zsdistill.errors import run_cli
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    stdout, stderr, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = [script, *map(str, args)]
+    returncode = 0
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            run_cli(module.main)
+    except SystemExit as e:
+        returncode = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess([script, *args], returncode, stdout.getvalue(), stderr.getvalue())
+
+
 def write_toy_cache(
     path: str, texts: list[str], class_names: list[str], columns: dict, kind: str = "nli", shard_size: int = 100, text_embeddings=None
 ) -> str:

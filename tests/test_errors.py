@@ -1,10 +1,14 @@
-"""Every user mistake gets one clear line, a non-zero exit, no traceback, and nothing valid-looking left behind."""
+"""Every user mistake gets one clear line, a non-zero exit, no traceback, and nothing valid-looking left behind.
+
+Most cases run the stage's CLI in this process (conftest.run_main: fire and run_cli as a user's shell would reach
+them, without a new interpreter's imports); a few run it as a real process (run_script) to check the process
+itself: its exit status and that no traceback reaches the terminal."""
 
 import json
 import os
 
 import pytest
-from conftest import CLASS_NAMES, CORPUS, keyword_task, make_student_base, run_script, write_toy_cache
+from conftest import CLASS_NAMES, CORPUS, keyword_task, make_student_base, run_main, run_script, write_toy_cache
 
 from zsdistill import cache
 
@@ -30,7 +34,7 @@ def files(tmp_path):
 
 
 def teacher_run(files, teacher, *extra, data="texts.txt", classes="classes.txt"):
-    return run_script(
+    return run_main(
         "teacher_infer.py", "--data_file", files / data, "--class_names_file", files / classes, "--teacher_name_or_path", teacher,
         "--cache_dir", files / "cache", *extra,
     )
@@ -153,21 +157,21 @@ def toy_cache(tmp_path):
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "warm"])
 def test_bad_temperature(toy_cache, tmp_path, value):
-    result = run_script("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out", "--temperature", value)
+    result = run_main("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out", "--temperature", value)
     assert_user_error(result, "--temperature")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("value", ["1", "1.5", "-0.1"])
 def test_bad_holdout_fraction(toy_cache, tmp_path, value):
-    result = run_script("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out", "--holdout_fraction", value)
+    result = run_main("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out", "--holdout_fraction", value)
     assert_user_error(result, "--holdout_fraction", "[0, 1)")
 
 
 # 6. caches that are not, or not yet, or no longer valid
 def test_not_a_cache(tmp_path):
     (tmp_path / "somedir").mkdir()
-    result = run_script("train_student.py", "--cache", tmp_path / "somedir", "--output_dir", tmp_path / "out")
+    result = run_main("train_student.py", "--cache", tmp_path / "somedir", "--output_dir", tmp_path / "out")
     assert_user_error(result, "is not a teacher cache", "teacher_infer.py")
 
 
@@ -176,7 +180,7 @@ def test_incomplete_cache_names_missing_shards_and_the_command(toy_cache, tmp_pa
     manifest["complete"] = False
     cache.write_json_atomic(os.path.join(toy_cache, "manifest.json"), manifest)
     os.unlink(os.path.join(toy_cache, "shard-00001.done.json"))
-    result = run_script("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out")
+    result = run_main("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out")
     assert_user_error(result, "incomplete", "1 of 3 shards missing", "shard-00001.arrow", "python teacher_infer.py")
 
 
@@ -185,7 +189,7 @@ def test_corrupt_shard(toy_cache, tmp_path):
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0xFF  # same size, different bytes
     open(path, "wb").write(bytes(data))
-    result = run_script("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out")
+    result = run_main("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out")
     assert_user_error(result, "corrupt", "shard-00002.arrow (checksum mismatch)")
 
 
@@ -193,7 +197,7 @@ def test_newer_format_version(toy_cache, tmp_path):
     manifest = json.load(open(os.path.join(toy_cache, "manifest.json")))
     manifest["format_version"] = cache.FORMAT_VERSION + 1
     cache.write_json_atomic(os.path.join(toy_cache, "manifest.json"), manifest)
-    result = run_script("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out")
+    result = run_main("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out")
     assert_user_error(result, "newer than this zsdistill reads", "upgrade")
     manifest["format_version"] = 1  # older versions still read: version 2 only added columns
     cache.write_json_atomic(os.path.join(toy_cache, "manifest.json"), manifest)
@@ -239,17 +243,17 @@ def test_evaluate_bad_inputs(toy_cache, tmp_path, embedding_teacher):
                                  max_steps=1, use_cpu=True, save_strategy="no", disable_tqdm=True)
     no_label = tmp_path / "nolabel.jsonl"
     no_label.write_text(json.dumps({"text": "apple pie", "topic": "apple"}) + "\n")
-    assert_user_error(run_script("evaluate.py", "--model", student, "--test_file", no_label, "--output_dir", tmp_path / "r1"), "no key 'label'", "--label_column")
+    assert_user_error(run_main("evaluate.py", "--model", student, "--test_file", no_label, "--output_dir", tmp_path / "r1"), "no key 'label'", "--label_column")
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"text": "apple pie", "label": "apple"}) + "\n")
-    assert_user_error(run_script("evaluate.py", "--model", embedding_teacher, "--test_file", good, "--output_dir", tmp_path / "r2"), "not a sequence classifier")
-    assert_user_error(run_script("evaluate.py", "--model", tmp_path / "nothing", "--test_file", good, "--output_dir", tmp_path / "r3"), "not a model directory")
+    assert_user_error(run_main("evaluate.py", "--model", embedding_teacher, "--test_file", good, "--output_dir", tmp_path / "r2"), "not a sequence classifier")
+    assert_user_error(run_main("evaluate.py", "--model", tmp_path / "nothing", "--test_file", good, "--output_dir", tmp_path / "r3"), "not a model directory")
     bracket = tmp_path / "bracket.csv"
     bracket.write_text('text,label\napple pie,"[apple"\n')
-    assert_user_error(run_script("evaluate.py", "--model", student, "--test_file", bracket, "--output_dir", tmp_path / "r4"), "bracket.csv, row 1", "not a JSON list")
+    assert_user_error(run_main("evaluate.py", "--model", student, "--test_file", bracket, "--output_dir", tmp_path / "r4"), "bracket.csv, row 1", "not a JSON list")
     numbers = tmp_path / "numbers.csv"
     numbers.write_text('text,label\napple pie,"[1, 2]"\n')
-    assert_user_error(run_script("evaluate.py", "--model", student, "--test_file", numbers, "--output_dir", tmp_path / "r5"), "must hold class names")
+    assert_user_error(run_main("evaluate.py", "--model", student, "--test_file", numbers, "--output_dir", tmp_path / "r5"), "must hold class names")
     for report in ("r1", "r2", "r3", "r4", "r5"):
         assert not (tmp_path / report).exists()
 
