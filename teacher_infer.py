@@ -85,8 +85,8 @@ def find_reusable(
     cache_dir: str, key: str, key_fields: dict, hypotheses: list[str], score_columns: list[str], text_embedding_column: str | None
 ) -> dict:
     """Hypotheses already scored by another complete cache of the same data and teacher: {hypothesis: (path, position)}."""
-    # Scores do not depend on the class list, the template or which model embeds the texts (NLI caches): a cache
-    # made before text embeddings were kept by default still gives its scores, and only the embeddings are computed.
+    # Scores do not depend on the class list, the template, or whether (and with which model) an NLI cache keeps
+    # text embeddings: a cache made before they were kept by default lends its scores; only the embeddings are computed.
     identity = {k: v for k, v in key_fields.items() if k not in ("class_names", "hypothesis_template", "embedding_model")}
     reusable: dict[str, tuple[str, int]] = {}
     for manifest_path in sorted(glob.glob(os.path.join(cache_dir, "*", cache.MANIFEST))):
@@ -106,7 +106,7 @@ def find_reusable(
         if (
             donor_identity != identity
             or manifest.get("score_columns") != score_columns
-            or manifest.get("text_embedding_column") not in (text_embedding_column, None)
+            or (key_fields["teacher_kind"] == "embedding" and manifest.get("text_embedding_column") != text_embedding_column)
         ):
             continue
         for position, hypothesis in enumerate(manifest["hypotheses"]):
