@@ -148,13 +148,14 @@ class CompactRandomSampler:
         yield from map(int, torch.randperm(self.num_rows, generator=generator).numpy().astype(np.int32))
 
 
-def class_balanced_weights(soft_targets: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Per training row, how often balanced distillation draws it: 1 / (rows of its class), mean 1.
+def class_balanced_weights(soft_targets: np.ndarray, rows: np.ndarray, power: float = 1.0) -> np.ndarray:
+    """Per training row, how often balanced distillation draws it: (rows of its class) ** -power, mean 1.
 
     A row's class is its targets' most likely one (no label is read), so every class the targets teach gets an
     equal share of the draws: a class of 1% gets as many gradient steps as one of 30%. Rows, not labels, are
     reweighted: each drawn row keeps its own soft target, so the student's best fit is still the targets
-    themselves and its confidence stays theirs.
+    themselves and its confidence stays theirs. power 1 gives every class the same share of the draws, 0.5 shares
+    in proportion to the square root of the class's rows, 0 the plain shares.
     """
     num_classes = soft_targets.shape[1]
     predicted = np.empty(len(rows), dtype=np.int32)
@@ -163,7 +164,7 @@ def class_balanced_weights(soft_targets: np.ndarray, rows: np.ndarray) -> np.nda
     counts = np.bincount(predicted, minlength=num_classes).astype(np.float64)
     # Floored at a tenth of a uniform share: a class of a handful of rows is not repeated a tenth of every batch.
     counts = np.maximum(counts, MIN_BALANCED_PRIOR * len(rows) / num_classes)
-    weights = 1.0 / counts[predicted]
+    weights = counts[predicted] ** -float(power)
     return weights / weights.mean()
 
 
@@ -388,7 +389,7 @@ def main(
     multi_label: bool = False,
     multi_class: bool | None = None,
     refine: bool = True,
-    balance: bool = True,
+    balance: bool | float = True,
     calibrate: bool | None = None,
     holdout_fraction: float = 0.05,
     max_holdout_examples: int = 10_000,
@@ -410,7 +411,9 @@ def main(
             zsdistill/refine.py); --norefine (or --refine False) trains on the teacher's targets as they are.
         balance: balanced distillation (default): draw training rows as often as their classes are rare in the targets,
             so the student learns every class they teach whatever the learning rate; each row keeps its own soft
-            target, so confidence is unchanged. --nobalance (or --balance False) draws every row once an epoch.
+            target, so confidence is unchanged. --nobalance (or --balance False) draws every row once an epoch. A
+            number in (0, 1] is the balancing power: 1 (True) gives every class an equal share, 0.5 shares in
+            proportion to the square root of each class's rows.
         calibrate: after training, rescale the student's logits so its confidence matches its targets on the
             held-out rows (one temperature folded into the classifier head; needs --holdout_fraction > 0).
             Default: on when refining, so --norefine alone gives the plain distillation of the reference script.
@@ -435,6 +438,11 @@ def main(
         raise UserError(f"--holdout_fraction {holdout_fraction!r} is not a number; give a value in [0, 1)") from None
     if not 0 <= holdout_fraction < 1:
         raise UserError(f"--holdout_fraction {holdout_fraction} must be in [0, 1), e.g. 0.05")
+    balance_power = 1.0 if balance is True else 0.0 if balance is False else balance
+    if isinstance(balance_power, str) or not 0 <= float(balance_power) <= 1:
+        raise UserError(f"--balance must be True, False or a balancing power in [0, 1] (1: every class equally often), got {balance!r}")
+    balance_power = float(balance_power)
+    balance = balance_power > 0
     if isinstance(max_holdout_examples, bool) or not isinstance(max_holdout_examples, int) or max_holdout_examples < 0:
         raise UserError(f"--max_holdout_examples must be a non-negative integer, got {max_holdout_examples!r}")
 
@@ -489,8 +497,9 @@ def main(
     # 4. Train; then fold one temperature into the head so the student's confidence matches its targets.
     sample_weights = None
     if balance and not multi_label:
-        sample_weights = class_balanced_weights(soft_targets, train_rows)
-        log(f"balanced distillation: each class of the targets drawn equally often (row weights {sample_weights.min():.2f} to {sample_weights.max():.2f}); --nobalance draws every row once an epoch")
+        sample_weights = class_balanced_weights(soft_targets, train_rows, balance_power)
+        log(f"balanced distillation (power {balance_power:g}): the targets' classes drawn {'equally often' if balance_power == 1 else 'closer to equally often'} "
+            f"(row weights {sample_weights.min():.2f} to {sample_weights.max():.2f}); --nobalance draws every row once an epoch")
     elif balance:
         log("balanced distillation: not applied to multi-label targets (classes are independent yes/no questions)")
     trainer = DistillationTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
@@ -525,6 +534,7 @@ def main(
             "similarity_scale": targets.SIMILARITY_SCALE if manifest["teacher"]["kind"] == "embedding" else None,
             "refinement": {**refinement_info, "file": refine_mod.FILE if refinement else None},
             "balance": {"applied": sample_weights is not None, "method": BALANCE_METHOD if sample_weights is not None else None,
+                        "power": balance_power if sample_weights is not None else None,
                         "min_prior": MIN_BALANCED_PRIOR if sample_weights is not None else None},
             "calibration": {"logit_scale": logit_scale, "applied": logit_scale != 1.0},
             "holdout_fraction": holdout_fraction,

@@ -56,6 +56,14 @@ def test_class_balanced_weights_give_every_class_an_equal_share():
     assert weights[:5].sum() / weights.sum() == pytest.approx((5 / floor) / (5 / floor + 2))  # classes 0 and 1 keep one share each
 
 
+def test_balancing_power_shares_draws_by_a_power_of_the_class_size():
+    labels = np.array([0] * 900 + [1] * 100)
+    soft = np.eye(2, dtype=np.float32)[labels]
+    for power, expected in ((1.0, 0.5), (0.5, 100**0.5 / (900**0.5 + 100**0.5)), (0.0, 0.1)):
+        weights = train_student.class_balanced_weights(soft, np.arange(1000), power)
+        assert weights[labels == 1].sum() / weights.sum() == pytest.approx(expected), power
+
+
 def test_balanced_sampler_draws_the_small_class_as_often_as_the_others_and_is_seeded():
     labels = np.array([0] * 880 + [1] * 80 + [2] * 40)
     soft = np.eye(3, dtype=np.float32)[labels]
@@ -94,7 +102,7 @@ def test_nobalance_draws_every_row_once_in_the_order_of_before(tmp_path):
     generator.manual_seed(5)
     assert list(sampler) == torch.randperm(sampler.num_rows, generator=generator).tolist()  # the pre-balancing order
     info = json.load(open(os.path.join(output, "distill_info.json")))
-    assert info["balance"] == {"applied": False, "method": None, "min_prior": None}
+    assert info["balance"] == {"applied": False, "method": None, "power": None, "min_prior": None}
 
 
 def test_balanced_distillation_keeps_a_small_class_that_the_plain_order_drops(tmp_path):
@@ -120,3 +128,14 @@ def test_balanced_distillation_keeps_a_small_class_that_the_plain_order_drops(tm
     assert plain_recall[2] <= 0.1 and plain_p < 0.3, results
     assert balanced_recall[2] >= 0.5 and balanced_p > 2 * plain_p, results
     assert min(balanced_recall[:2]) >= 0.9 and min(plain_recall[:2]) >= 0.9, results
+
+
+@pytest.mark.parametrize("value", ["2", "-0.5", "lots"])
+def test_bad_balance_is_a_one_line_error(tmp_path, value):
+    from conftest import run_main
+
+    texts, names, _, columns = imbalanced_keyword_task([0.9, 0.1], 20)
+    path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, names, columns)
+    result = run_main("train_student.py", "--cache", path, "--output_dir", tmp_path / "out", "--balance", value)
+    assert result.returncode == 2 and "--balance must be True, False or a balancing power in [0, 1]" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
