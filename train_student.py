@@ -412,8 +412,8 @@ def main(
         balance: balanced distillation (default): draw training rows as often as their classes are rare in the targets,
             so the student learns every class they teach whatever the learning rate; each row keeps its own soft
             target, so confidence is unchanged. --nobalance (or --balance False) draws every row once an epoch. A
-            number in (0, 1] is the balancing power: 1 (True) gives every class an equal share, 0.5 shares in
-            proportion to the square root of each class's rows.
+            number in (0, 1] sets the balancing power (1, the same as True, gives every class an equal share and 0.5
+            shares in proportion to the square root of each class's rows).
         calibrate: after training, rescale the student's logits so its confidence matches its targets on the
             held-out rows (one temperature folded into the classifier head; needs --holdout_fraction > 0).
             Default: on when refining, so --norefine alone gives the plain distillation of the reference script.
