@@ -10,6 +10,7 @@ teacher (real weights, offline):
     nouns-11  11 noun categories, imbalanced (15 to 406 test texts a class)
     verbs-15  15 verb categories: texts that do not cluster by class (the zero-shot teacher is right a quarter of the time)
     nouns-25  all 25 noun categories, 1 to 270 test texts a class
+    debian-12 not WordNet: Debian package short descriptions in 12 archive sections (net, games, fonts, ...)
 The three others use the default template `This example is {}.`: nothing is chosen per task. Stage 2 runs as a user
 runs it (train_student.py, defaults plus the demo's training flags), stage 3 (evaluate.py) scores it; labels are
 read only by evaluate.py. Per task the table gives accuracy, macro-F1, ECE and the lowest per-class recall of the
@@ -50,7 +51,11 @@ WORDNET_TASKS = {
     "verbs-15": ("data.verb", VERB_FILES),
     "nouns-25": ("data.noun", NOUN_FILES),
 }
-TASKS = ["demo", *WORDNET_TASKS]
+# Not WordNet: Debian package short descriptions, labeled with the package's archive section (12 topical sections,
+# imbalanced), from the machine's apt lists of Debian's main archive (apt-get update makes them).
+DEBIAN_SECTIONS = "net admin science games sound graphics fonts math mail editors database video".split()
+APT_PACKAGES = "/var/lib/apt/lists/*_main_binary-*_Packages*"
+TASKS = ["demo", *WORDNET_TASKS, "debian-12"]
 
 
 def run(*args: str) -> str:
@@ -73,6 +78,23 @@ def build_task(name: str, directory: str, pool_size: int = 6000, test_size: int 
         if not os.path.exists(os.path.join(directory, "test.jsonl")):
             run("data/build_wordnet.py", "--output_dir", directory)
         return DEMO_TEMPLATE
+    labels_of = debian_descriptions() if name == "debian-12" else wordnet_glosses(name)
+    class_names = DEBIAN_SECTIONS if name == "debian-12" else list(WORDNET_TASKS[name][1])
+    examples = sorted((text, next(iter(labels))) for text, labels in labels_of.items() if len(labels) == 1)
+    random.Random(seed).shuffle(examples)
+    test, pool = examples[:test_size], examples[test_size : test_size + pool_size]  # disjoint: no text in both
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "classes.txt"), "w") as f:
+        f.write("\n".join(class_names) + "\n")
+    with open(os.path.join(directory, "train.txt"), "w") as f:
+        f.write("".join(text + "\n" for text, _ in pool))
+    with open(os.path.join(directory, "test.jsonl"), "w") as f:
+        f.write("".join(json.dumps({"text": text, "label": label}) + "\n" for text, label in test))
+    return DEFAULT_TEMPLATE
+
+
+def wordnet_glosses(name: str) -> dict[str, set[str]]:
+    """{gloss: its lexicographer categories} for a WordNet task."""
     filename, files = WORDNET_TASKS[name]
     by_number = {number: label for label, number in files.items()}
     labels_of: dict[str, set[str]] = {}
@@ -84,17 +106,26 @@ def build_task(name: str, directory: str, pool_size: int = 6000, test_size: int 
             text = gloss_definition(line.split(" | ", 1)[1].strip())
             if label and text:
                 labels_of.setdefault(text, set()).add(label)
-    examples = sorted((text, next(iter(labels))) for text, labels in labels_of.items() if len(labels) == 1)
-    random.Random(seed).shuffle(examples)
-    test, pool = examples[:test_size], examples[test_size : test_size + pool_size]  # disjoint: no text in both
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "classes.txt"), "w") as f:
-        f.write("\n".join(files) + "\n")
-    with open(os.path.join(directory, "train.txt"), "w") as f:
-        f.write("".join(text + "\n" for text, _ in pool))
-    with open(os.path.join(directory, "test.jsonl"), "w") as f:
-        f.write("".join(json.dumps({"text": text, "label": label}) + "\n" for text, label in test))
-    return DEFAULT_TEMPLATE
+    return labels_of
+
+
+def debian_descriptions() -> dict[str, set[str]]:
+    """{package short description: its sections} for DEBIAN_SECTIONS, from the apt lists (compressed or not)."""
+    import glob
+
+    paths = sorted(glob.glob(APT_PACKAGES))
+    if not paths:
+        sys.exit(f"no apt lists at {APT_PACKAGES}: run apt-get update (as root) first")
+    labels_of: dict[str, set[str]] = {}
+    for path in paths:
+        text = subprocess.run(["/usr/lib/apt/apt-helper", "cat-file", path], capture_output=True, text=True, check=True).stdout
+        for stanza in text.split("\n\n"):
+            fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line.startswith(" "))
+            section = fields.get("Section", "").split("/")[-1]
+            description = fields.get("Description", "").strip()
+            if section in DEBIAN_SECTIONS and description:
+                labels_of.setdefault(description, set()).add(section)
+    return labels_of
 
 
 def teacher_cache(data_file: str, classes_file: str, cache_dir: str, template: str) -> str:
