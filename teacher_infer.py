@@ -87,7 +87,8 @@ def find_reusable(
     """Hypotheses already scored by another complete cache of the same data and teacher: {hypothesis: (path, position)}."""
     # Scores do not depend on the class list, the template, or whether (and with which model) an NLI cache keeps
     # text embeddings: a cache made before they were kept by default lends its scores; only the embeddings are computed.
-    identity = {k: v for k, v in key_fields.items() if k not in ("class_names", "hypothesis_template", "embedding_model")}
+    not_scores = ("class_names", "hypothesis_template", "embedding_model")
+    identity = {k: v for k, v in key_fields.items() if k not in not_scores}
     reusable: dict[str, tuple[str, int]] = {}
     for manifest_path in sorted(glob.glob(os.path.join(cache_dir, "*", cache.MANIFEST))):
         path = os.path.dirname(manifest_path)
@@ -102,7 +103,7 @@ def find_reusable(
         except UserError as e:
             log(f"not reusing scores from {path}: {e}")
             continue
-        donor_identity = {k: v for k, v in manifest.get("key_fields", {}).items() if k not in ("class_names", "hypothesis_template", "embedding_model")}
+        donor_identity = {k: v for k, v in manifest.get("key_fields", {}).items() if k not in not_scores}
         if (
             donor_identity != identity
             or manifest.get("score_columns") != score_columns

@@ -40,7 +40,10 @@ def render(info: dict, evaluations: str = "") -> str:
     else:
         refined = f"none ({refinement.get('reason', 'not recorded')})"
     balance = info.get("balance") or {}
-    balanced = f"{balance['method']} (every class of the targets drawn equally often)" if balance.get("applied") else "none: every row once an epoch"
+    balanced = "none: every row once an epoch"
+    if balance.get("applied"):
+        power = balance.get("power", 1.0)
+        balanced = f"{balance['method']} (" + ("every class of the targets drawn equally often" if power == 1 else f"class shares by class size to the power {1 - power:g}") + ")"
     classes = ", ".join(f"`{name}`" for name in summary["class_names"])
     lines = [
         "# A zero-shot classifier, distilled",

@@ -160,26 +160,29 @@ def refine(
         if changed < MIN_CHANGE:
             break
     refinement.agreement_with_teacher = float((prediction == teacher_prediction).mean())
-    refinement.kappa = fit_kappa(refinement, embedding_chunks, teacher_prediction)
-    log(f"refinement confidence: kappa {refinement.kappa:.2f}, the most likely for the teacher's own labels "
-        f"(at most {KAPPA:g}: the targets are never more confident than their scores predict the teacher)")
-    return refinement.posteriors(embedding_chunks, num_rows, temperature), refinement
-
-
-def fit_kappa(refinement: Refinement, embedding_chunks: Chunks, teacher_prediction: np.ndarray) -> float:
-    """The kappa in [MIN_KAPPA, KAPPA] that maximises the likelihood of the teacher's predicted labels under
-    softmax(kappa * <x, centroid> + log prior): how sharp the centroid scores may be and still predict the
-    teacher as well as they can. Memory: one (N, K) float32 array of similarities."""
-    from scipy.optimize import minimize_scalar
-
-    similarity = np.empty((len(teacher_prediction), len(refinement.centroids)), dtype=np.float32)
+    # One more pass over the embeddings: the similarities serve the kappa fit, then become the targets in place.
+    similarity = np.empty((num_rows, num_classes), dtype=np.float32)
     for start, chunk in embedding_chunks():
         similarity[start : start + len(chunk)] = chunk.astype(np.float32, copy=False) @ refinement.centroids.T
+    refinement.kappa = fit_kappa(similarity, refinement.log_priors, teacher_prediction)
+    log(f"refinement confidence: kappa {refinement.kappa:.2f}, the most likely for the teacher's own labels "
+        f"(at most {KAPPA:g}: the targets are never more confident than their scores predict the teacher)")
+    for start in range(0, num_rows, 65_536):  # what Refinement.posteriors computes, without reading the embeddings again
+        block = similarity[start : start + 65_536]
+        block[:] = _softmax_rows((refinement.kappa * block + refinement.log_priors).astype(np.float32) / temperature)
+    return similarity, refinement
+
+
+def fit_kappa(similarity: np.ndarray, log_priors: np.ndarray, teacher_prediction: np.ndarray) -> float:
+    """The kappa in [MIN_KAPPA, KAPPA] that maximises the likelihood of the teacher's predicted labels under
+    softmax(kappa * similarity + log prior), similarity being each text's (N, K) cosines to the centroids: how
+    sharp the centroid scores may be and still predict the teacher as well as they can."""
+    from scipy.optimize import minimize_scalar
 
     def negative_log_likelihood(log_kappa: float) -> float:
         total = 0.0
         for start in range(0, len(similarity), 65_536):  # chunked: a float64 copy of (N, K) would double the memory
-            scores = np.exp(log_kappa) * similarity[start : start + 65_536].astype(np.float64) + refinement.log_priors
+            scores = np.exp(log_kappa) * similarity[start : start + 65_536].astype(np.float64) + log_priors
             labels = teacher_prediction[start : start + len(scores)]
             total += float((np.logaddexp.reduce(scores, axis=1) - scores[np.arange(len(scores)), labels]).sum())
         return total / max(len(similarity), 1)
