@@ -159,6 +159,7 @@ class Scorer:
         self.hypothesis_ids = self.hypothesis_embeddings = None
         self.embedder = None  # (model, tokenizer, max length)
         self.embedder_texts, self.embedder_seconds = 0, 0.0  # its cost, for the log
+        self.counting_tokenizer = None  # (tokenizer, max length, shortest premise budget or None): truncation counts
 
     def _load_teacher(self) -> None:
         plan = self.plan
@@ -172,6 +173,29 @@ class Scorer:
                 self.hypothesis_ids = self.encoder.tokenize(missing)
             else:
                 self.hypothesis_embeddings = self._embed(self.model, self.tokenizer, missing, self.max_length, plan.teacher.pooling)
+
+    def truncated_texts(self, texts: list[str]) -> int:
+        """How many of `texts` the teacher cuts at its max_length. NLI: the premise is cut for at least one
+        hypothesis (the longest one leaves it the fewest tokens); embedding teachers: the text with its special
+        tokens is longer than max_length. Needs only the tokenizer, so shards reused from other caches count too."""
+        plan = self.plan
+        if self.counting_tokenizer is None:
+            if self.model is not None:
+                tokenizer, max_length = self.tokenizer, self.max_length
+            else:
+                tokenizer, config = zs_teacher.load_tokenizer(plan.teacher, plan.trust_remote_code)
+                max_length = models.resolve_max_length(tokenizer, config, plan.max_length)
+            budget = None
+            if plan.teacher.kind == "nli":
+                encoder = inference.PairEncoder(tokenizer, max_length)
+                budget = min(encoder.premise_budget(len(ids)) for ids in encoder.tokenize(plan.hypotheses))
+            self.counting_tokenizer = (tokenizer, max_length, budget)
+        tokenizer, max_length, budget = self.counting_tokenizer
+        if budget is not None:  # premise tokens without special tokens; the budget is below max_length, so one more suffices
+            lengths = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=budget + 1, return_attention_mask=False)["input_ids"]
+            return sum(len(ids) > budget for ids in lengths)
+        lengths = tokenizer(texts, truncation=True, max_length=max_length + 1, return_attention_mask=False)["input_ids"]
+        return sum(len(ids) > max_length for ids in lengths)
 
     def _embed(self, model, tokenizer, texts: list[str], max_length: int, pooling: str, on_batch=None):
         plan = self.plan
@@ -281,8 +305,9 @@ def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], texts_iter, rank: i
                 continue
             passes_before, started = scorer.stats.forward_passes, time.time()
             table = score_shard(plan, scorer, donors, texts, start, progress)
+            truncated = scorer.truncated_texts(texts)
             record = {"start": start, "stop": stop, "forward_passes": scorer.stats.forward_passes - passes_before,
-                      "reused_pairs": (stop - start) * reused_per_row, "max_length": scorer.max_length}
+                      "reused_pairs": (stop - start) * reused_per_row, "max_length": scorer.counting_tokenizer[1], "truncated_texts": truncated}
             cache.write_shard(plan.cache_path, index, table, record)
             computed += 1
             seconds += time.time() - started
@@ -429,6 +454,11 @@ def main(
             log(f"wrote {cache_path}: {num_examples} examples x {len(class_names)} classes in {len(bounds)} shards, "
                 f"{sealed['forward_passes']['computed']} forward passes computed, {sealed['forward_passes']['reused_pairs']} pairs reused, "
                 f"{time.time() - started:.1f}s")
+            if sealed["truncated_texts"] is not None:
+                log(f"long texts: {sealed['truncated_texts']} of {num_examples} ({sealed['truncated_texts'] / max(num_examples, 1):.1%}) are longer than "
+                    f"the teacher's {sealed['max_length']} tokens and were cut"
+                    + (" (the premise, for at least one hypothesis)" if teacher.kind == "nli" else "")
+                    + ("; it reads only their beginning" if sealed["truncated_texts"] else ""))
         print(cache_path)
     if world_size > 1:
         torch.distributed.destroy_process_group()

@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow.compute as pc
 from transformers import Trainer
 
 from zsdistill import __version__, card, targets
@@ -284,7 +285,8 @@ def load_student_base(name_or_path: str, class_names: list[str], multi_label: bo
 
 def tokenize_cache(cache_path: str, manifest: dict, tokenizer, max_length: int, args):
     """The cache's texts tokenized, shard by shard into `tokenized/<tokenizer digest>-<shard>.arrow` (memory-mapped);
-    a later run with the same tokenizer and max_length reuses the files. Returns (dataset, its files)."""
+    a later run with the same tokenizer and max_length reuses the files. Returns (dataset, its files, how many texts
+    were cut at max_length)."""
     from datasets import Dataset, concatenate_datasets
 
     tokenizer_digest = hashlib.sha256(
@@ -313,7 +315,17 @@ def tokenize_cache(cache_path: str, manifest: dict, tokenizer, max_length: int, 
             ))
             del shard_texts
     log(f"tokenized in {time.time() - started:.1f}s" + (" (reused the tokenization cache)" if reused else f" (cached in {tokenized_dir})"))
-    return concatenate_datasets(parts), tokenized_files
+    # Texts the student reads only the beginning of: those at the limit whose full tokenization is longer.
+    truncated = 0
+    for shard, part in zip(manifest["shards"], parts):
+        at_limit = np.flatnonzero(pc.list_value_length(part.data.column("input_ids")).to_numpy(zero_copy_only=False) >= max_length)
+        if len(at_limit):
+            texts = Dataset.from_file(os.path.join(cache_path, shard["file"])).data.column("text").take(at_limit).to_pylist()
+            truncated += sum(len(ids) > max_length for ids in tokenizer(texts, truncation=True, max_length=max_length + 1)["input_ids"])
+    log(f"long texts: {truncated} of {manifest['num_examples']} ({truncated / max(manifest['num_examples'], 1):.1%}) are longer than the "
+        f"student's {max_length} tokens and were cut" + (f" (the teacher cut {manifest['truncated_texts']} at its {manifest['max_length']})"
+                                                         if manifest.get("truncated_texts") is not None else ""))
+    return concatenate_datasets(parts), tokenized_files, truncated
 
 
 class DistillationTrainer(Trainer):
@@ -487,7 +499,7 @@ def main(
     enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
     tokenizer, model = load_student_base(student_name_or_path, class_names, multi_label, trust_remote_code)
     student_max_length = resolve_max_length(tokenizer, model, max_length)
-    tokenized, tokenized_files = tokenize_cache(cache_path, manifest, tokenizer, student_max_length, args)
+    tokenized, tokenized_files, truncated_texts = tokenize_cache(cache_path, manifest, tokenizer, student_max_length, args)
     holdout_targets = soft_targets[holdout_rows]
     # Not tokenized.select(rows): datasets turns the row indices into a Python list (tens of MB per million rows).
     # The targets stay one (N, K) float32 array in memory: memory-mapped, every page would end up resident anyway.
@@ -540,6 +552,7 @@ def main(
             "holdout_fraction": holdout_fraction,
             "max_holdout_examples": max_holdout_examples,
             "max_length": student_max_length,
+            "truncated_texts": truncated_texts,
             "training_arguments": json.loads(args.to_json_string()),
             "metrics": metrics,
         }

@@ -182,3 +182,15 @@ def test_same_seed_same_student(tmp_path):
     first, again, other = weights("a", 7), weights("b", 7), weights("c", 8)
     assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)  # the new head included
     assert not torch.equal(first["classifier.weight"], other["classifier.weight"])
+
+
+def test_student_counts_the_texts_it_cuts(tmp_path, capsys):
+    # "cat" is one WordPiece token; with [CLS] and [SEP], max_length 16 holds 14 of them.
+    lengths = [3, 14, 15, 40, 14, 2, 15, 1]
+    texts = [" ".join(["cat"] * n) for n in lengths]
+    columns = {"entailment": np.tile(np.array([[1.0, 0.0]], dtype=np.float32), (len(texts), 1))}
+    cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, ["a", "b"], columns, shard_size=3)
+    base = make_student_base(str(tmp_path / "base"))
+    output = train_student.main(cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=base, max_length=16, **QUICK)
+    assert json.load(open(os.path.join(output, "distill_info.json")))["truncated_texts"] == 3
+    assert "long texts: 3 of 8 (37.5%) are longer than the student's 16 tokens and were cut" in capsys.readouterr().err

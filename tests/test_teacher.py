@@ -253,3 +253,23 @@ def test_cache_files_get_the_umask_permissions(teachers, corpus_files, tmp_path)
         os.umask(old_umask)
     for name in (cache.MANIFEST, cache.shard_file(0), cache.done_file(0)):
         assert os.stat(os.path.join(path, name)).st_mode & 0o777 == 0o644, name
+
+
+def test_truncated_texts_are_counted_for_both_teacher_kinds(teachers, embedding_teacher, tmp_path, capsys):
+    # One WordPiece token per "cat"; both tiny teachers cut at 64 tokens. NLI: the premise's budget is 64 minus the
+    # hypothesis and 3 special tokens, so the longer hypothesis (7 tokens) leaves 54. Embedding: 64 minus [CLS], [SEP].
+    tokenizer = zs_teacher.load_tokenizer(zs_teacher.resolve_teacher(teachers["upper"]))[0]
+    assert tokenizer("cat", add_special_tokens=False)["input_ids"].__len__() == 1
+    (tmp_path / "classes.txt").write_text("sports\nfinance stock market\n")
+    assert [len(tokenizer(f"This example is {c}.", add_special_tokens=False)["input_ids"]) for c in ("sports", "finance stock market")] == [5, 7]
+    for kind, teacher, fits, cut in (("nli", teachers["upper"], 54, 55), ("embedding", embedding_teacher, 62, 63)):
+        lengths = [3, fits, cut, 400, fits, 10, cut + 1]
+        (tmp_path / f"{kind}.txt").write_text("".join(" ".join(["cat"] * n) + "\n" for n in lengths))
+        capsys.readouterr()
+        path = teacher_infer.main(data_file=str(tmp_path / f"{kind}.txt"), class_names_file=str(tmp_path / "classes.txt"),
+                                  teacher_name_or_path=teacher, cache_dir=str(tmp_path / "cache"), shard_size=3)
+        manifest = cache.load_cache(path)[0]
+        assert manifest["truncated_texts"] == 3, kind
+        assert [s["truncated_texts"] for s in manifest["shards"]] == [1, 1, 1], kind
+        assert manifest["max_length"] == 64
+        assert "long texts: 3 of 7 (42.9%) are longer than the teacher's 64 tokens and were cut" in capsys.readouterr().err

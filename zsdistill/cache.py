@@ -169,6 +169,8 @@ def seal(cache_path: str, manifest: dict, max_length: int | None) -> dict | None
             "max_length": max(lengths) if lengths else max_length,
             "shards": records,
             "forward_passes": {"computed": sum(r["forward_passes"] for r in records), "reused_pairs": sum(r["reused_pairs"] for r in records)},
+            # None when a shard was written before zsdistill counted them (such shards are kept, not recomputed).
+            "truncated_texts": sum(r["truncated_texts"] for r in records) if all("truncated_texts" in r for r in records) else None,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         write_json_atomic(os.path.join(cache_path, MANIFEST), sealed)

@@ -27,11 +27,12 @@ def hardware_name(device: torch.device) -> str:
 
 def resolve_max_length(tokenizer, model, max_length: int | None) -> int:
     """The user's --max_length, else the tokenizer's model_max_length, capped by the position embeddings
-    (for teachers and students alike)."""
+    (for teachers and students alike). `model`: the model or its config."""
+    config = getattr(model, "config", model)
     limit = tokenizer.model_max_length if tokenizer.model_max_length and tokenizer.model_max_length < 1e6 else 512
-    positions = getattr(model.config, "max_position_embeddings", None)
+    positions = getattr(config, "max_position_embeddings", None)
     if positions:
         # RoBERTa-style models offset positions by padding_idx + 1.
-        offset = getattr(model.config, "pad_token_id", 0) + 1 if model.config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+        offset = (getattr(config, "pad_token_id", 0) or 0) + 1 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
         limit = min(limit, positions - offset)
     return min(int(max_length), limit) if max_length else limit

@@ -186,3 +186,14 @@ def load_model(teacher: Teacher, device: torch.device, trust_remote_code: bool =
         raise UserError(f"teacher {teacher.name_or_path!r}: cannot load it ({str(e).splitlines()[0]})") from None
     model.eval().to(device)
     return model, tokenizer
+
+
+def load_tokenizer(teacher: Teacher, trust_remote_code: bool = False):
+    """The teacher's tokenizer and config only (cheap): enough to count what its max_length cuts."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        return (AutoTokenizer.from_pretrained(teacher.local_path, trust_remote_code=trust_remote_code),
+                AutoConfig.from_pretrained(teacher.local_path, trust_remote_code=trust_remote_code))
+    except (OSError, ValueError) as e:
+        raise UserError(f"teacher {teacher.name_or_path!r}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
