@@ -29,11 +29,12 @@ MODEL ?= $(OUTPUT)
 TEST_FILE ?= data/test.jsonl
 TEACHER_CACHE ?=
 REPORT ?= reports/report
+INSPECT ?= reports/inspect
 EVAL_ARGS ?=
 
 WORDNET := /usr/share/wordnet/data.noun
 
-.PHONY: install teacher student distill evaluate demo test bench bench-scale quality wordnet clean
+.PHONY: install teacher student distill evaluate inspect demo test bench bench-scale quality wordnet clean
 
 install: $(STAMP)
 
@@ -65,6 +66,11 @@ evaluate: install
 	$(PY) evaluate.py --model "$(MODEL)" --test_file "$(TEST_FILE)" --output_dir "$(REPORT)" \
 		$(if $(TEACHER_CACHE),--teacher_cache "$(TEACHER_CACHE)") $(EVAL_ARGS)
 
+# Look before you train: the label-free report of a cache (class shares, confidence, borderline texts, warnings).
+inspect: install
+	@test -n "$(CACHE)" || { echo "error: set CACHE to the directory 'make teacher' printed, e.g. make inspect CACHE=cache/<key>" >&2; exit 2; }
+	$(PY) evaluate.py --teacher_cache "$(CACHE)" --output_dir "$(INSPECT)"
+
 wordnet:
 	@test -f $(WORDNET) || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
@@ -84,6 +90,8 @@ demo: install wordnet
 	teach() { $(PY) teacher_infer.py --data_file "$$1" --class_names_file $(DEMO)/data/classes.txt --teacher_name_or_path "$$minilm" \
 		--hypothesis_template "$(DEMO_TEMPLATE)" --cache_dir $(DEMO)/cache | tail -n 1; }; \
 	train_cache=$$(teach $(DEMO)/data/train.txt); test_cache=$$(teach $(DEMO)/data/test.jsonl); \
+	$(PY) evaluate.py --teacher_cache "$$train_cache" --output_dir $(DEMO)/inspect >/dev/null; \
+	echo "look before you train: $(DEMO)/inspect/report.md (what the teacher does on the training texts, without labels)"; \
 	$(PY) train_student.py --cache "$$train_cache" --output_dir $(DEMO)/student --student_name_or_path "$$minilm" \
 		--overwrite_output_dir $(DEMO_STUDENT_ARGS) >/dev/null; \
 	$(PY) evaluate.py --model $(DEMO)/student --test_file $(DEMO)/data/test.jsonl --teacher_cache "$$test_cache" \

@@ -13,10 +13,10 @@ import time
 
 import numpy as np
 
-from zsdistill import cache, card, data, refine, targets
+from zsdistill import cache, cache_report, card, data, refine, targets
 from zsdistill import inference
 from zsdistill import models
-from zsdistill.errors import UserError, run_cli
+from zsdistill.errors import UserError, run_cli, writing_to
 
 ECE_BINS = 15
 
@@ -304,10 +304,30 @@ def markdown_report(report: dict) -> str:
 # ---------------------------------------------------------------- the stage
 
 
+def writing_report(output_dir: str):
+    return writing_to(output_dir, "the report", "free space there, or pass another --output_dir")
+
+
+def inspect_cache(teacher_cache: str, output_dir: str) -> dict:
+    """The label-free report of a cache alone: what the teacher sees, before any training (`make inspect`)."""
+    manifest, _ = cache.load_cache(str(teacher_cache))
+    log(f"label-free report of {teacher_cache} ({manifest['num_examples']} texts, {len(manifest['class_names'])} classes)")
+    report = cache_report.build(str(teacher_cache), manifest, log)
+    with writing_report(str(output_dir)):
+        cache_report.write_plots(str(output_dir), report)
+        markdown = cache_report.markdown(report)
+        for name, text in (("report.md", markdown), ("report.json", json.dumps({"cache_report": report}, indent=2) + "\n")):
+            with cache.atomic_file(os.path.join(str(output_dir), name)) as f:
+                f.write(text)
+    print(markdown.split("\n## Class shares")[0].rstrip() + f"\n\n(the rest of it: {os.path.join(str(output_dir), 'report.md')})\n")
+    log(f"wrote {os.path.join(str(output_dir), 'report.md')} ({len(report['warnings'])} warnings) and its plots")
+    return {"cache_report": report}
+
+
 def main(
     *,
-    model: str,
-    test_file: str,
+    model: str | None = None,
+    test_file: str | None = None,
     teacher_cache: str | None = None,
     output_dir: str = "reports/report",
     batch_size: int = 64,
@@ -317,12 +337,14 @@ def main(
     time_teacher_samples: int = 32,
     no_cuda: bool = False,
 ) -> dict:
-    """Evaluate a student (and its teacher, from a cache) on labeled data, with speed.
+    """Evaluate a student (and its teacher, from a cache) on labeled data, with speed; or, with only --teacher_cache,
+    report what the teacher sees in a cache without any label (look before you train).
 
     Args:
-        model: a student directory written by train_student.py.
+        model: a student directory written by train_student.py (with --test_file; neither: the label-free report).
         test_file: labeled data: .jsonl/.csv/.parquet with text and label columns, or .tsv/.txt lines 'label<TAB>text'.
-        teacher_cache: a cache made by teacher_infer.py on the test texts: adds the teacher's metrics.
+        teacher_cache: a cache made by teacher_infer.py: alone, its label-free report; with --model and --test_file
+            (the cache of the test texts), the teacher's metrics and the label-free report, its warnings checked against the labels.
         output_dir: where report.json, report.md and the confusion-matrix PNGs go.
         batch_size: student inference batch size.
         text_column: text column of tabular test files.
@@ -331,6 +353,16 @@ def main(
         time_teacher_samples: how many test texts the live teacher is timed on.
         no_cuda: run on the CPU even when a GPU is present.
     """
+    if model is None and test_file is None:
+        if not teacher_cache:
+            raise UserError("give --teacher_cache CACHE for the label-free report of a cache, or --model and --test_file (and --teacher_cache) to evaluate a student")
+        if time_teacher:
+            raise UserError("--time_teacher times the teacher against the student: give --model and --test_file too")
+        return inspect_cache(str(teacher_cache), str(output_dir))
+    if model is None or test_file is None:
+        raise UserError(f"--{'model' if model is None else 'test_file'} is missing: a labeled report needs both --model and --test_file; "
+                        f"for the label-free report of a cache, give only --teacher_cache")
+
     # 1. Cheap validation first: test file, model config, labels, cache.
     texts, labels = data.read_labeled(str(test_file), text_column, label_column)
     device = models.select_device(no_cuda)
@@ -391,6 +423,10 @@ def main(
             log(f"refined teacher: {refined}")
         elif refined is not None:
             report["refined_teacher"] = {"method": refined[1], "metrics": metric_fn(true, refined[0], class_names)}
+        report["cache_report"] = cache_report.build(str(teacher_cache), manifest, log)
+        if not multi_label:
+            cache_order = [class_names.index(name) for name in manifest["class_names"]]  # test labels in the cache's class order
+            cache_report.confirm_with_labels(report["cache_report"], np.array(cache_order)[true], np.array(cache_order)[teacher_probabilities.argmax(1)])
     if time_teacher:
         name = time_teacher if isinstance(time_teacher, str) else manifest["teacher"]["name_or_path"]
         sample = texts[: max(1, int(time_teacher_samples))]
@@ -403,23 +439,35 @@ def main(
         )
 
     # 4. Write the report (each file atomically; report.json last) and print the table.
-    os.makedirs(str(output_dir), exist_ok=True)
+    with writing_report(str(output_dir)):
+        write_labeled_report(report, str(output_dir), str(model), str(test_file), multi_label, true, student_probabilities,
+                             teacher_probabilities if manifest is not None else None)
+    return report
+
+
+def write_labeled_report(report: dict, output_dir: str, model: str, test_file: str, multi_label: bool, true: np.ndarray,
+                         student_probabilities: np.ndarray, teacher_probabilities: np.ndarray | None) -> None:
+    class_names = report["class_names"]
     for who in ("student", "teacher"):
         if who in report:
             metrics = report[who]["metrics"]
             matrix, columns = (metrics["outcomes"], ["tn", "fp", "fn", "tp"]) if multi_label else (metrics["confusion_matrix"], None)
             confusion_png(os.path.join(str(output_dir), f"confusion_{who}.png"), matrix, class_names, who, columns)
-    probabilities = {"teacher": teacher_probabilities} if manifest is not None else {}
+    probabilities = {"teacher": teacher_probabilities} if teacher_probabilities is not None else {}
     reliability_png(os.path.join(str(output_dir), "reliability.png"), {**probabilities, "student": student_probabilities}, true, multi_label)
     if card.add_evaluation(str(model), os.path.basename(str(test_file)), report["student"]["metrics"], multi_label,
                            report.get("refined_teacher", {}).get("metrics"), report.get("teacher", {}).get("metrics")):
         log(f"added the results to the model card {os.path.join(str(model), card.CARD_FILE)}")
-    markdown = markdown_report(report)
+    markdown = shown = markdown_report(report)
+    if "cache_report" in report:
+        cache_report.write_plots(output_dir, report["cache_report"])
+        look = cache_report.markdown(report["cache_report"], heading="##")
+        markdown += "\n" + look
+        shown += "\n" + look.split("\n### Class shares")[0].rstrip() + f"\n\n(the rest of it: {os.path.join(output_dir, 'report.md')})\n"
     for name, text in (("report.md", markdown), ("report.json", json.dumps(report, indent=2) + "\n")):
-        with cache.atomic_file(os.path.join(str(output_dir), name)) as f:
+        with cache.atomic_file(os.path.join(output_dir, name)) as f:
             f.write(text)
-    print(markdown)
-    return report
+    print(shown)
 
 
 if __name__ == "__main__":

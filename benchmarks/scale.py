@@ -2,6 +2,7 @@
 
     python benchmarks/scale.py                          # make bench-scale: stage 2 at 50k, 400k, 1M; stage 1 at 50k, 400k
     python benchmarks/scale.py --sizes 50000,400000 --stage1_sizes 50000
+    python benchmarks/scale.py --stages report         # the label-free report (evaluate.py --teacher_cache) only
 
 Caches are built in the real format through the project's cache writer (zsdistill.cache.write_shard and the
 manifest), with synthetic scores for K classes, synthetic 384-wide text embeddings in clusters (so the default
@@ -118,17 +119,20 @@ def seconds_in(log: str, pattern: str) -> float:
 
 
 def main(sizes: str | int | tuple = (50_000, 400_000, 1_000_000), stage1_sizes: str | int | tuple = (50_000, 400_000),
-         num_classes: int = 10, stage1_classes: int = 2, work_dir: str = "bench/scale", keep: bool = False) -> None:
+         num_classes: int = 10, stage1_classes: int = 2, work_dir: str = "bench/scale", keep: bool = False,
+         stages: str | tuple = ("student", "report", "teacher")) -> None:
     """Print peak RSS and time per stage and size as markdown tables.
 
     Args:
-        sizes: stage-2 corpus sizes (comma-separated).
+        sizes: stage-2 (and label-free report) corpus sizes (comma-separated).
         stage1_sizes: stage-1 corpus sizes.
         num_classes: classes in the stage-2 caches.
         stage1_classes: classes scored by the tiny NLI teacher in stage 1 (memory is about N, not K).
         work_dir: where caches and models go (about 1.6 GB per million examples).
         keep: keep the caches afterwards (they are deleted per size otherwise, to save disk).
+        stages: which to measure: student (train_student.py), report (evaluate.py --teacher_cache alone), teacher (teacher_infer.py).
     """
+    stages = stages.split(",") if isinstance(stages, str) else list(stages)
     as_list = lambda v: [int(s) for s in (v.split(",") if isinstance(v, str) else v if isinstance(v, (tuple, list)) else [v])]  # noqa: E731
     import torch
 
@@ -137,14 +141,19 @@ def main(sizes: str | int | tuple = (50_000, 400_000, 1_000_000), stage1_sizes: 
     os.makedirs(work_dir, exist_ok=True)
     student, teacher = tiny_models(work_dir)
     print(f"Machine: {hardware_name(torch.device('cpu'))}; {time.strftime('%Y-%m-%d')}\n")
-    print(f"Stage 2 (train_student.py, tiny student, --max_steps 5, default refinement), K = {num_classes}:\n")
-    print("| examples | run | peak RSS (MB) | wall (s) | targets (s per 1k) | tokenization (s per 1k) |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    stage2 = {}
-    for n in as_list(sizes):
+    stage2, reports = {}, {}
+    for n in as_list(sizes) if {"student", "report"} & set(stages) else []:
         path = build_cache(os.path.join(work_dir, f"cache-{n}"), n, num_classes)
+        if "report" in stages:
+            rss, wall, _ = measured("evaluate.py", "--teacher_cache", path, "--output_dir", os.path.join(work_dir, f"report-{n}"))
+            reports[n] = (rss, wall)
+            print(f"label-free report (evaluate.py --teacher_cache), {n:,} examples, K = {num_classes}: peak RSS {rss:.0f} MB, {wall:.1f} s", flush=True)
         shutil.rmtree(os.path.join(path, "tokenized"), ignore_errors=True)  # the first run tokenizes
-        for run in ("first", "reuse"):
+        for run in ("first", "reuse") if "student" in stages else ():
+            if not stage2:
+                print(f"\nStage 2 (train_student.py, tiny student, --max_steps 5, default refinement), K = {num_classes}:\n")
+                print("| examples | run | peak RSS (MB) | wall (s) | targets (s per 1k) | tokenization (s per 1k) |")
+                print("| --- | --- | --- | --- | --- | --- |")
             rss, wall, log = measured("train_student.py", "--cache", path, "--output_dir", os.path.join(work_dir, f"student-{n}"), "--overwrite_output_dir",
                                       "--student_name_or_path", student, "--max_steps", "5", "--per_device_train_batch_size", "8", "--save_strategy", "no",
                                       "--use_cpu", "--disable_tqdm", "True")
@@ -154,11 +163,17 @@ def main(sizes: str | int | tuple = (50_000, 400_000, 1_000_000), stage1_sizes: 
             print(f"| {n:,} | {run}{' (tokenization reused)' if reused else ''} | {rss:.0f} | {wall:.1f} | {1000 * targets_s / n:.4f} | {1000 * tokenize_s / n:.4f} |", flush=True)
         if not keep:
             shutil.rmtree(path)
+    if len(reports) > 1:
+        a, b = min(reports), max(reports)
+        print(f"\nLabel-free report peak RSS growth {a:,} -> {b:,} examples: {reports[b][0] - reports[a][0]:+.0f} MB; "
+              f"time {reports[a][1]:.1f} s -> {reports[b][1]:.1f} s")
     first = sorted(n for n, run in stage2 if run == "first")
     if len(first) > 1:
         print(f"\nStage 2 peak RSS growth {first[0]:,} -> {first[-1]:,} examples: {stage2[(first[-1], 'first')] - stage2[(first[0], 'first')]:+.0f} MB (first runs), "
               f"{stage2[(first[-1], 'reuse')] - stage2[(first[0], 'reuse')]:+.0f} MB (reuse runs)")
 
+    if "teacher" not in stages:
+        return
     print(f"\nStage 1 (teacher_infer.py, tiny random NLI teacher, {stage1_classes} classes, --teacher_batch_size 256):\n")
     print("| examples | peak RSS (MB) | wall (s) | pairs/s |")
     print("| --- | --- | --- | --- |")

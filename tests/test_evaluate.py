@@ -99,6 +99,11 @@ def test_end_to_end_report(teachers, labeled, tmp_path):
     markdown = (out / "report.md").read_text()
     assert "| metric | teacher | student |" in markdown and "| accuracy |" in markdown
     assert "| metric | teacher | student |" in result.stdout
+    # The label-free report of the test cache follows, each of its warnings checked against the labels.
+    assert "## Look before you train" in markdown and (out / "shares.png").exists()
+    looked = report["cache_report"]
+    assert looked["num_examples"] == 16 and sum(c["predicted"] for c in looked["teacher_view"]["classes"].values()) == 16
+    assert all("labels" in w for w in looked["warnings"] if w["kind"] not in ("truncated", "flat_scores"))
 
 
 def test_unknown_labels_are_an_error(teachers, labeled, tmp_path):

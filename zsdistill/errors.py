@@ -1,8 +1,10 @@
 """User-facing errors: one clear line on stderr, non-zero exit, no traceback."""
 
+import contextlib
+import errno
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import fire
 
@@ -12,6 +14,23 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+# OS errors while writing that the user fixes outside the program: a full disk or quota, a read-only or
+# unwritable place, a file too big for the filesystem.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+@contextlib.contextmanager
+def writing_to(directory: str, what: str, advice: str) -> Iterator[None]:
+    """Make `directory` and run the block; a full disk (or another such OS error) becomes one line naming the
+    directory and what to do. Writers inside write each file atomically, so no half-written file is left."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        raise UserError(f"cannot write {what} in {os.path.abspath(directory)}: {os.strerror(e.errno)}; {advice}") from None
 
 
 def run_cli(main: Callable[..., Any]) -> None:

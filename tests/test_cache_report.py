@@ -1,0 +1,107 @@
+"""The label-free report of a cache (evaluate.py --teacher_cache alone): warnings that name the class, plots, memory."""
+
+import json
+import os
+
+import numpy as np
+from conftest import keyword_task, run_main, write_toy_cache
+
+import evaluate
+from zsdistill import cache, cache_report
+
+CLASSES = ["apple", "river", "guitar", "soccer", "doctor"]
+
+
+def clustered_embeddings(labels: np.ndarray, num_classes: int, seed: int = 0, noise: float = 0.3) -> np.ndarray:
+    """Texts that cluster by their class: one direction per class plus noise, L2-normalised."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(num_classes, 16))
+    x = centers[labels] + noise * rng.normal(size=(len(labels), 16))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def report_of(path: str, output_dir: str) -> dict:
+    return evaluate.main(teacher_cache=path, output_dir=output_dir)["cache_report"]
+
+
+def test_clean_balanced_cache_gets_no_warning(tmp_path):
+    texts, labels, columns = keyword_task(600, CLASSES)
+    path = write_toy_cache(str(tmp_path / "cache" / "clean"), texts, CLASSES, columns, shard_size=128,
+                           text_embeddings=clustered_embeddings(labels, len(CLASSES)))
+    report = report_of(path, str(tmp_path / "report"))
+    assert report["warnings"] == []
+    assert report["refined_view"] is not None
+    shares = [report["teacher_view"]["classes"][c]["share"] for c in CLASSES]
+    assert np.allclose(sum(shares), 1) and min(shares) > 0.15
+    markdown = open(tmp_path / "report" / "report.md").read()
+    assert "None: every class gets a plausible share" in markdown
+    for name in ("shares.png", "confidence.png", "runner_up.png", "report.json"):
+        assert os.path.getsize(tmp_path / "report" / name) > 0
+    # The examples are real rows of the cache, the surest one first.
+    sure = report["teacher_view"]["classes"]["guitar"]["most_confident"]
+    assert [e["text"] for e in sure] == [texts[e["row"]] for e in sure]
+    assert sure[0]["confidence"] >= sure[-1]["confidence"] and all("guitar" in e["text"] for e in sure)
+
+
+def test_a_class_never_predicted_is_named_with_the_class_that_takes_its_texts(tmp_path):
+    texts, labels, columns = keyword_task(600, CLASSES)
+    # The teacher never puts 'doctor' first; its texts go to 'soccer', where 'doctor' comes second.
+    doctor, soccer = CLASSES.index("doctor"), CLASSES.index("soccer")
+    columns["entailment"][:, doctor] -= 2.0
+    columns["entailment"][labels == doctor, soccer] += 4.0
+    path = write_toy_cache(str(tmp_path / "cache" / "rare"), texts, CLASSES, columns, shard_size=128)
+    report = report_of(path, str(tmp_path / "report"))
+    rare = [w for w in report["warnings"] if w["kind"] == "rarely_predicted"]
+    assert [w["classes"] for w in rare] == [["doctor"]]
+    assert "'doctor' is never the teacher's top class" in rare[0]["message"] and "its texts go to 'soccer'" in rare[0]["message"]
+    assert "'doctor' is never the teacher's top class" in open(tmp_path / "report" / "report.md").read()
+    # Held-out labels confirm it: the teacher's recall of 'doctor' is 0.
+    cache_report.confirm_with_labels(report, labels, columns["entailment"].argmax(1))
+    assert rare[0]["labels"]["confirmed"] and "recall of 'doctor' 0.00" in rare[0]["labels"]["evidence"]
+
+
+def test_two_identical_class_names_are_flagged(tmp_path):
+    classes = CLASSES + ["Soccer"]  # the same class twice, as a user's typo: the teacher scores both alike
+    texts, labels, columns = keyword_task(600, CLASSES)
+    rng = np.random.default_rng(1)
+    columns = {name: np.concatenate([v, v[:, [3]] + rng.normal(0, 0.01, (len(texts), 1)).astype(np.float32)], axis=1) for name, v in columns.items()}
+    path = write_toy_cache(str(tmp_path / "cache" / "twins"), texts, classes, columns, shard_size=128)
+    report = report_of(path, str(tmp_path / "report"))
+    assert [(w["kind"], w["classes"]) for w in report["warnings"]] == [("indistinct", ["soccer", "Soccer"])]
+
+
+def test_a_class_that_takes_most_texts_is_flagged(tmp_path):
+    texts, labels, columns = keyword_task(600, CLASSES)
+    columns["entailment"][:, 0] += 3.3  # "apple" wins over most texts of other classes
+    path = write_toy_cache(str(tmp_path / "cache" / "broad"), texts, CLASSES, columns, shard_size=128)
+    kinds = {(w["kind"], tuple(w["classes"])) for w in report_of(path, str(tmp_path / "report"))["warnings"]}
+    assert ("dominant", ("apple",)) in kinds
+
+
+def test_report_reads_in_chunks_and_matches_a_one_shard_cache(tmp_path):
+    texts, labels, columns = keyword_task(500, CLASSES)
+    embeddings = clustered_embeddings(labels, len(CLASSES), noise=0.8)
+    many = write_toy_cache(str(tmp_path / "a" / "many"), texts, CLASSES, columns, shard_size=37, text_embeddings=embeddings)
+    one = write_toy_cache(str(tmp_path / "b" / "one"), texts, CLASSES, columns, shard_size=500, text_embeddings=embeddings)
+    a, b = (cache_report.build(p, cache.load_cache(p)[0]) for p in (many, one))
+    a.pop("cache"), b.pop("cache")
+
+    def rounded(x):  # sums over shards differ from one sum in the last bits only
+        return round(x, 6) if isinstance(x, float) else {k: rounded(v) for k, v in x.items()} if isinstance(x, dict) else [rounded(v) for v in x] if isinstance(x, list) else x
+
+    assert json.dumps(rounded(a), sort_keys=True) == json.dumps(rounded(b), sort_keys=True)
+
+
+def test_refinement_sample_covers_the_corpus_evenly(tmp_path):
+    chunks = lambda: iter([(0, np.arange(10)[:, None]), (10, np.arange(10, 17)[:, None]), (17, np.arange(17, 30)[:, None])])  # noqa: E731
+    rows = np.concatenate([c.ravel() for _, c in cache_report._sampled(chunks, 4)()])
+    assert rows.tolist() == list(range(0, 30, 4))
+    assert [start for start, _ in cache_report._sampled(chunks, 4)()] == [0, 3, 5]
+
+
+def test_model_without_test_file_is_a_one_line_error(tmp_path):
+    result = run_main("evaluate.py", "--model", str(tmp_path), "--output_dir", str(tmp_path / "r"))
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "error: --test_file is missing: a labeled report needs both --model and --test_file; for the label-free report of a cache, give only --teacher_cache"]
+    result = run_main("evaluate.py", "--output_dir", str(tmp_path / "r"))
+    assert result.returncode == 2 and "give --teacher_cache CACHE" in result.stderr
