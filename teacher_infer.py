@@ -30,7 +30,7 @@ from zsdistill import __version__, cache, data
 from zsdistill import inference
 from zsdistill import models
 from zsdistill import teacher as zs_teacher
-from zsdistill.errors import UserError, run_cli
+from zsdistill.errors import UserError, run_cli, writing_to
 
 # NLI caches keep each text's embedding from this small model (stage 2 refines the targets in that space).
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -294,24 +294,26 @@ def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], texts_iter, rank: i
     skipped = computed = 0
     seconds = 0.0
     reused_per_row = len(plan.hypotheses) - len(plan.missing_positions)
-    for index, (start, stop) in enumerate(bounds):
-        texts = [next(texts_iter) for _ in range(stop - start)]  # every rank reads every row: the input is a stream
-        if index not in mine:
-            continue
-        with cache.file_lock(os.path.join(plan.cache_path, f"shard-{index:05d}.lock")), gpu_memory_advice(plan.batch_pairs, plan.batch_tokens):
-            if cache.read_done_record(plan.cache_path, index, start, stop) is not None:
-                skipped += 1
-                progress.update(stop - start)
+    try:
+        for index, (start, stop) in enumerate(bounds):
+            texts = [next(texts_iter) for _ in range(stop - start)]  # every rank reads every row: the input is a stream
+            if index not in mine:
                 continue
-            passes_before, started = scorer.stats.forward_passes, time.time()
-            table = score_shard(plan, scorer, donors, texts, start, progress)
-            truncated = scorer.truncated_texts(texts)
-            record = {"start": start, "stop": stop, "forward_passes": scorer.stats.forward_passes - passes_before,
-                      "reused_pairs": (stop - start) * reused_per_row, "max_length": scorer.counting_tokenizer[1], "truncated_texts": truncated}
-            cache.write_shard(plan.cache_path, index, table, record)
-            computed += 1
-            seconds += time.time() - started
-    progress.close()
+            with cache.file_lock(os.path.join(plan.cache_path, f"shard-{index:05d}.lock")), gpu_memory_advice(plan.batch_pairs, plan.batch_tokens):
+                if cache.read_done_record(plan.cache_path, index, start, stop) is not None:
+                    skipped += 1
+                    progress.update(stop - start)
+                    continue
+                passes_before, started = scorer.stats.forward_passes, time.time()
+                table = score_shard(plan, scorer, donors, texts, start, progress)
+                truncated = scorer.truncated_texts(texts)
+                record = {"start": start, "stop": stop, "forward_passes": scorer.stats.forward_passes - passes_before,
+                          "reused_pairs": (stop - start) * reused_per_row, "max_length": scorer.counting_tokenizer[1], "truncated_texts": truncated}
+                cache.write_shard(plan.cache_path, index, table, record)
+                computed += 1
+                seconds += time.time() - started
+    finally:
+        progress.close()  # also on an error: its message then starts on a line of its own
     stats = scorer.stats
     log(
         f"this process: {computed} shards computed ({stats.forward_passes} forward passes in {seconds:.1f}s, "
@@ -431,10 +433,12 @@ def main(
         data={"path": os.path.abspath(data_file), "text_column": text_column, "fingerprint": data_fingerprint},
         num_examples=num_examples, shard_size=shard_size, command=_command(params), versions=_versions(),
     )
-    if rank == 0:
-        cache.begin(cache_path, manifest)
-    else:
-        os.makedirs(cache_path, exist_ok=True)
+    # A full disk (or an unwritable cache_dir) while writing is a one-line error; what is written stays valid.
+    disk_advice = (f"free space there or pass --cache_dir on another disk, then rerun the same command: the finished shards are kept "
+                   f"and only the missing ones are computed")
+    with writing_to(cache_path, "the cache", disk_advice):
+        if rank == 0:
+            cache.begin(cache_path, manifest)
     reuse_by_donor, missing_positions = plan_reuse(find_reusable(str(cache_dir), key, key_fields, hypotheses, score_columns, text_embedding_column), hypotheses)
     default_pairs, default_tokens = inference.default_batches(device)
     plan = Plan(
@@ -443,13 +447,15 @@ def main(
     )
 
     # 4. Each rank scores its shards that are not complete yet.
-    _run_for_rank(plan, bounds, data.iter_texts(str(data_file), str(text_column), encoding_errors), rank, world_size)
+    with writing_to(cache_path, "the cache", disk_advice):
+        _run_for_rank(plan, bounds, data.iter_texts(str(data_file), str(text_column), encoding_errors), rank, world_size)
 
     # 5. Once every rank is done, one process seals the manifest.
     if world_size > 1:
         torch.distributed.barrier()
     if rank == 0:
-        sealed = cache.seal(cache_path, manifest, max_length)
+        with writing_to(cache_path, "the cache", disk_advice):
+            sealed = cache.seal(cache_path, manifest, max_length)
         if sealed:
             log(f"wrote {cache_path}: {num_examples} examples x {len(class_names)} classes in {len(bounds)} shards, "
                 f"{sealed['forward_passes']['computed']} forward passes computed, {sealed['forward_passes']['reused_pairs']} pairs reused, "

@@ -25,7 +25,7 @@ from transformers import Trainer
 from zsdistill import __version__, card, targets
 from zsdistill import refine as refine_mod  # `refine` is the CLI flag
 from zsdistill import cache as teacher_cache  # `cache` is the CLI flag
-from zsdistill.errors import UserError, run_cli
+from zsdistill.errors import UserError, run_cli, writing_to
 from zsdistill.models import resolve_max_length
 
 INFO_FILE = "distill_info.json"  # written last: a student directory without it is not finished
@@ -383,12 +383,16 @@ def save_student(trainer, output_dir: str, info: dict, refinement) -> None:
     """The model, tokenizer, refinement, distill_info.json and model card, published into output_dir atomically."""
     os.makedirs(output_dir, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".staging-", dir=output_dir)
-    trainer.save_model(staging)
-    if refinement is not None:
-        refine_mod.save(refinement, os.path.join(staging, refine_mod.FILE))
-    with open(os.path.join(staging, INFO_FILE), "w") as f:
-        json.dump(info, f, indent=2)
-    card.write(staging, info)  # README.md: the model card the hub shows
+    try:
+        trainer.save_model(staging)
+        if refinement is not None:
+            refine_mod.save(refinement, os.path.join(staging, refine_mod.FILE))
+        with open(os.path.join(staging, INFO_FILE), "w") as f:
+            json.dump(info, f, indent=2)
+        card.write(staging, info)  # README.md: the model card the hub shows
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # e.g. a full disk: no half-written student is left behind
+        raise
     _publish(staging, output_dir)
 
 
@@ -499,7 +503,8 @@ def main(
     enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
     tokenizer, model = load_student_base(student_name_or_path, class_names, multi_label, trust_remote_code)
     student_max_length = resolve_max_length(tokenizer, model, max_length)
-    tokenized, tokenized_files, truncated_texts = tokenize_cache(cache_path, manifest, tokenizer, student_max_length, args)
+    with writing_to(tokenized_cache_dir(cache_path, manifest["key"]), "the tokenized texts", "free space there; the teacher cache itself is complete and untouched"):
+        tokenized, tokenized_files, truncated_texts = tokenize_cache(cache_path, manifest, tokenizer, student_max_length, args)
     holdout_targets = soft_targets[holdout_rows]
     # Not tokenized.select(rows): datasets turns the row indices into a Python list (tens of MB per million rows).
     # The targets stay one (N, K) float32 array in memory: memory-mapped, every page would end up resident anyway.
@@ -518,7 +523,8 @@ def main(
                                   multi_label=multi_label, sample_weights=sample_weights)
     if resume_from:
         log(f"resuming from {resume_from}")
-    metrics = {"train": trainer.train(resume_from_checkpoint=resume_from).metrics}
+    with writing_to(str(output_dir), "checkpoints", "free space there, or pass another --output_dir (or --save_strategy no)"):
+        metrics = {"train": trainer.train(resume_from_checkpoint=resume_from).metrics}
     logit_scale, holdout = calibrate_on_holdout(trainer, holdout_dataset, holdout_targets, multi_label, calibrate)
     metrics.update(holdout)
 
@@ -556,7 +562,8 @@ def main(
             "training_arguments": json.loads(args.to_json_string()),
             "metrics": metrics,
         }
-        save_student(trainer, str(output_dir), info, refinement)
+        with writing_to(str(output_dir), "the student", "free space there, or pass another --output_dir; nothing half-written was left"):
+            save_student(trainer, str(output_dir), info, refinement)
         log(f"saved student to {output_dir}")
         print(output_dir)
     return str(output_dir)

@@ -304,3 +304,59 @@ def test_class_names_with_path_characters(files, teachers, tmp_path):
     assert after == before
     assert all(name.startswith(("shard-", "manifest", ".")) for name in os.listdir(cache_path))
     assert cache.load_cache(cache_path)[0]["class_names"] == ["../../escaped", "a/b", "..", "/etc/passwd"]
+
+
+def _full_disk_on(monkeypatch, module, name: str, fail_when):
+    """Make module.name write part of its file, then fail as a full disk does (ENOSPC), whenever fail_when(*args)."""
+    import errno
+
+    real = getattr(module, name)
+
+    def failing(*args, **kwargs):
+        if fail_when(*args):
+            with cache.atomic_file(os.path.join(args[0], "partial-write"), "wb") as f:
+                f.write(b"half a shard")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, failing)
+
+
+def test_full_disk_in_stage_1_is_one_line_and_the_rerun_completes_it(files, teachers, monkeypatch):
+    args = ("--shard_size", "3")
+    clean = teacher_run(files, teachers["upper"], *args)
+    clean_path = clean.stdout.strip().splitlines()[-1]
+    clean_shards = {s["file"]: s["sha256"] for s in json.load(open(os.path.join(clean_path, "manifest.json")))["shards"]}
+    os.rename(files / "cache", files / "clean")
+
+    _full_disk_on(monkeypatch, cache, "write_shard", lambda path, index, *_: index == 1)
+    result = teacher_run(files, teachers["upper"], *args)
+    assert_user_error(result, "cannot write the cache in", "No space left on device", "free space there or pass --cache_dir", "finished shards are kept")
+    path = os.path.join(files / "cache", os.path.basename(clean_path))
+    assert path in result.stderr
+    left = sorted(os.listdir(path))
+    assert "shard-00000.arrow" in left and "shard-00001.arrow" not in left and not any(n.startswith((".tmp", "partial")) for n in left), left
+    assert not cache.is_complete(path)
+
+    monkeypatch.undo()  # space freed: the same command completes it, computing only what is missing
+    rerun = teacher_run(files, teachers["upper"], *args)
+    assert rerun.returncode == 0 and rerun.stdout.strip().splitlines()[-1] == path
+    manifest = json.load(open(os.path.join(path, "manifest.json")))
+    assert {s["file"]: s["sha256"] for s in manifest["shards"]} == clean_shards  # byte-identical shards
+
+
+def test_full_disk_in_stages_2_and_3_is_one_line_with_nothing_half_written(toy_cache, tmp_path, monkeypatch):
+    import evaluate
+    import train_student
+
+    _full_disk_on(monkeypatch, train_student.card, "write", lambda *a: True)
+    base = make_student_base(str(tmp_path / "base"))
+    result = run_main("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "student", "--student_name_or_path", base,
+                      "--max_steps", "1", "--use_cpu", "--save_strategy", "no")
+    assert_user_error(result, f"cannot write the student in {tmp_path / 'student'}", "No space left on device", "another --output_dir")
+    assert os.listdir(tmp_path / "student") == []  # no staging directory, no half a model
+
+    _full_disk_on(monkeypatch, evaluate.cache_report, "write_plots", lambda *a: True)
+    result = run_main("evaluate.py", "--teacher_cache", toy_cache, "--output_dir", tmp_path / "report")
+    assert_user_error(result, f"cannot write the report in {tmp_path / 'report'}", "No space left on device")
+    assert os.listdir(tmp_path / "report") == []
