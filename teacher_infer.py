@@ -51,10 +51,10 @@ def _positive_int(value, flag: str, allow_none: bool = False):
 
 def _command(params: dict) -> str:
     """The command line that (re)makes this cache: how readers tell a user to complete it (flags left at their defaults omitted)."""
-    args = ["python", "teacher_infer.py", "--data_file", params["data_file"], "--class_names_file", params["class_names_file"]]
+    args = ["python", "teacher_infer.py"]
     for name, parameter in inspect.signature(main).parameters.items():
         value = params[name]
-        if parameter.default is not inspect.Parameter.empty and value != parameter.default:
+        if parameter.default is inspect.Parameter.empty or value != parameter.default:
             args += [f"--{name}"] if value is True else [f"--{name}", str(value)]
     return shlex.join(map(str, args))
 
@@ -328,7 +328,7 @@ def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], texts_iter, rank: i
 
 def main(
     *,
-    data_file: str,
+    data_file: str | None = None,
     class_names_file: str,
     teacher_name_or_path: str = "roberta-large-mnli",
     hypothesis_template: str = "This example is {}.",
@@ -346,11 +346,17 @@ def main(
     teacher_revision: str | None = None,
     trust_remote_code: bool = False,
     encoding_errors: str = "strict",
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    dataset_split: str | None = None,
 ) -> str:
     """Score every (text, class) pair with a zero-shot teacher and cache the raw scores.
 
     Args:
-        data_file: unlabeled texts: .txt (one per line; blank lines skipped), .csv, .jsonl or .parquet.
+        data_file: unlabeled texts: .txt (one per line; blank lines skipped), .csv, .jsonl or .parquet; a directory of
+            such files (recursively, in sorted order) or a quoted glob ('shards/*.parquet'); or a datasets save_to_disk directory.
+        dataset: instead of --data_file, anything datasets.load_dataset reads, streamed: a hub id, a local dataset
+            directory (with --dataset_split), or a builder such as 'parquet'.
         class_names_file: one class name per line, in the order the cache's columns will use.
         teacher_name_or_path: NLI model (hub id or directory), or a sentence-embedding model.
         hypothesis_template: hypothesis per class; exactly one {} stands for the class name.
@@ -371,6 +377,8 @@ def main(
         teacher_revision: hub revision (branch, tag or commit) of the teacher.
         trust_remote_code: allow models whose code lives in their hub repository.
         encoding_errors: 'strict' (invalid UTF-8 is an error), 'replace' or 'ignore'.
+        dataset_config: the --dataset's configuration name, if it has several.
+        dataset_split: the --dataset's split, e.g. train.
     """
     params = dict(locals())
     started = time.time()
@@ -383,7 +391,16 @@ def main(
     _positive_int(max_batch_tokens, "--max_batch_tokens", allow_none=True)
     _positive_int(shard_size, "--shard_size")
     _positive_int(max_length, "--max_length", allow_none=True)
-    num_examples, data_fingerprint = data.scan_texts(str(data_file), str(text_column), encoding_errors)
+    if (data_file is None) == (dataset is None):
+        raise UserError("give the texts with --data_file (a file, a directory or a glob of files) or with --dataset (a datasets name or path)"
+                        + (", not both" if data_file is not None else ""))
+    if data_file is not None:
+        source = {"path": os.path.abspath(str(data_file)), "text_column": text_column}
+        read_texts = lambda: data.iter_texts(str(data_file), str(text_column), encoding_errors)  # noqa: E731
+    else:
+        source = {"dataset": str(dataset), "config": dataset_config, "split": dataset_split, "text_column": text_column}
+        read_texts = lambda: data.iter_dataset(str(dataset), dataset_config, dataset_split, str(text_column))  # noqa: E731
+    num_examples, data_fingerprint = data.scan_texts(str(data_file or f"--dataset {dataset}"), texts=read_texts())
     teacher = zs_teacher.resolve_teacher(str(teacher_name_or_path), teacher_revision, teacher_kind, trust_remote_code)
     device = models.select_device(no_cuda)
     precision = zs_teacher.check_precision(fp16, bf16, device)
@@ -430,7 +447,7 @@ def main(
         key, key_fields, bounds, teacher=teacher.describe(), hypothesis_template=hypothesis_template, class_names=class_names,
         hypotheses=hypotheses, score_columns=score_columns, text_embedding_column=text_embedding_column,
         embedding_model=embedder.describe() if embedder else None, precision=precision,
-        data={"path": os.path.abspath(data_file), "text_column": text_column, "fingerprint": data_fingerprint},
+        data={**source, "fingerprint": data_fingerprint},
         num_examples=num_examples, shard_size=shard_size, command=_command(params), versions=_versions(),
     )
     # A full disk (or an unwritable cache_dir) while writing is a one-line error; what is written stays valid.
@@ -448,7 +465,7 @@ def main(
 
     # 4. Each rank scores its shards that are not complete yet.
     with writing_to(cache_path, "the cache", disk_advice):
-        _run_for_rank(plan, bounds, data.iter_texts(str(data_file), str(text_column), encoding_errors), rank, world_size)
+        _run_for_rank(plan, bounds, read_texts(), rank, world_size)
 
     # 5. Once every rank is done, one process seals the manifest.
     if world_size > 1:

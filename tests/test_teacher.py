@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -273,3 +274,60 @@ def test_truncated_texts_are_counted_for_both_teacher_kinds(teachers, embedding_
         assert [s["truncated_texts"] for s in manifest["shards"]] == [1, 1, 1], kind
         assert manifest["max_length"] == 64
         assert "long texts: 3 of 7 (42.9%) are longer than the teacher's 64 tokens and were cut" in capsys.readouterr().err
+
+
+def test_directory_glob_and_saved_dataset_give_the_one_file_cache(teachers, tmp_path):
+    import datasets
+    import pyarrow.parquet as pq
+
+    texts = [f"{CORPUS[i % len(CORPUS)]} (copy {i})" for i in range(22)]
+    (tmp_path / "classes.txt").write_text("\n".join(CLASS_NAMES))
+    (tmp_path / "one.txt").write_text("\n".join(texts) + "\n")
+    parts = [texts[0:6], texts[6:11], texts[11:19], texts[19:]]
+    (tmp_path / "parquet" / "year=2026").mkdir(parents=True)
+    for i, part in enumerate(parts):  # read in sorted path order: year=2026/ comes after part-0..2
+        where = tmp_path / "parquet" / ("year=2026" if i == 3 else "") / f"part-{i}.parquet"
+        pq.write_table(pa.table({"text": part, "id": list(range(len(part)))}), where)
+    (tmp_path / "parquet" / "_SUCCESS").write_text("")  # what Spark leaves: skipped
+    (tmp_path / "jsonl").mkdir()
+    for i, part in enumerate(parts):
+        (tmp_path / "jsonl" / f"shard-{i:02d}.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in part))
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+
+    def scores(data_file, **kwargs):
+        path = teacher_infer.main(data_file=data_file, class_names_file=str(tmp_path / "classes.txt"), teacher_name_or_path=teachers["upper"],
+                                  cache_dir=str(tmp_path / "cache"), shard_size=5, **kwargs)
+        manifest, table = cache.load_cache(path)
+        return path, manifest, {n: table.column(n).to_pylist() for n in ["text", *manifest["score_columns"]]}
+
+    reference_path, _, reference = scores(str(tmp_path / "one.txt"))
+    for data_file, kwargs in ((str(tmp_path / "parquet"), {}), (str(tmp_path / "jsonl" / "shard-*.jsonl"), {"text_column": "body"}),
+                              (str(tmp_path / "saved"), {})):
+        shutil.rmtree(tmp_path / "cache")  # each input computes its own cache (the key is content-based: it would be a hit)
+        path, manifest, got = scores(data_file, **kwargs)
+        assert os.path.basename(path) == os.path.basename(reference_path) and got == reference, data_file
+        assert manifest["data"]["path"] == os.path.abspath(data_file)
+    shutil.rmtree(tmp_path / "cache")
+    path, manifest, got = scores(None, dataset=str(tmp_path / "parquet" / "year=2026"), dataset_split="train")
+    assert got["text"] == parts[3] and manifest["data"]["dataset"].endswith("year=2026") and manifest["data"]["split"] == "train"
+
+
+@pytest.mark.parametrize("args, words", [
+    ((), ["give the texts with --data_file", "or with --dataset"]),
+    (("--data_file", "{tmp}/none-*.jsonl"), ["matches no file", "quote it"]),
+    (("--data_file", "{tmp}/empty"), ["holds no .txt/.csv/.jsonl/.json/.parquet file"]),
+    (("--dataset", "{tmp}/ds"), ["has splits 'train'", "--dataset_split"]),
+])
+def test_bad_input_forms_are_one_line_errors(teachers, tmp_path, args, words):
+    from conftest import run_main
+
+    (tmp_path / "classes.txt").write_text("\n".join(CLASS_NAMES))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("not a corpus")
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    result = run_main("teacher_infer.py", *[a.format(tmp=tmp_path) for a in args], "--class_names_file", tmp_path / "classes.txt",
+                      "--teacher_name_or_path", teachers["upper"], "--cache_dir", tmp_path / "cache")
+    assert result.returncode == 2, result.stderr[-1500:]
+    error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and all(w in error[0] for w in words), result.stderr[-1500:]

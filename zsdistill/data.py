@@ -1,10 +1,12 @@
 """Data readers shared by the stages: unlabeled texts (streamed), class names, labeled test sets.
 
 Supported inputs: `.txt` (one example per line, blank lines skipped), `.csv`, `.jsonl`/`.json` (one
-object per line), `.parquet`; labeled sets also `.tsv` (`label<TAB>text`). Every problem is raised as a
+object per line), `.parquet`; labeled sets also `.tsv` (`label<TAB>text`). Unlabeled texts also come from a
+directory or glob of such files, a `datasets` save_to_disk directory, or `datasets.load_dataset` (streaming). Every problem is raised as a
 UserError naming the file and line/row.
 """
 
+import glob
 import hashlib
 import json
 import os
@@ -104,10 +106,85 @@ def _iter_tabular_rows(path: str, suffix: str, columns: list[str], encoding_erro
                 yield row
 
 
+def is_saved_dataset(path: str) -> bool:
+    """A directory written by `datasets.Dataset.save_to_disk`."""
+    return os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json"))
+
+
+def data_files(path: str) -> list[str]:
+    """What --data_file names, as a list of files in reading order: a file; a directory's supported files (recursively,
+    sorted by their path inside it; hidden and `_`-prefixed names skipped, as Spark and Hadoop write them); or the
+    files a glob pattern matches (sorted). A `save_to_disk` dataset directory is one entry of its own."""
+    if not os.path.exists(path) and glob.has_magic(path):
+        matches = sorted(m for m in glob.glob(path, recursive=True) if os.path.isfile(m))
+        if not matches:
+            raise UserError(f"data file pattern {path!r} matches no file: check the pattern (quote it so the shell leaves it to zsdistill)")
+        for match in matches:
+            _suffix(match, TEXT_FORMATS, "data file")
+        return matches
+    if os.path.isdir(path) and not is_saved_dataset(path):
+        found = []
+        for root, directories, names in os.walk(path):
+            directories[:] = sorted(d for d in directories if not d.startswith((".", "_")))
+            found += [os.path.join(root, n) for n in names if not n.startswith((".", "_")) and os.path.splitext(n)[1].lower() in TEXT_FORMATS]
+        if not found:
+            raise UserError(f"data directory {path!r} holds no {'/'.join(TEXT_FORMATS)} file; give a file, a directory of them, or a glob")
+        return sorted(found, key=lambda f: os.path.relpath(f, path).split(os.sep))
+    return [path]
+
+
+def _iter_saved_dataset(path: str, text_column: str) -> Iterator[str]:
+    """The text column of a save_to_disk dataset, read from its Arrow files with plain reads (memory flat)."""
+    import pyarrow.ipc as ipc
+
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    if state.get("_indices_data_files"):
+        raise UserError(f"{path}: this saved dataset keeps an indices mapping; save it again after .flatten_indices()")
+    for entry in state.get("_data_files", []):
+        with pa.OSFile(os.path.join(path, entry["filename"])) as f:
+            reader = ipc.open_stream(f)
+            _table_column(path, reader.schema.names, text_column, "--text_column")
+            for batch in reader:
+                for index, text in enumerate(batch.column(text_column).to_pylist()):
+                    if not isinstance(text, str) or not text.strip():
+                        raise UserError(f"{path}: a row of column {text_column!r} is empty or not a string; every row must hold a text")
+                    yield text
+
+
+def iter_dataset(name: str, config: str | None, split: str | None, text_column: str) -> Iterator[str]:
+    """The text column of `datasets.load_dataset(name, config, split=split, streaming=True)`: hub ids for users with
+    the hub, and whatever else load_dataset reads (local data directories, a builder such as 'parquet' with files)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, config, split=split, streaming=True)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
+        raise UserError(f"--dataset {name!r}: cannot load it ({str(e).splitlines()[0][:300]}); check the name, --dataset_config and --dataset_split") from None
+    if isinstance(loaded, (datasets.IterableDatasetDict, datasets.DatasetDict)):
+        raise UserError(f"--dataset {name!r} has splits {', '.join(map(repr, loaded))}: pass --dataset_split with one of them")
+    for row in loaded:
+        if text_column not in row:
+            raise UserError(f"--dataset {name!r} has no column {text_column!r} (it has: {', '.join(map(repr, row))}); pass --text_column with one of them")
+        text = row[text_column]
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"--dataset {name!r}: a row of column {text_column!r} is empty or not a string; every row must hold a text")
+        yield text
+
+
 def iter_texts(path: str, text_column: str = "text", encoding_errors: str = "strict") -> Iterator[str]:
-    """Yield the examples' texts in file order, one at a time."""
+    """Yield the examples' texts in reading order, one at a time: a file, every file of a directory or glob in
+    sorted order (see data_files), or a save_to_disk dataset."""
     if encoding_errors not in ENCODING_ERRORS:
         raise UserError(f"--encoding_errors {encoding_errors!r} is not one of {', '.join(ENCODING_ERRORS)}")
+    for file in data_files(path):
+        if os.path.isdir(file):
+            yield from _iter_saved_dataset(file, text_column)
+        else:
+            yield from _iter_file_texts(file, text_column, encoding_errors)
+
+
+def _iter_file_texts(path: str, text_column: str, encoding_errors: str) -> Iterator[str]:
     suffix = _suffix(path, TEXT_FORMATS, "data file")
     if suffix == ".txt":
         with open(path, "rb") as f:
@@ -124,15 +201,15 @@ def iter_texts(path: str, text_column: str = "text", encoding_errors: str = "str
         yield text
 
 
-def scan_texts(path: str, text_column: str = "text", encoding_errors: str = "strict") -> tuple[int, str]:
-    """One streaming pass: validate every row, count them, and fingerprint the texts.
+def scan_texts(path: str, text_column: str = "text", encoding_errors: str = "strict", texts: Iterator[str] | None = None) -> tuple[int, str]:
+    """One streaming pass: validate every row, count them, and fingerprint the texts (of `path`, or of `texts`).
 
     The fingerprint hashes the texts themselves (length-prefixed), so the same texts in another file
-    format share a fingerprint, and so a teacher cache.
+    format, or split over several files, share a fingerprint, and so a teacher cache.
     """
     digest = hashlib.sha256()
     count = 0
-    for text in iter_texts(path, text_column, encoding_errors):
+    for text in iter_texts(path, text_column, encoding_errors) if texts is None else texts:
         encoded = text.encode("utf-8")
         digest.update(len(encoded).to_bytes(8, "little"))
         digest.update(encoded)
