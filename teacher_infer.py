@@ -148,6 +148,15 @@ class Plan:
     reuse_by_donor: dict[str, tuple[list[int], list[int]]]  # donor cache -> (our positions, its positions)
     missing_positions: list[int]  # hypotheses no donor holds: computed here
     trust_remote_code: bool
+    deduplicate: bool
+    first_copies: np.ndarray  # (N,) int64: for each row, the first row with the same text (hash), itself if none
+    shard_size: int
+
+    @property
+    def passes_per_text(self) -> int:
+        """Forward passes one text costs here: the teacher's for the hypotheses computed, and the embedding model's."""
+        teacher = len(self.missing_positions) if self.teacher.kind == "nli" else int(bool(self.missing_positions))
+        return teacher + int(self.embedder is not None)
 
 
 class Scorer:
@@ -247,12 +256,59 @@ def reused_scores(plan: Plan, donors: dict, start: int, stop: int, scores: dict[
     return text_embeddings
 
 
-def score_shard(plan: Plan, scorer: Scorer, donors: dict, texts: list[str], start: int, progress: tqdm) -> pa.Table:
+def earlier_copies(plan: Plan, bounds: list[tuple[int, int]], start: int, texts: list[str]) -> dict[int, dict[str, np.ndarray]]:
+    """The rows of this shard whose text an earlier shard already scored: {row in shard: {column: that row's values}},
+    read from the earlier shard (waiting for it, when another rank writes it). Hashes find the candidates; the texts
+    themselves are compared, so a hash collision only costs a pass."""
+    first = plan.first_copies[start : start + len(texts)]
+    columns = ["text", *plan.score_columns] + ([plan.text_embedding_column] if plan.text_embedding_column else [])
+    found = {}
+    for index in np.unique(first[first < start] // plan.shard_size).tolist():
+        shard_start, shard_stop = bounds[index]
+        waited = False
+        while cache.read_done_record(plan.cache_path, index, shard_start, shard_stop, verify=False) is None:
+            if not waited:
+                log(f"waiting for shard {index}, written by another rank: it holds the first copy of texts that shard {start // plan.shard_size} repeats")
+            waited = True
+            time.sleep(2)
+        rows = np.flatnonzero((first < start) & (first // plan.shard_size == index))
+        with pa.OSFile(os.path.join(plan.cache_path, cache.shard_file(index))) as f:
+            table = pa.ipc.open_stream(f).read_all().select(columns).take(first[rows] - shard_start)
+        values = {name: cache.list_column_to_numpy(table.column(name), cache.list_width(table, name)) for name in columns[1:]}
+        for position, (row, text) in enumerate(zip(rows.tolist(), table.column("text").to_pylist())):
+            if text == texts[row]:
+                found[row] = {name: v[position] for name, v in values.items()}
+    return found
+
+
+def score_shard(plan: Plan, scorer: Scorer, donors: dict, texts: list[str], start: int, progress: tqdm,
+                earlier: dict[int, dict[str, np.ndarray]]) -> tuple[pa.Table, int]:
     """Every score column (and the text embeddings) for one shard's texts: reused where another cache has them,
-    computed otherwise."""
-    scores = {name: np.empty((len(texts), len(plan.hypotheses)), dtype=np.float32) for name in plan.score_columns}
-    text_embeddings = reused_scores(plan, donors, start, start + len(texts), scores)
-    computed = plan.missing_positions
+    computed otherwise, each distinct text once: a text repeated within the shard is scored at its first row and
+    copied, and rows in `earlier` (see earlier_copies) take their earlier copy's values. Returns the table and how
+    many rows were copies."""
+    n = len(texts)
+    source = np.arange(n)  # the row whose values each row takes
+    if plan.deduplicate:
+        first_row: dict[str, int] = {}
+        for i, text in enumerate(texts):
+            if i not in earlier:
+                source[i] = first_row.setdefault(text, i)
+    is_copy = source != np.arange(n)
+    is_copy[list(earlier)] = True
+    compute = np.flatnonzero(~is_copy)
+    unique_texts = [texts[i] for i in compute.tolist()]
+    scores = {name: np.empty((n, len(plan.hypotheses)), dtype=np.float32) for name in plan.score_columns}
+    text_embeddings = reused_scores(plan, donors, start, start + n, scores)
+    if text_embeddings is not None and not text_embeddings.flags.writeable:  # a view of a donor's memory map: copies are written into it
+        text_embeddings = text_embeddings.copy()
+    computed = plan.missing_positions if len(compute) else []
+
+    def all_rows(computed_rows: np.ndarray) -> np.ndarray:
+        out = np.empty((n, computed_rows.shape[1]), dtype=np.float32)
+        out[compute] = computed_rows
+        return out
+
     if computed and plan.teacher.kind == "nli":
         shown, pairs, started = [0], [0], time.time()  # texts shown on the progress bar, pairs scored
 
@@ -263,26 +319,38 @@ def score_shard(plan: Plan, scorer: Scorer, donors: dict, texts: list[str], star
             progress.update(done - shown[0])
             shown[0] = done
 
-        logits = scorer.nli_scores(texts, on_batch)
+        logits = scorer.nli_scores(unique_texts, on_batch)
         for name, label_index in plan.teacher.label_columns.items():
-            scores[name][:, computed] = logits[:, :, label_index]
-        progress.update(len(texts) - shown[0])
+            scores[name][np.ix_(compute, computed)] = logits[:, :, label_index]
+        progress.update(n - shown[0])
     elif computed:  # embedding teacher
         if text_embeddings is None:
-            text_embeddings = scorer.teacher_embeddings(texts, on_batch=progress.update)
+            text_embeddings = all_rows(scorer.teacher_embeddings(unique_texts, on_batch=progress.update))
+            progress.update(n - len(compute))
         else:
-            progress.update(len(texts))
-        scores["similarity"][:, computed] = scorer.similarities(text_embeddings)
+            progress.update(n)
+        scores["similarity"][np.ix_(compute, computed)] = scorer.similarities(text_embeddings[compute])
     else:
-        progress.update(len(texts))
-    if plan.embedder and text_embeddings is None:
-        text_embeddings = scorer.embedder_embeddings(texts)
+        progress.update(n)
+    if plan.embedder and text_embeddings is None and len(compute):
+        text_embeddings = all_rows(scorer.embedder_embeddings(unique_texts))
+    # Copies: every copy of a text gets exactly its first copy's values.
+    copies = np.flatnonzero(source != np.arange(n))
+    for values in (*scores.values(), *([text_embeddings] if text_embeddings is not None else [])):
+        values[copies] = values[source[copies]]
+    for row, values in earlier.items():
+        for name in scores:
+            scores[name][row] = values[name]
+        if plan.text_embedding_column:
+            if text_embeddings is None:
+                text_embeddings = np.empty((n, len(values[plan.text_embedding_column])), dtype=np.float32)
+            text_embeddings[row] = values[plan.text_embedding_column]
     return pa.table({
-        "index": pa.array(np.arange(start, start + len(texts), dtype=np.int64)),
+        "index": pa.array(np.arange(start, start + n, dtype=np.int64)),
         "text": pa.array(texts, pa.string()),
         **{name: cache.list_array(values) for name, values in scores.items()},
         **({plan.text_embedding_column: cache.list_array(text_embeddings)} if plan.text_embedding_column else {}),
-    })
+    }), int(is_copy.sum())
 
 
 def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], texts_iter, rank: int, world_size: int) -> None:
@@ -305,10 +373,13 @@ def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], texts_iter, rank: i
                     progress.update(stop - start)
                     continue
                 passes_before, started = scorer.stats.forward_passes, time.time()
-                table = score_shard(plan, scorer, donors, texts, start, progress)
+                earlier = earlier_copies(plan, bounds, start, texts) if plan.deduplicate else {}
+                table, copies = score_shard(plan, scorer, donors, texts, start, progress, earlier)
                 truncated = scorer.truncated_texts(texts)
                 record = {"start": start, "stop": stop, "forward_passes": scorer.stats.forward_passes - passes_before,
-                          "reused_pairs": (stop - start) * reused_per_row, "max_length": scorer.counting_tokenizer[1], "truncated_texts": truncated}
+                          "reused_pairs": (stop - start) * reused_per_row, "duplicate_rows": copies,
+                          "passes_saved_by_deduplication": copies * plan.passes_per_text,
+                          "max_length": scorer.counting_tokenizer[1], "truncated_texts": truncated}
                 cache.write_shard(plan.cache_path, index, table, record)
                 computed += 1
                 seconds += time.time() - started
@@ -346,6 +417,7 @@ def main(
     teacher_revision: str | None = None,
     trust_remote_code: bool = False,
     encoding_errors: str = "strict",
+    deduplicate: bool = True,
     dataset: str | None = None,
     dataset_config: str | None = None,
     dataset_split: str | None = None,
@@ -377,6 +449,8 @@ def main(
         teacher_revision: hub revision (branch, tag or commit) of the teacher.
         trust_remote_code: allow models whose code lives in their hub repository.
         encoding_errors: 'strict' (invalid UTF-8 is an error), 'replace' or 'ignore'.
+        deduplicate: score each distinct text once (exact string equality, no normalisation) and copy its scores to
+            every row that repeats it; --nodeduplicate scores every row.
         dataset_config: the --dataset's configuration name, if it has several.
         dataset_split: the --dataset's split, e.g. train.
     """
@@ -400,7 +474,10 @@ def main(
     else:
         source = {"dataset": str(dataset), "config": dataset_config, "split": dataset_split, "text_column": text_column}
         read_texts = lambda: data.iter_dataset(str(dataset), dataset_config, dataset_split, str(text_column))  # noqa: E731
-    num_examples, data_fingerprint = data.scan_texts(str(data_file or f"--dataset {dataset}"), texts=read_texts())
+    text_hashes = [] if deduplicate else None
+    num_examples, data_fingerprint = data.scan_texts(str(data_file or f"--dataset {dataset}"), texts=read_texts(), text_hashes=text_hashes)
+    first_copies = data.first_copies(text_hashes) if deduplicate else np.arange(num_examples, dtype=np.int64)
+    del text_hashes
     teacher = zs_teacher.resolve_teacher(str(teacher_name_or_path), teacher_revision, teacher_kind, trust_remote_code)
     device = models.select_device(no_cuda)
     precision = zs_teacher.check_precision(fp16, bf16, device)
@@ -461,7 +538,12 @@ def main(
     plan = Plan(
         cache_path, teacher, embedder, device, precision, hypotheses, score_columns, text_embedding_column,
         teacher_batch_size or default_pairs, max_batch_tokens or default_tokens, max_length, reuse_by_donor, missing_positions, trust_remote_code,
+        bool(deduplicate), first_copies, shard_size,
     )
+    repeated = int((first_copies != np.arange(num_examples)).sum())
+    if repeated:
+        log(f"duplicates: {repeated} of {num_examples} texts ({repeated / num_examples:.1%}) repeat an earlier one"
+            + (f"; each distinct text is scored once (saves {repeated * plan.passes_per_text} forward passes)" if deduplicate else "; --nodeduplicate: scored anyway"))
 
     # 4. Each rank scores its shards that are not complete yet.
     with writing_to(cache_path, "the cache", disk_advice):
@@ -476,7 +558,9 @@ def main(
         if sealed:
             log(f"wrote {cache_path}: {num_examples} examples x {len(class_names)} classes in {len(bounds)} shards, "
                 f"{sealed['forward_passes']['computed']} forward passes computed, {sealed['forward_passes']['reused_pairs']} pairs reused, "
-                f"{time.time() - started:.1f}s")
+                + (f"{sealed['forward_passes']['saved_by_deduplication']} saved by scoring {sealed['duplicate_rows']} repeated texts once, "
+                   if sealed["duplicate_rows"] else "")
+                + f"{time.time() - started:.1f}s")
             if sealed["truncated_texts"] is not None:
                 log(f"long texts: {sealed['truncated_texts']} of {num_examples} ({sealed['truncated_texts'] / max(num_examples, 1):.1%}) are longer than "
                     f"the teacher's {sealed['max_length']} tokens and were cut"

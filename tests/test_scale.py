@@ -140,7 +140,7 @@ def test_adding_a_class_runs_only_its_pairs(corpus, teachers, monkeypatch):
     grown = teacher_infer.main(class_names_file=str(corpus / "more.txt"), cache_dir=str(corpus / "cache"), **common)
     assert counter["pairs"] == len(TEXTS) * 2
     manifest = json.load(open(os.path.join(grown, "manifest.json")))
-    assert manifest["forward_passes"] == {"computed": len(TEXTS) * 2, "reused_pairs": len(TEXTS) * len(CLASS_NAMES)}
+    assert manifest["forward_passes"] == {"computed": len(TEXTS) * 2, "reused_pairs": len(TEXTS) * len(CLASS_NAMES), "saved_by_deduplication": 0}
     scratch = teacher_infer.main(class_names_file=str(corpus / "more.txt"), cache_dir=str(corpus / "scratch"), **common)
     assert_same_cache(scratch, grown)
     assert cache.load_cache(base)  # the old cache still works

@@ -331,3 +331,41 @@ def test_bad_input_forms_are_one_line_errors(teachers, tmp_path, args, words):
     assert result.returncode == 2, result.stderr[-1500:]
     error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and all(w in error[0] for w in words), result.stderr[-1500:]
+
+
+@pytest.mark.parametrize("kind", ["nli", "embedding"])
+def test_duplicates_are_scored_once_and_every_copy_gets_the_same_scores(teachers, embedding_teacher, tmp_path, monkeypatch, kind):
+    # 30 distinct texts; 13 rows repeat one (30% of 43), inside a shard and across shards.
+    distinct = [f"{CORPUS[i % len(CORPUS)]} number {i}" for i in range(30)]
+    rng = np.random.default_rng(0)
+    texts = distinct + [distinct[i] for i in rng.integers(30, size=13)]
+    texts = [texts[i] for i in rng.permutation(len(texts))]
+    (tmp_path / "texts.txt").write_text("\n".join(texts) + "\n")
+    (tmp_path / "classes.txt").write_text("\n".join(CLASS_NAMES))
+    teacher = teachers["upper"] if kind == "nli" else embedding_teacher
+    calls = count_forward_passes(monkeypatch) if kind == "nli" else None
+
+    def run(cache_dir, **kwargs):
+        path = teacher_infer.main(data_file=str(tmp_path / "texts.txt"), class_names_file=str(tmp_path / "classes.txt"), teacher_name_or_path=teacher,
+                                  cache_dir=str(tmp_path / cache_dir), shard_size=8, teacher_batch_size=5, **kwargs)
+        manifest, table = cache.load_cache(path)
+        return manifest, {name: np.array(table.column(name).to_pylist()) for name in [*manifest["score_columns"], *([manifest["text_embedding_column"]] if manifest["text_embedding_column"] else [])]}
+
+    manifest, deduplicated = run("dedup")
+    if calls is not None:
+        assert calls["pairs"] == 30 * len(CLASS_NAMES)  # 13 x 6 passes saved
+        calls.update(pairs=0)
+    per_text = len(CLASS_NAMES) if kind == "nli" else 1
+    assert manifest["duplicate_rows"] == 13 and manifest["forward_passes"]["saved_by_deduplication"] == 13 * per_text
+    assert manifest["forward_passes"]["computed"] == 30 * per_text + (len(CLASS_NAMES) if kind == "embedding" else 0)  # + the hypotheses
+    plain_manifest, plain = run("plain", deduplicate=False)
+    if calls is not None:
+        assert calls["pairs"] == 43 * len(CLASS_NAMES)
+    assert plain_manifest["duplicate_rows"] == 0 and plain_manifest["key"] == manifest["key"]
+    for name, values in deduplicated.items():
+        for text in set(texts):  # every copy of a text: exactly the same values
+            rows = [i for i, t in enumerate(texts) if t == text]
+            assert (values[rows] == values[rows[0]]).all(), (name, text)
+        # ... and the same as scoring every row, within batching's floating-point noise.
+        print(f"largest difference from scoring every row ({kind}, {name}): {np.abs(values - plain[name]).max():.2e}")
+        assert np.abs(values - plain[name]).max() < 1e-5, (name, np.abs(values - plain[name]).max())

@@ -168,7 +168,9 @@ def seal(cache_path: str, manifest: dict, max_length: int | None) -> dict | None
             "complete": True,
             "max_length": max(lengths) if lengths else max_length,
             "shards": records,
-            "forward_passes": {"computed": sum(r["forward_passes"] for r in records), "reused_pairs": sum(r["reused_pairs"] for r in records)},
+            "forward_passes": {"computed": sum(r["forward_passes"] for r in records), "reused_pairs": sum(r["reused_pairs"] for r in records),
+                               "saved_by_deduplication": sum(r.get("passes_saved_by_deduplication", 0) for r in records)},
+            "duplicate_rows": sum(r.get("duplicate_rows", 0) for r in records),
             # None when a shard was written before zsdistill counted them (such shards are kept, not recomputed).
             "truncated_texts": sum(r["truncated_texts"] for r in records) if all("truncated_texts" in r for r in records) else None,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

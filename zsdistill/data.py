@@ -13,6 +13,7 @@ import os
 import string
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -201,11 +202,13 @@ def _iter_file_texts(path: str, text_column: str, encoding_errors: str) -> Itera
         yield text
 
 
-def scan_texts(path: str, text_column: str = "text", encoding_errors: str = "strict", texts: Iterator[str] | None = None) -> tuple[int, str]:
+def scan_texts(path: str, text_column: str = "text", encoding_errors: str = "strict", texts: Iterator[str] | None = None,
+               text_hashes: list | None = None) -> tuple[int, str]:
     """One streaming pass: validate every row, count them, and fingerprint the texts (of `path`, or of `texts`).
 
     The fingerprint hashes the texts themselves (length-prefixed), so the same texts in another file
-    format, or split over several files, share a fingerprint, and so a teacher cache.
+    format, or split over several files, share a fingerprint, and so a teacher cache. With `text_hashes`, a
+    64-bit hash of each text is appended to it (how stage 1 finds repeated texts).
     """
     digest = hashlib.sha256()
     count = 0
@@ -213,10 +216,19 @@ def scan_texts(path: str, text_column: str = "text", encoding_errors: str = "str
         encoded = text.encode("utf-8")
         digest.update(len(encoded).to_bytes(8, "little"))
         digest.update(encoded)
+        if text_hashes is not None:
+            text_hashes.append(int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little", signed=True))
         count += 1
     if count == 0:
         raise UserError(f"data file {path!r} holds no examples (it is empty or has only blank lines)")
     return count, digest.hexdigest()
+
+
+def first_copies(text_hashes: list) -> np.ndarray:
+    """For each row, the first row whose text has the same hash (itself when it is the first): int64 (N,)."""
+    hashes = np.asarray(text_hashes, dtype=np.int64)
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    return first[inverse.reshape(-1)].astype(np.int64)
 
 
 def read_class_names(path: str) -> list[str]:
