@@ -149,6 +149,7 @@ class Plan:
     missing_positions: list[int]  # hypotheses no donor holds: computed here
     trust_remote_code: bool
     deduplicate: bool
+    chunk_long_texts: bool
     first_copies: np.ndarray  # (N,) int64: for each row, the first row with the same text (hash), itself if none
     shard_size: int
 
@@ -208,15 +209,36 @@ class Scorer:
 
     def _embed(self, model, tokenizer, texts: list[str], max_length: int, pooling: str, on_batch=None):
         plan = self.plan
-        return inference.embed(model, tokenizer, texts, max_length, plan.batch_pairs, plan.batch_tokens, pooling, plan.precision, self.stats, on_batch)
+        if not plan.chunk_long_texts:
+            return inference.embed(model, tokenizer, texts, max_length, plan.batch_pairs, plan.batch_tokens, pooling, plan.precision, self.stats, on_batch)
+        # Each long text as overlapping windows that fit with the special tokens; its embedding is their mean.
+        prefix, suffix = inference.special_tokens(tokenizer)
+        ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        parts, owners = inference.windows_of(ids, max_length - len(prefix) - len(suffix))
+        parts = [prefix + part + suffix for part in parts]
+        embeddings = inference.embed_ids(model, parts, tokenizer.pad_token_id or 0, plan.batch_pairs, plan.batch_tokens, pooling, plan.precision, self.stats)
+        if on_batch is not None:
+            on_batch(len(texts))
+        return inference.aggregate_embeddings(embeddings, owners, len(texts))
 
     def nli_scores(self, texts: list[str], on_batch) -> np.ndarray:
         """Logits (texts, missing hypotheses, labels)."""
         self._load_teacher()
         plan = self.plan
-        return inference.nli_logits(
-            self.model, self.encoder, self.encoder.tokenize(texts), self.hypothesis_ids, plan.batch_pairs, plan.batch_tokens, plan.precision, self.stats, on_batch
-        )
+        if not plan.chunk_long_texts:
+            return inference.nli_logits(
+                self.model, self.encoder, self.encoder.tokenize(texts), self.hypothesis_ids, plan.batch_pairs, plan.batch_tokens, plan.precision, self.stats, on_batch
+            )
+        # Each long text as overlapping windows that fit beside the longest hypothesis; per class, its best window.
+        ids = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        parts, owners = inference.windows_of(ids, self.window_size())
+        logits = inference.nli_logits(self.model, self.encoder, parts, self.hypothesis_ids, plan.batch_pairs, plan.batch_tokens, plan.precision, self.stats)
+        on_batch(len(texts) * len(plan.missing_positions))
+        return inference.aggregate_nli(logits, owners, len(texts), plan.teacher.entailment_index, plan.teacher.contradiction_index)
+
+    def window_size(self) -> int:
+        """NLI --chunk_long_texts: premise tokens that fit beside every hypothesis (the longest one leaves the fewest)."""
+        return min(self.encoder.premise_budget(len(ids)) for ids in self.encoder.tokenize(self.plan.hypotheses))
 
     def teacher_embeddings(self, texts: list[str], on_batch) -> np.ndarray:
         self._load_teacher()
@@ -375,11 +397,11 @@ def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], texts_iter, rank: i
                 passes_before, started = scorer.stats.forward_passes, time.time()
                 earlier = earlier_copies(plan, bounds, start, texts) if plan.deduplicate else {}
                 table, copies = score_shard(plan, scorer, donors, texts, start, progress, earlier)
-                truncated = scorer.truncated_texts(texts)
+                long_texts = scorer.truncated_texts(texts)  # cut, or with --chunk_long_texts scored as windows
                 record = {"start": start, "stop": stop, "forward_passes": scorer.stats.forward_passes - passes_before,
                           "reused_pairs": (stop - start) * reused_per_row, "duplicate_rows": copies,
-                          "passes_saved_by_deduplication": copies * plan.passes_per_text,
-                          "max_length": scorer.counting_tokenizer[1], "truncated_texts": truncated}
+                          "passes_saved_by_deduplication": copies * plan.passes_per_text, "max_length": scorer.counting_tokenizer[1],
+                          "truncated_texts": 0 if plan.chunk_long_texts else long_texts, "chunked_texts": long_texts if plan.chunk_long_texts else 0}
                 cache.write_shard(plan.cache_path, index, table, record)
                 computed += 1
                 seconds += time.time() - started
@@ -418,6 +440,7 @@ def main(
     trust_remote_code: bool = False,
     encoding_errors: str = "strict",
     deduplicate: bool = True,
+    chunk_long_texts: bool = False,
     dataset: str | None = None,
     dataset_config: str | None = None,
     dataset_split: str | None = None,
@@ -451,6 +474,9 @@ def main(
         encoding_errors: 'strict' (invalid UTF-8 is an error), 'replace' or 'ignore'.
         deduplicate: score each distinct text once (exact string equality, no normalisation) and copy its scores to
             every row that repeats it; --nodeduplicate scores every row.
+        chunk_long_texts: score a text longer than the teacher's max_length as overlapping windows (a quarter of each
+            repeated in the next) instead of cutting it: NLI, per class the logits of the window that entails it most;
+            embeddings, the mean of the windows' normalised embeddings. A cache of its own (the key says so).
         dataset_config: the --dataset's configuration name, if it has several.
         dataset_split: the --dataset's split, e.g. train.
     """
@@ -506,6 +532,8 @@ def main(
     }
     if embedder:  # absent with --embedding_model none, so caches made without embeddings keep their keys
         key_fields["embedding_model"] = embedder.fingerprint
+    if chunk_long_texts:  # absent otherwise, so caches that cut long texts keep their keys
+        key_fields["chunking"] = {"window_overlap": inference.WINDOW_OVERLAP, "nli": "best window per class", "embedding": "mean of windows"}
     key = cache.cache_key(key_fields)
     cache_path = os.path.join(str(cache_dir), key)
     expected = {"key": key, "class_names": class_names, "hypotheses": hypotheses, "num_examples": num_examples, "score_columns": score_columns}
@@ -538,7 +566,7 @@ def main(
     plan = Plan(
         cache_path, teacher, embedder, device, precision, hypotheses, score_columns, text_embedding_column,
         teacher_batch_size or default_pairs, max_batch_tokens or default_tokens, max_length, reuse_by_donor, missing_positions, trust_remote_code,
-        bool(deduplicate), first_copies, shard_size,
+        bool(deduplicate), bool(chunk_long_texts), first_copies, shard_size,
     )
     repeated = int((first_copies != np.arange(num_examples)).sum())
     if repeated:
@@ -561,7 +589,10 @@ def main(
                 + (f"{sealed['forward_passes']['saved_by_deduplication']} saved by scoring {sealed['duplicate_rows']} repeated texts once, "
                    if sealed["duplicate_rows"] else "")
                 + f"{time.time() - started:.1f}s")
-            if sealed["truncated_texts"] is not None:
+            if sealed["chunked_texts"]:
+                log(f"long texts: {sealed['chunked_texts']} of {num_examples} ({sealed['chunked_texts'] / max(num_examples, 1):.1%}) are longer than "
+                    f"the teacher's {sealed['max_length']} tokens and were scored as overlapping windows (--chunk_long_texts)")
+            elif sealed["truncated_texts"] is not None:
                 log(f"long texts: {sealed['truncated_texts']} of {num_examples} ({sealed['truncated_texts'] / max(num_examples, 1):.1%}) are longer than "
                     f"the teacher's {sealed['max_length']} tokens and were cut"
                     + (" (the premise, for at least one hypothesis)" if teacher.kind == "nli" else "")

@@ -120,7 +120,7 @@ def seconds_in(log: str, pattern: str) -> float:
 
 def main(sizes: str | int | tuple = (50_000, 400_000, 1_000_000), stage1_sizes: str | int | tuple = (50_000, 400_000),
          num_classes: int = 10, stage1_classes: int = 2, work_dir: str = "bench/scale", keep: bool = False,
-         stages: str | tuple = ("student", "report", "teacher")) -> None:
+         stages: str | tuple = ("student", "report", "teacher"), stage1_input: str = "txt") -> None:
     """Print peak RSS and time per stage and size as markdown tables.
 
     Args:
@@ -131,6 +131,7 @@ def main(sizes: str | int | tuple = (50_000, 400_000, 1_000_000), stage1_sizes: 
         work_dir: where caches and models go (about 1.6 GB per million examples).
         keep: keep the caches afterwards (they are deleted per size otherwise, to save disk).
         stages: which to measure: student (train_student.py), report (evaluate.py --teacher_cache alone), teacher (teacher_infer.py).
+        stage1_input: stage 1's input: txt (one file) or directory (a directory of parquet files, 100,000 texts each).
     """
     stages = stages.split(",") if isinstance(stages, str) else list(stages)
     as_list = lambda v: [int(s) for s in (v.split(",") if isinstance(v, str) else v if isinstance(v, (tuple, list)) else [v])]  # noqa: E731
@@ -174,7 +175,8 @@ def main(sizes: str | int | tuple = (50_000, 400_000, 1_000_000), stage1_sizes: 
 
     if "teacher" not in stages:
         return
-    print(f"\nStage 1 (teacher_infer.py, tiny random NLI teacher, {stage1_classes} classes, --teacher_batch_size 256):\n")
+    print(f"\nStage 1 (teacher_infer.py, tiny random NLI teacher, {stage1_classes} classes, --teacher_batch_size 256, "
+          f"input: {'a directory of parquet files' if stage1_input == 'directory' else 'one .txt file'}):\n")
     print("| examples | peak RSS (MB) | wall (s) | pairs/s |")
     print("| --- | --- | --- | --- |")
     stage1 = {}
@@ -183,19 +185,30 @@ def main(sizes: str | int | tuple = (50_000, 400_000, 1_000_000), stage1_sizes: 
     with open(classes, "w") as f:
         f.write("".join(f"topic {k}\n" for k in range(stage1_classes)))
     for n in as_list(stage1_sizes):
-        data = os.path.join(work_dir, f"texts-{n}.txt")
-        with open(data, "w") as f:
-            for start in range(0, n, SHARD_SIZE):
-                f.write("".join(t + "\n" for t in synthetic_texts(rng, words, min(SHARD_SIZE, n - start))))
+        if stage1_input == "directory":
+            import pyarrow.parquet as pq
+
+            data = os.path.join(work_dir, f"texts-{n}")
+            shutil.rmtree(data, ignore_errors=True)
+            os.makedirs(data)
+            for start in range(0, n, 100_000):
+                with pq.ParquetWriter(os.path.join(data, f"part-{start // 100_000:05d}.parquet"), pa.schema([("text", pa.string())])) as writer:
+                    for chunk in range(start, min(start + 100_000, n), SHARD_SIZE):
+                        writer.write_table(pa.table({"text": synthetic_texts(rng, words, min(SHARD_SIZE, n - chunk, start + 100_000 - chunk))}))
+        else:
+            data = os.path.join(work_dir, f"texts-{n}.txt")
+            with open(data, "w") as f:
+                for start in range(0, n, SHARD_SIZE):
+                    f.write("".join(t + "\n" for t in synthetic_texts(rng, words, min(SHARD_SIZE, n - start))))
         cache_dir = os.path.join(work_dir, f"stage1-{n}")
         shutil.rmtree(cache_dir, ignore_errors=True)
         rss, wall, _ = measured("teacher_infer.py", "--data_file", data, "--class_names_file", classes, "--teacher_name_or_path", teacher,
-                                "--cache_dir", cache_dir, "--no_cuda", "--teacher_batch_size", "256")
+                                "--cache_dir", cache_dir, "--no_cuda", "--teacher_batch_size", "256", "--embedding_model", "none")
         stage1[n] = rss
         print(f"| {n:,} | {rss:.0f} | {wall:.1f} | {n * stage1_classes / wall:.0f} |", flush=True)
         if not keep:
             shutil.rmtree(cache_dir)
-            os.remove(data)
+            shutil.rmtree(data) if os.path.isdir(data) else os.remove(data)
     if len(stage1) > 1:
         a, b = min(stage1), max(stage1)
         print(f"\nStage 1 peak RSS growth {a:,} -> {b:,} examples: {stage1[b] - stage1[a]:+.0f} MB")

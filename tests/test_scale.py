@@ -39,6 +39,8 @@ def assert_same_cache(a, b, atol=1e-6):
 
 
 def test_torchrun_two_processes_equals_one(corpus, teachers):
+    # The last rows repeat the first ones: their shards (rank 0 and 1) copy from both ranks' earlier shards.
+    (corpus / "texts.txt").write_text("\n".join(TEXTS + TEXTS[:6]) + "\n")
     args = ["--data_file", corpus / "texts.txt", "--class_names_file", corpus / "classes.txt", "--teacher_name_or_path", teachers["upper"], "--shard_size", "4"]
     one = teacher_infer.main(data_file=str(corpus / "texts.txt"), class_names_file=str(corpus / "classes.txt"), teacher_name_or_path=teachers["upper"],
                              shard_size=4, cache_dir=str(corpus / "one"))
@@ -53,8 +55,12 @@ def test_torchrun_two_processes_equals_one(corpus, teachers):
     assert os.path.basename(two) == os.path.basename(one)
     assert "[teacher rank 1]" in result.stderr and "[teacher rank 0]" in result.stderr
     assert_same_cache(one, two)
-    shards = json.load(open(os.path.join(two, "manifest.json")))["shards"]
-    assert len(shards) == 7 and all(s["sha256"] for s in shards)
+    manifest = json.load(open(os.path.join(two, "manifest.json")))
+    assert len(manifest["shards"]) == 8 and all(s["sha256"] for s in manifest["shards"])
+    assert manifest["duplicate_rows"] == 6 and manifest["forward_passes"]["computed"] == 26 * len(CLASS_NAMES)
+    _, texts, columns = table_of(two)
+    for name, values in columns.items():
+        np.testing.assert_array_equal(values[26:], values[:6])  # every copy exactly its first copy's scores
 
 
 def test_crash_after_first_shard_resumes_without_recomputing_it(corpus, teachers, monkeypatch):

@@ -369,3 +369,46 @@ def test_duplicates_are_scored_once_and_every_copy_gets_the_same_scores(teachers
         # ... and the same as scoring every row, within batching's floating-point noise.
         print(f"largest difference from scoring every row ({kind}, {name}): {np.abs(values - plain[name]).max():.2e}")
         assert np.abs(values - plain[name]).max() < 1e-5, (name, np.abs(values - plain[name]).max())
+
+
+@pytest.mark.parametrize("kind", ["nli", "embedding"])
+def test_chunked_long_texts_aggregate_their_windows_by_the_documented_rule(teachers, embedding_teacher, tmp_path, kind):
+    words = "cat dog house tree river music bread money phone rain doctor game".split()  # one WordPiece token each
+    rng = np.random.default_rng(0)
+    long_text = " ".join(rng.choice(words, size=150))
+    short = CORPUS[:3]
+    (tmp_path / "classes.txt").write_text("sports\nfinance stock market\nfood\n")
+    (tmp_path / "texts.txt").write_text("\n".join(short + [long_text]) + "\n")
+    teacher = teachers["upper"] if kind == "nli" else embedding_teacher
+    tokenizer = zs_teacher.load_tokenizer(zs_teacher.resolve_teacher(teacher))[0]
+    ids = tokenizer(long_text, add_special_tokens=False)["input_ids"]
+    size = 64 - 3 - 7 if kind == "nli" else 64 - 2  # beside the longest hypothesis (7 tokens) / with [CLS] and [SEP]
+    parts = inference.windows(ids, size)
+    assert len(parts) == (4 if kind == "nli" else 3) and parts[-1][-1] == ids[-1] and all(len(p) == size for p in parts)
+    window_texts = [tokenizer.decode(p) for p in parts]
+    assert [tokenizer(t, add_special_tokens=False)["input_ids"] for t in window_texts] == parts  # each window re-reads as itself
+    (tmp_path / "windows.txt").write_text("\n".join(short + window_texts) + "\n")
+
+    def run(data, **kwargs):
+        path = teacher_infer.main(data_file=str(tmp_path / data), class_names_file=str(tmp_path / "classes.txt"), teacher_name_or_path=teacher,
+                                  cache_dir=str(tmp_path / "cache"), **kwargs)
+        manifest, table = cache.load_cache(path)
+        names = [*manifest["score_columns"], *([manifest["text_embedding_column"]] if manifest["text_embedding_column"] else [])]
+        return path, manifest, {name: np.array(table.column(name).to_pylist()) for name in names}
+
+    chunked_path, manifest, chunked = run("texts.txt", chunk_long_texts=True)
+    plain_path, plain_manifest, _ = run("texts.txt")
+    _, _, windowed = run("windows.txt")
+    assert os.path.basename(chunked_path) != os.path.basename(plain_path)  # a cache of its own
+    assert (manifest["chunked_texts"], manifest["truncated_texts"]) == (1, 0) and plain_manifest["truncated_texts"] == 1
+    for name, values in chunked.items():
+        np.testing.assert_allclose(values[:3], windowed[name][:3], atol=1e-5)  # short texts: as without chunking
+    if kind == "nli":
+        margin = windowed["entailment"][3:] - windowed["contradiction"][3:]
+        best = margin.argmax(0)  # per class, the window that entails it most
+        for name in ("entailment", "contradiction", "neutral"):
+            np.testing.assert_allclose(chunked[name][3], windowed[name][3:][best, np.arange(3)], atol=1e-5)
+    else:
+        total = windowed["text_embedding"][3:].sum(0)
+        np.testing.assert_allclose(chunked["text_embedding"][3], total / np.linalg.norm(total), atol=1e-5)
+        np.testing.assert_allclose(chunked["similarity"][3], windowed["similarity"][3:].sum(0) / np.linalg.norm(total), atol=1e-5)

@@ -173,6 +173,7 @@ def seal(cache_path: str, manifest: dict, max_length: int | None) -> dict | None
             "duplicate_rows": sum(r.get("duplicate_rows", 0) for r in records),
             # None when a shard was written before zsdistill counted them (such shards are kept, not recomputed).
             "truncated_texts": sum(r["truncated_texts"] for r in records) if all("truncated_texts" in r for r in records) else None,
+            "chunked_texts": sum(r.get("chunked_texts", 0) for r in records),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         write_json_atomic(os.path.join(cache_path, MANIFEST), sealed)

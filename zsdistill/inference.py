@@ -186,11 +186,25 @@ def embed(
     on_batch=None,
 ) -> np.ndarray:
     """L2-normalised sentence embeddings (n, hidden), float32, pooled as sentence-transformers does."""
-    device = next(model.parameters()).device
     ids = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
+    return embed_ids(model, ids, tokenizer.pad_token_id or 0, max_items, max_tokens, pooling, precision, stats, on_batch)
+
+
+def embed_ids(
+    model,
+    ids: list[list[int]],
+    pad_id: int,
+    max_items: int,
+    max_tokens: int,
+    pooling: str = "mean",
+    precision: str = "fp32",
+    stats: Stats | None = None,
+    on_batch=None,
+) -> np.ndarray:
+    """embed() of texts already tokenized (special tokens included)."""
+    device = next(model.parameters()).device
     lengths = np.array([len(i) for i in ids])
-    out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
-    pad_id = tokenizer.pad_token_id or 0
+    out = np.empty((len(ids), model.config.hidden_size), dtype=np.float32)
     pending = []  # embeddings stay on the device until the end, as in nli_logits
     with torch.inference_mode(), _autocast(device, precision):
         for batch in length_sorted_batches(lengths, max_items, max_tokens):
@@ -211,3 +225,60 @@ def embed(
     for batch, embeddings in pending:
         out[batch] = embeddings.cpu().numpy()
     return out
+
+
+# ---------------------------------------------------------------- long texts as overlapping windows (--chunk_long_texts)
+
+WINDOW_OVERLAP = 0.25  # each window repeats the last quarter of the one before: a sentence cut by one is whole in the next
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a single text (e.g. [CLS] ... [SEP]), read from a probe encoding."""
+    probe = tokenizer("a")
+    content = [i for i, segment in enumerate(probe.sequence_ids()) if segment == 0]
+    return probe["input_ids"][: content[0]], probe["input_ids"][content[-1] + 1 :]
+
+
+def windows(ids: list[int], size: int) -> list[list[int]]:
+    """`ids` as windows of at most `size` tokens, each starting (1 - WINDOW_OVERLAP) * size after the one before,
+    the last ending at the end; a text that fits is its own single window."""
+    if len(ids) <= size:
+        return [ids]
+    stride = max(1, size - int(size * WINDOW_OVERLAP))
+    starts = list(range(0, len(ids) - size, stride)) + [len(ids) - size]
+    return [ids[start : start + size] for start in starts]
+
+
+def windows_of(texts_ids: list[list[int]], size: int) -> tuple[list[list[int]], np.ndarray]:
+    """Every text's windows in one list, and the text each window belongs to."""
+    flat, owners = [], []
+    for text, ids in enumerate(texts_ids):
+        parts = windows(ids, size)
+        flat += parts
+        owners += [text] * len(parts)
+    return flat, np.array(owners, dtype=np.int64)
+
+
+def aggregate_nli(logits: np.ndarray, owners: np.ndarray, num_texts: int, entailment: int, contradiction: int) -> np.ndarray:
+    """(windows, K, labels) -> (texts, K, labels): per text and class, every label's logits from the window that
+    entails the class most (the largest entailment - contradiction margin). One rule serves single-label targets
+    (a class is as supported as its best passage) and multi-label ones (each class judged on its best passage)."""
+    margin = logits[:, :, entailment] - logits[:, :, contradiction]
+    out = np.empty((num_texts,) + logits.shape[1:], dtype=np.float32)
+    counts = np.bincount(owners, minlength=num_texts)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])  # windows are grouped by text, in order
+    single = counts == 1
+    out[single] = logits[first[single]]
+    classes = np.arange(logits.shape[1])
+    for text in np.flatnonzero(~single).tolist():
+        rows = slice(first[text], first[text] + counts[text])
+        best = first[text] + margin[rows].argmax(0)
+        out[text] = logits[best, classes]
+    return out
+
+
+def aggregate_embeddings(embeddings: np.ndarray, owners: np.ndarray, num_texts: int) -> np.ndarray:
+    """(windows, H) -> (texts, H): the mean of a text's L2-normalised window embeddings, L2-normalised again."""
+    out = np.zeros((num_texts, embeddings.shape[1]), dtype=np.float32)
+    np.add.at(out, owners, embeddings)
+    return out / np.clip(np.linalg.norm(out, axis=1, keepdims=True), 1e-12, None)
