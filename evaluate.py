@@ -324,6 +324,40 @@ def inspect_cache(teacher_cache: str, output_dir: str) -> dict:
     return {"cache_report": report}
 
 
+def teacher_against_labels(teacher_cache: str, test_file: str, output_dir: str, text_column: str, label_column: str) -> dict:
+    """The teacher alone on a labeled set (before any student): its single-label metrics from the cache of the labeled
+    texts, and the label-free report with each warning checked against the labels (e.g. on a small dev set, to
+    compare class names or templates)."""
+    texts, labels = data.read_labeled(test_file, text_column, label_column)
+    manifest, table = cache.load_cache(teacher_cache)
+    if table.column("text").to_pylist() != texts:
+        raise UserError(f"--teacher_cache {teacher_cache} was not made from the texts of {test_file} (in the same order); run "
+                        f"teacher_infer.py on the test file (--data_file {test_file} --text_column {text_column})")
+    class_names = manifest["class_names"]
+    true = encode_labels(labels, class_names, False, test_file)
+    probabilities = targets.cache_probabilities(teacher_cache, manifest, False)
+    report = {"teacher_cache": os.path.abspath(teacher_cache), "test_file": os.path.abspath(test_file), "num_examples": len(texts),
+              "class_names": class_names, "teacher": {"name_or_path": manifest["teacher"]["name_or_path"],
+                                                      "metrics": single_label_metrics(true, probabilities, class_names)},
+              "cache_report": cache_report.build(teacher_cache, manifest, log)}
+    cache_report.confirm_with_labels(report["cache_report"], true, probabilities.argmax(1))
+    metrics = report["teacher"]["metrics"]
+    lines = [f"# Teacher against labels: {manifest['teacher']['name_or_path']}", "",
+             f"Test set: `{test_file}` ({len(texts)} examples, {len(class_names)} classes); template `{manifest['hypothesis_template']}`.", "",
+             f"Accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, ECE {metrics['ece']:.4f}.", "",
+             "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |" for name, m in metrics["per_class"].items()]
+    look = cache_report.markdown(report["cache_report"], heading="##")
+    with writing_report(output_dir):
+        confusion_png(os.path.join(output_dir, "confusion_teacher.png"), metrics["confusion_matrix"], class_names, "teacher")
+        cache_report.write_plots(output_dir, report["cache_report"])
+        for name, text in (("report.md", "\n".join(lines) + "\n\n" + look), ("report.json", json.dumps(report, indent=2) + "\n")):
+            with cache.atomic_file(os.path.join(output_dir, name), "w") as f:
+                f.write(text)
+    print("\n".join(lines[:5]) + "\n\n" + look.split("\n### Class shares")[0].rstrip() + f"\n\n(the rest of it: {os.path.join(output_dir, 'report.md')})\n")
+    return report
+
+
 def main(
     *,
     model: str | None = None,
@@ -341,7 +375,8 @@ def main(
     report what the teacher sees in a cache without any label (look before you train).
 
     Args:
-        model: a student directory written by train_student.py (with --test_file; neither: the label-free report).
+        model: a student directory written by train_student.py (with --test_file). Without it: the teacher alone
+            (--teacher_cache: its label-free report; with --test_file, its metrics and that report checked against the labels).
         test_file: labeled data: .jsonl/.csv/.parquet with text and label columns, or .tsv/.txt lines 'label<TAB>text'.
         teacher_cache: a cache made by teacher_infer.py: alone, its label-free report; with --model and --test_file
             (the cache of the test texts), the teacher's metrics and the label-free report, its warnings checked against the labels.
@@ -359,9 +394,11 @@ def main(
         if time_teacher:
             raise UserError("--time_teacher times the teacher against the student: give --model and --test_file too")
         return inspect_cache(str(teacher_cache), str(output_dir))
+    if model is None and teacher_cache:
+        return teacher_against_labels(str(teacher_cache), str(test_file), str(output_dir), text_column, label_column)
     if model is None or test_file is None:
-        raise UserError(f"--{'model' if model is None else 'test_file'} is missing: a labeled report needs both --model and --test_file; "
-                        f"for the label-free report of a cache, give only --teacher_cache")
+        raise UserError(f"--{'model' if model is None else 'test_file'} is missing: a student's report needs both --model and --test_file; "
+                        f"the teacher alone needs --teacher_cache (with --test_file, against its labels)")
 
     # 1. Cheap validation first: test file, model config, labels, cache.
     texts, labels = data.read_labeled(str(test_file), text_column, label_column)

@@ -55,9 +55,14 @@ def test_a_class_never_predicted_is_named_with_the_class_that_takes_its_texts(tm
     assert [w["classes"] for w in rare] == [["doctor"]]
     assert "'doctor' is never the teacher's top class" in rare[0]["message"] and "its texts go to 'soccer'" in rare[0]["message"]
     assert "'doctor' is never the teacher's top class" in open(tmp_path / "report" / "report.md").read()
-    # Held-out labels confirm it: the teacher's recall of 'doctor' is 0.
-    cache_report.confirm_with_labels(report, labels, columns["entailment"].argmax(1))
-    assert rare[0]["labels"]["confirmed"] and "recall of 'doctor' 0.00" in rare[0]["labels"]["evidence"]
+    # Held-out labels confirm it: the teacher's recall of 'doctor' is 0 (evaluate.py --teacher_cache --test_file).
+    (tmp_path / "labeled.jsonl").write_text("".join(json.dumps({"text": t, "label": CLASSES[y]}) + "\n" for t, y in zip(texts, labels)))
+    labeled = evaluate.main(teacher_cache=path, test_file=str(tmp_path / "labeled.jsonl"), output_dir=str(tmp_path / "labeled"))
+    confirmed = [w for w in labeled["cache_report"]["warnings"] if w["kind"] == "rarely_predicted"][0]["labels"]
+    assert confirmed["confirmed"] and "recall of 'doctor' 0.00" in confirmed["evidence"]
+    assert labeled["teacher"]["metrics"]["per_class"]["doctor"]["recall"] == 0.0
+    markdown = open(tmp_path / "labeled" / "report.md").read()
+    assert "| doctor | 0.000 | 0.000 |" in markdown and "*Labels: teacher recall of 'doctor' 0.00" in markdown and "confirmed.*" in markdown
 
 
 def test_two_identical_class_names_are_flagged(tmp_path):
@@ -102,6 +107,7 @@ def test_refinement_sample_covers_the_corpus_evenly(tmp_path):
 def test_model_without_test_file_is_a_one_line_error(tmp_path):
     result = run_main("evaluate.py", "--model", str(tmp_path), "--output_dir", str(tmp_path / "r"))
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "error: --test_file is missing: a labeled report needs both --model and --test_file; for the label-free report of a cache, give only --teacher_cache"]
+        "error: --test_file is missing: a student's report needs both --model and --test_file; the teacher alone needs --teacher_cache "
+        "(with --test_file, against its labels)"]
     result = run_main("evaluate.py", "--output_dir", str(tmp_path / "r"))
     assert result.returncode == 2 and "give --teacher_cache CACHE" in result.stderr
