@@ -93,14 +93,14 @@ class View:
         out = {"texts": int(self.count.sum()), "classes": {}}
         for c, name in enumerate(class_names):
             predicted = int(self.count[c])
-            seconds = self.runner_up[c]
+            second_place = self.runner_up[c]
             out["classes"][name] = {
                 "predicted": predicted,
                 "share": predicted / n,
                 "soft_share": float(self.probability_sum[c] / n),
                 "mean_confidence": float(self.confidence_sum[c] / predicted) if predicted else None,
                 "confidence_histogram": self.histogram[c].tolist(),
-                "usual_runner_up": class_names[int(seconds.argmax())] if predicted and len(class_names) > 1 else None,
+                "usual_runner_up": class_names[int(second_place.argmax())] if predicted and len(class_names) > 1 else None,
                 "most_confident": [{"row": r, "confidence": round(p, 4), "text": texts[r]} for p, r in self.confident[c]],
                 "most_borderline": [
                     {"row": r, "confidence": round(p, 4), "runner_up": class_names[s], "runner_up_probability": round(q, 4), "text": texts[r]}
