@@ -9,6 +9,7 @@ recomputed); after a crash it computes only the missing shards; with more class 
 the new hypotheses and reuses the rest from earlier caches of the same data and teacher.
 """
 
+import array
 import contextlib
 import datetime
 import glob
@@ -500,7 +501,7 @@ def main(
     else:
         source = {"dataset": str(dataset), "config": dataset_config, "split": dataset_split, "text_column": text_column}
         read_texts = lambda: data.iter_dataset(str(dataset), dataset_config, dataset_split, str(text_column))  # noqa: E731
-    text_hashes = [] if deduplicate else None
+    text_hashes = array.array("q") if deduplicate else None
     num_examples, data_fingerprint = data.scan_texts(str(data_file or f"--dataset {dataset}"), texts=read_texts(), text_hashes=text_hashes)
     first_copies = data.first_copies(text_hashes) if deduplicate else np.arange(num_examples, dtype=np.int64)
     del text_hashes
