@@ -308,6 +308,13 @@ def writing_report(output_dir: str):
     return writing_to(output_dir, "the report", "free space there, or pass another --output_dir")
 
 
+def write_report_files(output_dir: str, markdown: str, report: dict) -> None:
+    """report.md, then report.json, each written atomically."""
+    for name, text in (("report.md", markdown), ("report.json", json.dumps(report, indent=2) + "\n")):
+        with cache.atomic_file(os.path.join(output_dir, name)) as f:
+            f.write(text)
+
+
 def inspect_cache(teacher_cache: str, output_dir: str) -> dict:
     """The label-free report of a cache alone: what the teacher sees, before any training (`make inspect`)."""
     manifest, _ = cache.load_cache(str(teacher_cache))
@@ -316,10 +323,8 @@ def inspect_cache(teacher_cache: str, output_dir: str) -> dict:
     with writing_report(str(output_dir)):
         cache_report.write_plots(str(output_dir), report)
         markdown = cache_report.markdown(report)
-        for name, text in (("report.md", markdown), ("report.json", json.dumps({"cache_report": report}, indent=2) + "\n")):
-            with cache.atomic_file(os.path.join(str(output_dir), name)) as f:
-                f.write(text)
-    print(markdown.split("\n## Class shares")[0].rstrip() + f"\n\n(the rest of it: {os.path.join(str(output_dir), 'report.md')})\n")
+        write_report_files(str(output_dir), markdown, {"cache_report": report})
+    print(cache_report.head(markdown, os.path.join(str(output_dir), "report.md")))
     log(f"wrote {os.path.join(str(output_dir), 'report.md')} ({len(report['warnings'])} warnings) and its plots")
     return {"cache_report": report}
 
@@ -351,10 +356,8 @@ def teacher_against_labels(teacher_cache: str, test_file: str, output_dir: str, 
     with writing_report(output_dir):
         confusion_png(os.path.join(output_dir, "confusion_teacher.png"), metrics["confusion_matrix"], class_names, "teacher")
         cache_report.write_plots(output_dir, report["cache_report"])
-        for name, text in (("report.md", "\n".join(lines) + "\n\n" + look), ("report.json", json.dumps(report, indent=2) + "\n")):
-            with cache.atomic_file(os.path.join(output_dir, name), "w") as f:
-                f.write(text)
-    print("\n".join(lines[:5]) + "\n\n" + look.split("\n### Class shares")[0].rstrip() + f"\n\n(the rest of it: {os.path.join(output_dir, 'report.md')})\n")
+        write_report_files(output_dir, "\n".join(lines) + "\n\n" + look, report)
+    print("\n".join(lines[:5]) + "\n\n" + cache_report.head(look, os.path.join(output_dir, "report.md")))
     return report
 
 
@@ -500,10 +503,8 @@ def write_labeled_report(report: dict, output_dir: str, model: str, test_file: s
         cache_report.write_plots(output_dir, report["cache_report"])
         look = cache_report.markdown(report["cache_report"], heading="##")
         markdown += "\n" + look
-        shown += "\n" + look.split("\n### Class shares")[0].rstrip() + f"\n\n(the rest of it: {os.path.join(output_dir, 'report.md')})\n"
-    for name, text in (("report.md", markdown), ("report.json", json.dumps(report, indent=2) + "\n")):
-        with cache.atomic_file(os.path.join(output_dir, name)) as f:
-            f.write(text)
+        shown += "\n" + cache_report.head(look, os.path.join(output_dir, "report.md"))
+    write_report_files(output_dir, markdown, report)
     print(shown)
 
 

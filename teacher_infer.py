@@ -182,6 +182,7 @@ class Scorer:
             missing = [plan.hypotheses[i] for i in plan.missing_positions]
             if plan.teacher.kind == "nli":
                 self.encoder = inference.PairEncoder(self.tokenizer, self.max_length)
+                self.window = self.encoder.shortest_budget(plan.hypotheses)  # --chunk_long_texts: premise tokens a window holds
                 self.hypothesis_ids = self.encoder.tokenize(missing)
             else:
                 self.hypothesis_embeddings = self._embed(self.model, self.tokenizer, missing, self.max_length, plan.teacher.pooling)
@@ -199,8 +200,7 @@ class Scorer:
                 max_length = models.resolve_max_length(tokenizer, config, plan.max_length)
             budget = None
             if plan.teacher.kind == "nli":
-                encoder = inference.PairEncoder(tokenizer, max_length)
-                budget = min(encoder.premise_budget(len(ids)) for ids in encoder.tokenize(plan.hypotheses))
+                budget = inference.PairEncoder(tokenizer, max_length).shortest_budget(plan.hypotheses)
             self.counting_tokenizer = (tokenizer, max_length, budget)
         tokenizer, max_length, budget = self.counting_tokenizer
         if budget is not None:  # premise tokens without special tokens; the budget is below max_length, so one more suffices
@@ -233,14 +233,10 @@ class Scorer:
             )
         # Each long text as overlapping windows that fit beside the longest hypothesis; per class, its best window.
         ids = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-        parts, owners = inference.windows_of(ids, self.window_size())
+        parts, owners = inference.windows_of(ids, self.window)
         logits = inference.nli_logits(self.model, self.encoder, parts, self.hypothesis_ids, plan.batch_pairs, plan.batch_tokens, plan.precision, self.stats)
         on_batch(len(texts) * len(plan.missing_positions))
         return inference.aggregate_nli(logits, owners, len(texts), plan.teacher.entailment_index, plan.teacher.contradiction_index)
-
-    def window_size(self) -> int:
-        """NLI --chunk_long_texts: premise tokens that fit beside every hypothesis (the longest one leaves the fewest)."""
-        return min(self.encoder.premise_budget(len(ids)) for ids in self.encoder.tokenize(self.plan.hypotheses))
 
     def teacher_embeddings(self, texts: list[str], on_batch) -> np.ndarray:
         self._load_teacher()

@@ -20,6 +20,7 @@ report, where the labels confirm or refute each warning.
 """
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -481,3 +482,8 @@ def markdown(report: dict, heading: str = "#") -> str:
             lines.append("- no text has it as its top class")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def head(markdown_text: str, report_path: str) -> str:
+    """What a stage prints of the report: its summary and warnings, and where the rest is."""
+    return re.split(r"\n#+ Class shares", markdown_text)[0].rstrip() + f"\n\n(the rest of it: {report_path})\n"

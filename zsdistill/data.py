@@ -148,7 +148,7 @@ def _iter_saved_dataset(path: str, text_column: str) -> Iterator[str]:
             reader = ipc.open_stream(f)
             _table_column(path, reader.schema.names, text_column, "--text_column")
             for batch in reader:
-                for index, text in enumerate(batch.column(text_column).to_pylist()):
+                for text in batch.column(text_column).to_pylist():
                     if not isinstance(text, str) or not text.strip():
                         raise UserError(f"{path}: a row of column {text_column!r} is empty or not a string; every row must hold a text")
                     yield text

@@ -61,6 +61,10 @@ class PairEncoder:
             )
         return budget
 
+    def shortest_budget(self, hypotheses: list[str]) -> int:
+        """Premise tokens that fit beside every hypothesis: the longest hypothesis leaves the fewest."""
+        return min(self.premise_budget(len(ids)) for ids in self.tokenize(hypotheses))
+
     def encode(self, premise: list[int], hypothesis: list[int]) -> tuple[list[int], list[int]]:
         premise = premise[: self.premise_budget(len(hypothesis))]
         ids = self.prefix + premise + self.middle + hypothesis + self.suffix
