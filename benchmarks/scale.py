@@ -120,7 +120,8 @@ def seconds_in(log: str, pattern: str) -> float:
 
 def main(sizes: str | int | tuple = (50_000, 400_000, 1_000_000), stage1_sizes: str | int | tuple = (50_000, 400_000),
          num_classes: int = 10, stage1_classes: int = 2, work_dir: str = "bench/scale", keep: bool = False,
-         stages: str | tuple = ("student", "report", "teacher"), stage1_input: str = "txt") -> None:
+         stages: str | tuple = ("student", "report", "teacher"), stage1_input: str = "txt",
+         stage1_max_length: int | None = None) -> None:
     """Print peak RSS and time per stage and size as markdown tables.
 
     Args:
@@ -132,6 +133,9 @@ def main(sizes: str | int | tuple = (50_000, 400_000, 1_000_000), stage1_sizes: 
         keep: keep the caches afterwards (they are deleted per size otherwise, to save disk).
         stages: which to measure: student (train_student.py), report (evaluate.py --teacher_cache alone), teacher (teacher_infer.py).
         stage1_input: stage 1's input: txt (one file) or directory (a directory of parquet files, 100,000 texts each).
+        stage1_max_length: stage 1's --max_length (unset: the tiny teacher's 128). The peak comes from the largest batch
+            of the longest texts; at 128 tokens a larger corpus holds more texts that long (so larger such batches),
+            at a lower limit every size fills its batches to the limit and the sizes compare like for like.
     """
     stages = stages.split(",") if isinstance(stages, str) else list(stages)
     as_list = lambda v: [int(s) for s in (v.split(",") if isinstance(v, str) else v if isinstance(v, (tuple, list)) else [v])]  # noqa: E731
@@ -176,9 +180,10 @@ def main(sizes: str | int | tuple = (50_000, 400_000, 1_000_000), stage1_sizes: 
     if "teacher" not in stages:
         return
     print(f"\nStage 1 (teacher_infer.py, tiny random NLI teacher, {stage1_classes} classes, --teacher_batch_size 256, "
-          f"input: {'a directory of parquet files' if stage1_input == 'directory' else 'one .txt file'}):\n")
-    print("| examples | peak RSS (MB) | wall (s) | pairs/s |")
-    print("| --- | --- | --- | --- |")
+          f"input: {'a directory of parquet files' if stage1_input == 'directory' else 'one .txt file'}, "
+          f"max_length {stage1_max_length or 'the teacher default (128)'}):\n")
+    print("| examples | peak RSS (MB) | wall (s) | pairs/s | texts cut at max_length |")
+    print("| --- | --- | --- | --- | --- |")
     stage1 = {}
     rng, words = np.random.default_rng(1), vocabulary()
     classes = os.path.join(work_dir, "classes.txt")
@@ -202,10 +207,12 @@ def main(sizes: str | int | tuple = (50_000, 400_000, 1_000_000), stage1_sizes: 
                     f.write("".join(t + "\n" for t in synthetic_texts(rng, words, min(SHARD_SIZE, n - start))))
         cache_dir = os.path.join(work_dir, f"stage1-{n}")
         shutil.rmtree(cache_dir, ignore_errors=True)
-        rss, wall, _ = measured("teacher_infer.py", "--data_file", data, "--class_names_file", classes, "--teacher_name_or_path", teacher,
-                                "--cache_dir", cache_dir, "--no_cuda", "--teacher_batch_size", "256", "--embedding_model", "none")
+        rss, wall, log = measured("teacher_infer.py", "--data_file", data, "--class_names_file", classes, "--teacher_name_or_path", teacher,
+                                  "--cache_dir", cache_dir, "--no_cuda", "--teacher_batch_size", "256", "--embedding_model", "none",
+                                  *(["--max_length", str(stage1_max_length)] if stage1_max_length else []))
         stage1[n] = rss
-        print(f"| {n:,} | {rss:.0f} | {wall:.1f} | {n * stage1_classes / wall:.0f} |", flush=True)
+        cut = re.search(r"long texts: (\d+) of", log)
+        print(f"| {n:,} | {rss:.0f} | {wall:.1f} | {n * stage1_classes / wall:.0f} | {f'{int(cut.group(1)) / n:.2%}' if cut else '-'} |", flush=True)
         if not keep:
             shutil.rmtree(cache_dir)
             shutil.rmtree(data) if os.path.isdir(data) else os.remove(data)
