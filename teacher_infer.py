@@ -382,20 +382,54 @@ def return_freed_memory() -> None:
         pass
 
 
-def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], texts_iter, rank: int, world_size: int) -> None:
-    """Score and write every shard of this rank that is not complete yet (shard i belongs to rank i % world_size)."""
+def scan_input(scan, deduplicate: bool, rank: int, world_size: int) -> tuple[int, str, np.ndarray, list[int] | None]:
+    """One pass over the input: count and validate its rows, fingerprint them, and find the repeated texts.
+    `scan(text_hashes, file_rows)` is data.scan_texts over the input. Under torchrun only rank 0 reads the input here
+    and sends the others what it found, so every rank later reads only its own shards' rows.
+    Returns (rows, fingerprint, each row's first copy, rows per input file or None)."""
+    found = error = None
+    if rank == 0:
+        try:
+            text_hashes, file_rows = (array.array("q") if deduplicate else None), []
+            num_examples, fingerprint = scan(text_hashes, file_rows)
+            first_copies = data.first_copies(text_hashes) if deduplicate else None
+            found = (num_examples, fingerprint, file_rows or None)
+            del text_hashes
+        except UserError as e:
+            if world_size == 1:
+                raise
+            error = str(e)
+    if world_size > 1:
+        box = [error, found]
+        torch.distributed.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            raise UserError(box[0])  # every rank stops with rank 0's one-line error
+        found = box[1]
+        if deduplicate:
+            shared = torch.from_numpy(first_copies) if rank == 0 else torch.empty(found[0], dtype=torch.int64)
+            torch.distributed.broadcast(shared, src=0)
+            first_copies = shared.numpy()
+    num_examples, fingerprint, file_rows = found
+    return num_examples, fingerprint, (first_copies if deduplicate else np.arange(num_examples, dtype=np.int64)), file_rows
+
+
+def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], read_rows, rank: int, world_size: int) -> None:
+    """Score and write every shard of this rank that is not complete yet (shard i belongs to rank i % world_size),
+    reading only those shards' rows (`read_rows(ranges)` yields the texts of the given [start, stop) row ranges)."""
     scorer, donors = Scorer(plan), {}
     mine = [i for i in range(len(bounds)) if i % world_size == rank]
+    todo = [i for i in mine if cache.read_done_record(plan.cache_path, i, *bounds[i]) is None]
     progress = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in mine), unit="ex", desc=f"teacher rank {rank}" if world_size > 1 else "teacher",
                     mininterval=1.0, smoothing=0.1, dynamic_ncols=True)
-    skipped = computed = 0
+    progress.update(sum(bounds[i][1] - bounds[i][0] for i in mine if i not in todo))
+    skipped, computed = len(mine) - len(todo), 0
     seconds = 0.0
     reused_per_row = len(plan.hypotheses) - len(plan.missing_positions)
+    texts_iter = read_rows([bounds[i] for i in todo])
     try:
-        for index, (start, stop) in enumerate(bounds):
-            texts = [next(texts_iter) for _ in range(stop - start)]  # every rank reads every row: the input is a stream
-            if index not in mine:
-                continue
+        for index in todo:
+            start, stop = bounds[index]
+            texts = [next(texts_iter) for _ in range(stop - start)]
             with cache.file_lock(os.path.join(plan.cache_path, f"shard-{index:05d}.lock")), gpu_memory_advice(plan.batch_pairs, plan.batch_tokens):
                 if cache.read_done_record(plan.cache_path, index, start, stop) is not None:
                     skipped += 1
@@ -418,7 +452,7 @@ def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], texts_iter, rank: i
         progress.close()  # also on an error: its message then starts on a line of its own
     stats = scorer.stats
     log(
-        f"this process: {computed} shards computed ({stats.forward_passes} forward passes in {seconds:.1f}s, "
+        f"this process: read {sum(bounds[i][1] - bounds[i][0] for i in todo)} of {bounds[-1][1]} texts (its shards not complete yet); {computed} shards computed ({stats.forward_passes} forward passes in {seconds:.1f}s, "
         f"{stats.forward_passes / max(seconds, 1e-9):.1f}/s), {skipped} shards already complete and reused"
         + (f"; padding {1 - stats.tokens / stats.padded_tokens:.1%} of tokens" if stats.padded_tokens else "")
     )
@@ -503,16 +537,21 @@ def main(
     if (data_file is None) == (dataset is None):
         raise UserError("give the texts with --data_file (a file, a directory or a glob of files) or with --dataset (a datasets name or path)"
                         + (", not both" if data_file is not None else ""))
+    if world_size > 1:
+        # Only broadcasts and a barrier cross ranks, so gloo serves CPUs and GPUs alike; ranks may finish hours apart.
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
     if data_file is not None:
         source = {"path": os.path.abspath(str(data_file)), "text_column": text_column}
-        read_texts = lambda: data.iter_texts(str(data_file), str(text_column), encoding_errors)  # noqa: E731
+        scan = lambda text_hashes, file_rows: data.scan_texts(str(data_file), str(text_column), encoding_errors, text_hashes=text_hashes, file_rows=file_rows)  # noqa: E731
     else:
         source = {"dataset": str(dataset), "config": dataset_config, "split": dataset_split, "text_column": text_column}
-        read_texts = lambda: data.iter_dataset(str(dataset), dataset_config, dataset_split, str(text_column))  # noqa: E731
-    text_hashes = array.array("q") if deduplicate else None
-    num_examples, data_fingerprint = data.scan_texts(str(data_file or f"--dataset {dataset}"), texts=read_texts(), text_hashes=text_hashes)
-    first_copies = data.first_copies(text_hashes) if deduplicate else np.arange(num_examples, dtype=np.int64)
-    del text_hashes
+        scan = lambda text_hashes, file_rows: data.scan_texts(  # noqa: E731
+            f"--dataset {dataset}", texts=data.iter_dataset(str(dataset), dataset_config, dataset_split, str(text_column)), text_hashes=text_hashes)
+    num_examples, data_fingerprint, first_copies, file_rows = scan_input(scan, bool(deduplicate), rank, world_size)
+    if data_file is not None:
+        read_rows = lambda rows: data.iter_texts(str(data_file), str(text_column), encoding_errors, rows=rows, file_rows=file_rows)  # noqa: E731
+    else:
+        read_rows = lambda rows: data.iter_dataset(str(dataset), dataset_config, dataset_split, str(text_column), rows=rows)  # noqa: E731
     teacher = zs_teacher.resolve_teacher(str(teacher_name_or_path), teacher_revision, teacher_kind, trust_remote_code)
     device = models.select_device(no_cuda)
     precision = zs_teacher.check_precision(fp16, bf16, device)
@@ -550,12 +589,11 @@ def main(
         log(f"cache hit: {cache_path} already holds {num_examples} examples x {len(class_names)} classes; nothing to do")
         if rank == 0:
             print(cache_path)
+        if world_size > 1:
+            torch.distributed.destroy_process_group()
         return cache_path
 
     # 3. The plan: fixed shard boundaries, the manifest, and what other caches already hold.
-    if world_size > 1:
-        # Only a barrier crosses ranks, so gloo serves CPUs and GPUs alike; ranks may finish hours apart.
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
     bounds = [(start, min(start + shard_size, num_examples)) for start in range(0, num_examples, shard_size)]
     manifest = cache.new_manifest(
         key, key_fields, bounds, teacher=teacher.describe(), hypothesis_template=hypothesis_template, class_names=class_names,
@@ -584,7 +622,7 @@ def main(
 
     # 4. Each rank scores its shards that are not complete yet.
     with writing_to(cache_path, "the cache", disk_advice):
-        _run_for_rank(plan, bounds, read_texts(), rank, world_size)
+        _run_for_rank(plan, bounds, read_rows, rank, world_size)
 
     # 5. Once every rank is done, one process seals the manifest.
     if world_size > 1:

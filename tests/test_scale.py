@@ -54,6 +54,7 @@ def test_torchrun_two_processes_equals_one(corpus, teachers):
     two = result.stdout.strip().splitlines()[-1]
     assert os.path.basename(two) == os.path.basename(one)
     assert "[teacher rank 1]" in result.stderr and "[teacher rank 0]" in result.stderr
+    assert result.stderr.count("this process: read 16 of 32 texts") == 2  # each rank reads its own 4 shards only
     assert_same_cache(one, two)
     manifest = json.load(open(os.path.join(two, "manifest.json")))
     assert len(manifest["shards"]) == 8 and all(s["sha256"] for s in manifest["shards"])
@@ -61,6 +62,21 @@ def test_torchrun_two_processes_equals_one(corpus, teachers):
     _, texts, columns = table_of(two)
     for name, values in columns.items():
         np.testing.assert_array_equal(values[26:], values[:6])  # every copy exactly its first copy's scores
+
+
+def test_torchrun_bad_input_stops_every_rank_with_the_one_line_error(corpus, teachers):
+    # Rank 0 alone reads the input before scoring; its error must reach (and stop) the other rank too.
+    (corpus / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:5]) + '{"text": ""}\n')
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "teacher_infer.py"),
+         "--data_file", str(corpus / "texts.jsonl"), "--class_names_file", str(corpus / "classes.txt"), "--teacher_name_or_path", teachers["upper"],
+         "--cache_dir", str(corpus / "cache")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("texts.jsonl, line 6: column 'text' is empty or not a string") == 2, result.stderr[-3000:]
+    assert not os.path.exists(corpus / "cache") or not os.listdir(corpus / "cache")
 
 
 def test_crash_after_first_shard_resumes_without_recomputing_it(corpus, teachers, monkeypatch):

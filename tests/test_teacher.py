@@ -312,6 +312,36 @@ def test_directory_glob_and_saved_dataset_give_the_one_file_cache(teachers, tmp_
     assert got["text"] == parts[3] and manifest["data"]["dataset"].endswith("year=2026") and manifest["data"]["split"] == "train"
 
 
+def test_reading_some_rows_skips_files_and_row_groups_it_does_not_need(tmp_path, monkeypatch):
+    import datasets
+    import pyarrow.parquet as pq
+
+    from zsdistill import data
+
+    texts = [f"text number {i}" for i in range(40)]
+    (tmp_path / "mixed").mkdir()
+    pq.write_table(pa.table({"text": texts[:12]}), tmp_path / "mixed" / "a.parquet", row_group_size=4)  # row groups 0-3, 4-7, 8-11
+    (tmp_path / "mixed" / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[12:25]))
+    (tmp_path / "mixed" / "c.txt").write_text("\n".join(texts[25:]) + "\n")
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"), max_shard_size="1KB")
+    file_rows = []
+    assert data.scan_texts(str(tmp_path / "mixed"), file_rows=file_rows)[0] == 40 and file_rows == [12, 13, 15]
+    groups_read = []
+    real_iter_batches = pq.ParquetFile.iter_batches
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", lambda self, **kw: groups_read.extend(kw["row_groups"]) or real_iter_batches(self, **kw))
+    for rows in ([(0, 40)], [(4, 8)], [(5, 6), (10, 14), (30, 35)], [(26, 40)], [(8, 12), (12, 13)], []):
+        want = [t for i, t in enumerate(texts) if any(a <= i < b for a, b in rows)]
+        groups_read.clear()
+        assert list(data.iter_texts(str(tmp_path / "mixed"), rows=rows, file_rows=file_rows)) == want, rows
+        assert groups_read == sorted({i // 4 for a, b in rows for i in range(a, min(b, 12))}), rows  # only row groups with wanted rows
+        assert list(data.iter_texts(str(tmp_path / "saved"), rows=rows)) == want, rows
+    # Files holding no wanted row are not opened: a damaged one is not even noticed.
+    (tmp_path / "mixed" / "b.jsonl").write_text("not json\n")
+    assert list(data.iter_texts(str(tmp_path / "mixed"), rows=[(0, 3), (30, 32)], file_rows=file_rows)) == texts[0:3] + texts[30:32]
+    with pytest.raises(UserError, match="b.jsonl, line 1: not valid JSON"):
+        list(data.iter_texts(str(tmp_path / "mixed"), rows=[(0, 3), (30, 32)]))  # without file_rows it must read through b
+
+
 @pytest.mark.parametrize("args, words", [
     ((), ["give the texts with --data_file", "or with --dataset"]),
     (("--data_file", "{tmp}/none-*.jsonl"), ["matches no file", "quote it"]),

@@ -7,12 +7,13 @@ UserError naming the file and line/row.
 """
 
 import array  # noqa: F401  (the type of scan_texts' text_hashes)
+import bisect
 import glob
 import hashlib
 import json
 import os
 import string
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -135,8 +136,9 @@ def data_files(path: str) -> list[str]:
     return [path]
 
 
-def _iter_saved_dataset(path: str, text_column: str) -> Iterator[str]:
-    """The text column of a save_to_disk dataset, read from its Arrow files with plain reads (memory flat)."""
+def _saved_dataset_blocks(path: str, text_column: str) -> Iterator[tuple[int, Callable[[], Iterable[str]]]]:
+    """The text column of a save_to_disk dataset, a record batch at a time, read from its Arrow files with plain reads
+    (memory flat)."""
     import pyarrow.ipc as ipc
 
     with open(os.path.join(path, "state.json")) as f:
@@ -148,15 +150,21 @@ def _iter_saved_dataset(path: str, text_column: str) -> Iterator[str]:
             reader = ipc.open_stream(f)
             _table_column(path, reader.schema.names, text_column, "--text_column")
             for batch in reader:
-                for text in batch.column(text_column).to_pylist():
-                    if not isinstance(text, str) or not text.strip():
-                        raise UserError(f"{path}: a row of column {text_column!r} is empty or not a string; every row must hold a text")
-                    yield text
+                yield batch.num_rows, lambda batch=batch: _checked(batch.column(text_column).to_pylist(), path, text_column)
 
 
-def iter_dataset(name: str, config: str | None, split: str | None, text_column: str) -> Iterator[str]:
+def _checked(texts: list, path: str, text_column: str, first_row: int | None = None) -> list[str]:
+    for index, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            where = f"{path}, row {first_row + index + 1}" if first_row is not None else path
+            raise UserError(f"{where}: column {text_column!r} is empty or not a string; every row must hold a text")
+    return texts
+
+
+def iter_dataset(name: str, config: str | None, split: str | None, text_column: str, rows: list[tuple[int, int]] | None = None) -> Iterator[str]:
     """The text column of `datasets.load_dataset(name, config, split=split, streaming=True)`: hub ids for users with
-    the hub, and whatever else load_dataset reads (local data directories, a builder such as 'parquet' with files)."""
+    the hub, and whatever else load_dataset reads (local data directories, a builder such as 'parquet' with files).
+    With `rows` (as iter_texts), only those rows are yielded (a stream is read through, but the others are skipped)."""
     import datasets
 
     try:
@@ -165,7 +173,10 @@ def iter_dataset(name: str, config: str | None, split: str | None, text_column: 
         raise UserError(f"--dataset {name!r}: cannot load it ({str(e).splitlines()[0][:300]}); check the name, --dataset_config and --dataset_split") from None
     if isinstance(loaded, (datasets.IterableDatasetDict, datasets.DatasetDict)):
         raise UserError(f"--dataset {name!r} has splits {', '.join(map(repr, loaded))}: pass --dataset_split with one of them")
-    for row in loaded:
+    wanted = row_filter(rows)
+    for index, row in enumerate(loaded):
+        if not wanted(index, index + 1):
+            continue
         if text_column not in row:
             raise UserError(f"--dataset {name!r} has no column {text_column!r} (it has: {', '.join(map(repr, row))}); pass --text_column with one of them")
         text = row[text_column]
@@ -174,20 +185,90 @@ def iter_dataset(name: str, config: str | None, split: str | None, text_column: 
         yield text
 
 
-def iter_texts(path: str, text_column: str = "text", encoding_errors: str = "strict") -> Iterator[str]:
-    """Yield the examples' texts in reading order, one at a time: a file, every file of a directory or glob in
-    sorted order (see data_files), or a save_to_disk dataset."""
+def row_filter(rows: list[tuple[int, int]] | None) -> Callable[[int, int], bool]:
+    """wanted(start, stop): whether rows start..stop meet any of the sorted, disjoint [start, stop) ranges of `rows`
+    (None: all rows). A binary search, so a million rows cost well under a second."""
+    if rows is None:
+        return lambda start, stop: True
+    merged: list[list[int]] = []
+    for a, b in rows:
+        if merged and merged[-1][1] == a:
+            merged[-1][1] = b
+        elif a < b:
+            merged.append([a, b])
+    starts, ends = [a for a, _ in merged], [b for _, b in merged]
+
+    def wanted(start: int, stop: int) -> bool:
+        i = bisect.bisect_left(starts, stop) - 1
+        return i >= 0 and ends[i] > start
+    return wanted
+
+
+def _check_encoding_errors(encoding_errors: str) -> None:
     if encoding_errors not in ENCODING_ERRORS:
         raise UserError(f"--encoding_errors {encoding_errors!r} is not one of {', '.join(ENCODING_ERRORS)}")
-    for file in data_files(path):
-        if os.path.isdir(file):
-            yield from _iter_saved_dataset(file, text_column)
-        else:
-            yield from _iter_file_texts(file, text_column, encoding_errors)
 
 
-def _iter_file_texts(path: str, text_column: str, encoding_errors: str) -> Iterator[str]:
+def iter_texts(path: str, text_column: str = "text", encoding_errors: str = "strict", rows: list[tuple[int, int]] | None = None,
+               file_rows: list[int] | None = None) -> Iterator[str]:
+    """Yield the examples' texts in reading order, one at a time: a file, every file of a directory or glob in
+    sorted order (see data_files), or a save_to_disk dataset.
+
+    With `rows` (sorted, disjoint [start, stop) row ranges) only those rows are yielded, and what lies outside them
+    is not read where the format allows it: parquet row groups are skipped unread, a saved dataset's record batches
+    undecoded, and, given `file_rows` (the rows each file holds, as scan_texts counts them), whole files unopened.
+    """
+    _check_encoding_errors(encoding_errors)
+    wanted = row_filter(rows)
+    position = 0
+    for index, file in enumerate(data_files(path)):
+        if file_rows is not None and not wanted(position, position + file_rows[index]):
+            position += file_rows[index]
+            continue
+        for count, read in _text_blocks(file, text_column, encoding_errors):
+            if wanted(position, position + count):
+                texts = read()
+                yield from (texts if rows is None else (t for row, t in enumerate(texts, position) if wanted(row, row + 1)))
+            position += count
+
+
+def _text_blocks(path: str, text_column: str, encoding_errors: str) -> Iterator[tuple[int, Callable[[], Iterable[str]]]]:
+    """One input's texts as blocks: (rows in the block, a function returning them). A parquet row group is read only
+    when its function is called (a batch at a time); other formats are read as they go, a block of lines at a time."""
+    if os.path.isdir(path):
+        yield from _saved_dataset_blocks(path, text_column)
+        return
     suffix = _suffix(path, TEXT_FORMATS, "data file")
+    if suffix == ".parquet":
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow says what is wrong with the file
+            raise UserError(f"{path}: not a readable parquet file ({e})") from None
+        _table_column(path, parquet.schema_arrow.names, text_column, "--text_column")
+
+        def read_group(group: int, first_row: int) -> Iterator[str]:  # a batch at a time: row groups can hold a million rows
+            for batch in parquet.iter_batches(row_groups=[group], columns=[text_column], batch_size=4096):
+                texts = batch.column(0).to_pylist()
+                yield from _checked(texts, path, text_column, first_row)
+                first_row += len(texts)
+
+        first_row = 0
+        for group in range(parquet.num_row_groups):
+            count = parquet.metadata.row_group(group).num_rows
+            yield count, lambda group=group, first_row=first_row: read_group(group, first_row)
+            first_row += count
+        return
+    block = []
+    for text in _iter_file_texts(path, suffix, text_column, encoding_errors):
+        block.append(text)
+        if len(block) == 4096:
+            yield len(block), lambda block=block: block
+            block = []
+    if block:
+        yield len(block), lambda: block
+
+
+def _iter_file_texts(path: str, suffix: str, text_column: str, encoding_errors: str) -> Iterator[str]:
     if suffix == ".txt":
         with open(path, "rb") as f:
             for line_number, raw in enumerate(f, 1):
@@ -204,22 +285,32 @@ def _iter_file_texts(path: str, text_column: str, encoding_errors: str) -> Itera
 
 
 def scan_texts(path: str, text_column: str = "text", encoding_errors: str = "strict", texts: Iterator[str] | None = None,
-               text_hashes: "array.array | None" = None) -> tuple[int, str]:
+               text_hashes: "array.array | None" = None, file_rows: list[int] | None = None) -> tuple[int, str]:
     """One streaming pass: validate every row, count them, and fingerprint the texts (of `path`, or of `texts`).
 
     The fingerprint hashes the texts themselves (length-prefixed), so the same texts in another file
     format, or split over several files, share a fingerprint, and so a teacher cache. With `text_hashes` (an
-    array.array('q'): 8 bytes a text), a 64-bit hash of each text is appended to it (how stage 1 finds repeated texts).
+    array.array('q'): 8 bytes a text), a 64-bit hash of each text is appended to it (how stage 1 finds repeated texts);
+    with `file_rows` (a list, `path` only), the rows of each of data_files(path) are appended to it.
     """
     digest = hashlib.sha256()
     count = 0
-    for text in iter_texts(path, text_column, encoding_errors) if texts is None else texts:
-        encoded = text.encode("utf-8")
-        digest.update(len(encoded).to_bytes(8, "little"))
-        digest.update(encoded)
-        if text_hashes is not None:
-            text_hashes.append(int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little", signed=True))
-        count += 1
+    if texts is not None:
+        sources = [texts]
+    else:
+        _check_encoding_errors(encoding_errors)
+        sources = ((t for _, read in _text_blocks(file, text_column, encoding_errors) for t in read()) for file in data_files(path))
+    for source in sources:
+        rows_before = count
+        for text in source:
+            encoded = text.encode("utf-8")
+            digest.update(len(encoded).to_bytes(8, "little"))
+            digest.update(encoded)
+            if text_hashes is not None:
+                text_hashes.append(int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little", signed=True))
+            count += 1
+        if file_rows is not None and texts is None:
+            file_rows.append(count - rows_before)
     if count == 0:
         raise UserError(f"data file {path!r} holds no examples (it is empty or has only blank lines)")
     return count, digest.hexdigest()
