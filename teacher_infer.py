@@ -450,9 +450,10 @@ def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], read_rows, rank: in
                 seconds += time.time() - started
     finally:
         progress.close()  # also on an error: its message then starts on a line of its own
-    stats = scorer.stats
+    stats, read = scorer.stats, sum(bounds[i][1] - bounds[i][0] for i in todo)
     log(
-        f"this process: read {sum(bounds[i][1] - bounds[i][0] for i in todo)} of {bounds[-1][1]} texts (its shards not complete yet); {computed} shards computed ({stats.forward_passes} forward passes in {seconds:.1f}s, "
+        f"this process: read {read} of {bounds[-1][1]} texts (its shards not complete yet); "
+        f"{computed} shards computed ({stats.forward_passes} forward passes in {seconds:.1f}s, "
         f"{stats.forward_passes / max(seconds, 1e-9):.1f}/s), {skipped} shards already complete and reused"
         + (f"; padding {1 - stats.tokens / stats.padded_tokens:.1%} of tokens" if stats.padded_tokens else "")
     )
@@ -542,7 +543,8 @@ def main(
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
     if data_file is not None:
         source = {"path": os.path.abspath(str(data_file)), "text_column": text_column}
-        scan = lambda text_hashes, file_rows: data.scan_texts(str(data_file), str(text_column), encoding_errors, text_hashes=text_hashes, file_rows=file_rows)  # noqa: E731
+        scan = lambda text_hashes, file_rows: data.scan_texts(  # noqa: E731
+            str(data_file), str(text_column), encoding_errors, text_hashes=text_hashes, file_rows=file_rows)
     else:
         source = {"dataset": str(dataset), "config": dataset_config, "split": dataset_split, "text_column": text_column}
         scan = lambda text_hashes, file_rows: data.scan_texts(  # noqa: E731
