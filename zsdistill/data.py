@@ -145,19 +145,21 @@ def _saved_dataset_blocks(path: str, text_column: str) -> Iterator[tuple[int, Ca
         state = json.load(f)
     if state.get("_indices_data_files"):
         raise UserError(f"{path}: this saved dataset keeps an indices mapping; save it again after .flatten_indices()")
+    first_row = 0
     for entry in state.get("_data_files", []):
         with pa.OSFile(os.path.join(path, entry["filename"])) as f:
             reader = ipc.open_stream(f)
             _table_column(path, reader.schema.names, text_column, "--text_column")
             for batch in reader:
-                yield batch.num_rows, lambda batch=batch: _checked(batch.column(text_column).to_pylist(), path, text_column)
+                yield batch.num_rows, lambda batch=batch, first_row=first_row: _checked(batch.column(text_column).to_pylist(), path, text_column, first_row)
+                first_row += batch.num_rows
 
 
-def _checked(texts: list, path: str, text_column: str, first_row: int | None = None) -> list[str]:
+def _checked(texts: list, path: str, text_column: str, first_row: int) -> list[str]:
+    """`texts`, rows first_row + 1... of `path`, once each is a non-empty string."""
     for index, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
-            where = f"{path}, row {first_row + index + 1}" if first_row is not None else path
-            raise UserError(f"{where}: column {text_column!r} is empty or not a string; every row must hold a text")
+            raise UserError(f"{path}, row {first_row + index + 1}: column {text_column!r} is empty or not a string; every row must hold a text")
     return texts
 
 
@@ -265,7 +267,7 @@ def _text_blocks(path: str, text_column: str, encoding_errors: str) -> Iterator[
             yield len(block), lambda block=block: block
             block = []
     if block:
-        yield len(block), lambda: block
+        yield len(block), lambda block=block: block
 
 
 def _iter_file_texts(path: str, suffix: str, text_column: str, encoding_errors: str) -> Iterator[str]:
