@@ -79,7 +79,7 @@ def test_torchrun_bad_input_stops_every_rank_with_the_one_line_error(corpus, tea
     assert not os.path.exists(corpus / "cache") or not os.listdir(corpus / "cache")
 
 
-def test_crash_after_first_shard_resumes_without_recomputing_it(corpus, teachers, monkeypatch):
+def test_crash_after_first_shard_resumes_without_recomputing_it(corpus, teachers, monkeypatch, capsys):
     kwargs = dict(data_file=str(corpus / "texts.txt"), class_names_file=str(corpus / "classes.txt"), teacher_name_or_path=teachers["upper"], shard_size=10)
     clean = teacher_infer.main(cache_dir=str(corpus / "clean"), **kwargs)
 
@@ -99,8 +99,10 @@ def test_crash_after_first_shard_resumes_without_recomputing_it(corpus, teachers
         cache.load_cache(crashed)
 
     counter = count_forward_passes(monkeypatch)
+    capsys.readouterr()
     resumed = teacher_infer.main(cache_dir=str(corpus / "crashed"), **kwargs)
     assert counter["pairs"] == (26 - 10) * len(CLASS_NAMES)  # shard 0 was not recomputed
+    assert "this process: read 16 of 26 texts" in capsys.readouterr().err  # nor its rows read again
     assert_same_cache(clean, resumed, atol=0)
 
 
