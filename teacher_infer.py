@@ -541,19 +541,18 @@ def main(
     if world_size > 1:
         # Only broadcasts and a barrier cross ranks, so gloo serves CPUs and GPUs alike; ranks may finish hours apart.
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+    # The input: one scan of all of it (scan_input), then each rank reads the rows of its shards (read_rows).
     if data_file is not None:
         source = {"path": os.path.abspath(str(data_file)), "text_column": text_column}
         scan = lambda text_hashes, file_rows: data.scan_texts(  # noqa: E731
             str(data_file), str(text_column), encoding_errors, text_hashes=text_hashes, file_rows=file_rows)
+        read_rows = lambda rows, file_rows: data.iter_texts(str(data_file), str(text_column), encoding_errors, rows=rows, file_rows=file_rows)  # noqa: E731
     else:
         source = {"dataset": str(dataset), "config": dataset_config, "split": dataset_split, "text_column": text_column}
         scan = lambda text_hashes, file_rows: data.scan_texts(  # noqa: E731
             f"--dataset {dataset}", texts=data.iter_dataset(str(dataset), dataset_config, dataset_split, str(text_column)), text_hashes=text_hashes)
+        read_rows = lambda rows, file_rows: data.iter_dataset(str(dataset), dataset_config, dataset_split, str(text_column), rows=rows)  # noqa: E731
     num_examples, data_fingerprint, first_copies, file_rows = scan_input(scan, bool(deduplicate), rank, world_size)
-    if data_file is not None:
-        read_rows = lambda rows: data.iter_texts(str(data_file), str(text_column), encoding_errors, rows=rows, file_rows=file_rows)  # noqa: E731
-    else:
-        read_rows = lambda rows: data.iter_dataset(str(dataset), dataset_config, dataset_split, str(text_column), rows=rows)  # noqa: E731
     teacher = zs_teacher.resolve_teacher(str(teacher_name_or_path), teacher_revision, teacher_kind, trust_remote_code)
     device = models.select_device(no_cuda)
     precision = zs_teacher.check_precision(fp16, bf16, device)
@@ -624,7 +623,7 @@ def main(
 
     # 4. Each rank scores its shards that are not complete yet.
     with writing_to(cache_path, "the cache", disk_advice):
-        _run_for_rank(plan, bounds, read_rows, rank, world_size)
+        _run_for_rank(plan, bounds, lambda rows: read_rows(rows, file_rows), rank, world_size)
 
     # 5. Once every rank is done, one process seals the manifest.
     if world_size > 1:

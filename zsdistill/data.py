@@ -206,11 +206,6 @@ def row_filter(rows: list[tuple[int, int]] | None) -> Callable[[int, int], bool]
     return wanted
 
 
-def _check_encoding_errors(encoding_errors: str) -> None:
-    if encoding_errors not in ENCODING_ERRORS:
-        raise UserError(f"--encoding_errors {encoding_errors!r} is not one of {', '.join(ENCODING_ERRORS)}")
-
-
 def iter_texts(path: str, text_column: str = "text", encoding_errors: str = "strict", rows: list[tuple[int, int]] | None = None,
                file_rows: list[int] | None = None) -> Iterator[str]:
     """Yield the examples' texts in reading order, one at a time: a file, every file of a directory or glob in
@@ -220,7 +215,8 @@ def iter_texts(path: str, text_column: str = "text", encoding_errors: str = "str
     is not read where the format allows it: parquet row groups are skipped unread, a saved dataset's record batches
     undecoded, and, given `file_rows` (the rows each file holds, as scan_texts counts them), whole files unopened.
     """
-    _check_encoding_errors(encoding_errors)
+    if encoding_errors not in ENCODING_ERRORS:
+        raise UserError(f"--encoding_errors {encoding_errors!r} is not one of {', '.join(ENCODING_ERRORS)}")
     wanted = row_filter(rows)
     position = 0
     for index, file in enumerate(data_files(path)):
@@ -297,11 +293,7 @@ def scan_texts(path: str, text_column: str = "text", encoding_errors: str = "str
     """
     digest = hashlib.sha256()
     count = 0
-    if texts is not None:
-        sources = [texts]
-    else:
-        _check_encoding_errors(encoding_errors)
-        sources = ((t for _, read in _text_blocks(file, text_column, encoding_errors) for t in read()) for file in data_files(path))
+    sources = [texts] if texts is not None else (iter_texts(file, text_column, encoding_errors) for file in data_files(path))
     for source in sources:
         rows_before = count
         for text in source:
