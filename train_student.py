@@ -32,6 +32,9 @@ INFO_FILE = "distill_info.json"  # written last: a student directory without it 
 BALANCE_METHOD = "class-balanced row sampling"
 HOLDOUT_SEED = 1234  # the holdout split depends on the cache only, never on --seed
 MIN_BALANCED_PRIOR = 0.1  # balanced distillation upweights a class at most as if its share of the rows were 0.1 / K
+# The new head starts from random values and the body from pretrained ones: at the body's usual rates (5e-5) the head
+# barely moves in 2 epochs and the student under-fits its targets, the rarer classes first (benchmarks/README.md).
+HEAD_LEARNING_RATE_FACTOR = 100.0
 
 
 def log(message: str) -> None:
@@ -264,7 +267,8 @@ def _publish(staging: str, output_dir: str) -> None:
 
 
 def load_student_base(name_or_path: str, class_names: list[str], multi_label: bool, trust_remote_code: bool):
-    """The student's tokenizer and its base model with a new K-way head."""
+    """The student's tokenizer, its base model with a new K-way head, and the names of the parameters the
+    checkpoint did not hold (the new head: they start from random values)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     try:
@@ -277,10 +281,13 @@ def load_student_base(name_or_path: str, class_names: list[str], multi_label: bo
             problem_type="multi_label_classification" if multi_label else "single_label_classification",
             ignore_mismatched_sizes=True,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except (OSError, ValueError) as e:
         raise UserError(f"student {name_or_path!r}: cannot load it ({str(e).splitlines()[0]}); check the name or path") from None
-    return tokenizer, model
+    model, loading_info = model
+    new_parameters = set(loading_info.get("missing_keys", ())) | {key for key, *_ in loading_info.get("mismatched_keys", ())}
+    return tokenizer, model, new_parameters
 
 
 def tokenize_cache(cache_path: str, manifest: dict, tokenizer, max_length: int, args):
@@ -329,14 +336,35 @@ def tokenize_cache(cache_path: str, manifest: dict, tokenizer, max_length: int, 
 
 
 class DistillationTrainer(Trainer):
-    """The Trainer with two hooks of ours: the loss against soft targets, and the order the rows are drawn in."""
+    """The Trainer with three hooks of ours: the loss against soft targets, the order the rows are drawn in, and
+    the learning rate of the new head."""
 
-    def __init__(self, *args, multi_label: bool, sample_weights: np.ndarray | None = None, **kwargs):
+    def __init__(self, *args, multi_label: bool, sample_weights: np.ndarray | None = None,
+                 new_parameters: set[str] = frozenset(), head_learning_rate_factor: float = 1.0, **kwargs):
         from transformers import DataCollatorWithPadding
 
         kwargs.setdefault("data_collator", DataCollatorWithPadding(kwargs["processing_class"]))
         super().__init__(*args, **kwargs)
         self.multi_label, self.sample_weights = multi_label, sample_weights
+        self.new_parameters, self.head_learning_rate_factor = new_parameters, head_learning_rate_factor
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the parameters the checkpoint did not hold (the new head) moved into
+        groups of their own at head_learning_rate_factor times the learning rate. Created before the scheduler,
+        so the schedule scales both rates alike."""
+        optimizer = super().create_optimizer(model)
+        if self.head_learning_rate_factor == 1.0 or not self.new_parameters:
+            return optimizer
+        new = {id(p) for name, p in (model or self.model).named_parameters() if name in self.new_parameters}
+        for group in list(optimizer.param_groups):
+            head = [p for p in group["params"] if id(p) in new]
+            if head:
+                group["params"] = [p for p in group["params"] if id(p) not in new]
+                if not group["params"]:
+                    optimizer.param_groups.remove(group)
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": head,
+                                           "lr": group["lr"] * self.head_learning_rate_factor})
+        return optimizer
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "random":
@@ -406,6 +434,7 @@ def main(
     multi_class: bool | None = None,
     refine: bool = True,
     balance: bool | float = True,
+    head_learning_rate_factor: float = HEAD_LEARNING_RATE_FACTOR,
     calibrate: bool | None = None,
     holdout_fraction: float = 0.05,
     max_holdout_examples: int = 10_000,
@@ -459,6 +488,13 @@ def main(
         raise UserError(f"--balance must be True, False or a balancing power in [0, 1] (1: every class equally often), got {balance!r}")
     balance_power = float(balance_power)
     balance = balance_power > 0
+    try:
+        factor = float("nan") if isinstance(head_learning_rate_factor, (bool, str)) else float(head_learning_rate_factor)
+    except (TypeError, ValueError):
+        factor = float("nan")
+    if not 0 < factor < float("inf"):
+        raise UserError(f"--head_learning_rate_factor must be a positive number (1: the head learns at --learning_rate), got {head_learning_rate_factor!r}")
+    head_learning_rate_factor = factor
     if isinstance(max_holdout_examples, bool) or not isinstance(max_holdout_examples, int) or max_holdout_examples < 0:
         raise UserError(f"--max_holdout_examples must be a non-negative integer, got {max_holdout_examples!r}")
 
@@ -501,7 +537,7 @@ def main(
 
     # The new K-way head is initialised from the global RNG: seed it first, or --seed would not make runs repeatable.
     enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-    tokenizer, model = load_student_base(student_name_or_path, class_names, multi_label, trust_remote_code)
+    tokenizer, model, new_parameters = load_student_base(student_name_or_path, class_names, multi_label, trust_remote_code)
     student_max_length = resolve_max_length(tokenizer, model, max_length)
     with writing_to(tokenized_cache_dir(cache_path, manifest["key"]), "the tokenized texts", "free space there; the teacher cache itself is complete and untouched"):
         tokenized, tokenized_files, truncated_texts = tokenize_cache(cache_path, manifest, tokenizer, student_max_length, args)
@@ -519,8 +555,11 @@ def main(
             f"(row weights {sample_weights.min():.2f} to {sample_weights.max():.2f}); --nobalance draws every row once an epoch")
     elif balance:
         log("balanced distillation: not applied to multi-label targets (classes are independent yes/no questions)")
+    log(f"new head ({', '.join(sorted(new_parameters)) or 'none: the checkpoint held every parameter'}): learning rate "
+        f"{head_learning_rate_factor:g} x {args.learning_rate:g}" + (" (--head_learning_rate_factor)" if new_parameters else ""))
     trainer = DistillationTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
-                                  multi_label=multi_label, sample_weights=sample_weights)
+                                  multi_label=multi_label, sample_weights=sample_weights, new_parameters=new_parameters,
+                                  head_learning_rate_factor=head_learning_rate_factor)
     if resume_from:
         log(f"resuming from {resume_from}")
     with writing_to(str(output_dir), "checkpoints", "free space there, or pass another --output_dir (or --save_strategy no)"):
@@ -554,6 +593,7 @@ def main(
             "balance": {"applied": sample_weights is not None, "method": BALANCE_METHOD if sample_weights is not None else None,
                         "power": balance_power if sample_weights is not None else None,
                         "min_prior": MIN_BALANCED_PRIOR if sample_weights is not None else None},
+            "head_learning_rate": {"factor": head_learning_rate_factor, "parameters": sorted(new_parameters)},
             "calibration": {"logit_scale": logit_scale, "applied": logit_scale != 1.0},
             "holdout_fraction": holdout_fraction,
             "max_holdout_examples": max_holdout_examples,

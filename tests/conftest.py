@@ -94,21 +94,23 @@ def make_teacher(path: str, style: str = "upper", arch: str = "bert", seed: int 
     return path
 
 
-def make_embedding_model(path: str, seed: int = 0) -> str:
-    """A tiny random BERT encoder with no head: an embedding teacher."""
+def make_embedding_model(path: str, seed: int = 0, initializer_range: float = 0.02) -> str:
+    """A tiny random BERT encoder with no head: an embedding teacher. At BERT's initializer_range (0.02) its pooled
+    outputs barely differ between texts; at 0.2 they tell single words apart, as a pretrained body would."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
     tokenizer = bert_tokenizer(64)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+                        initializer_range=initializer_range)
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
-def make_student_base(path: str, seed: int = 0) -> str:
+def make_student_base(path: str, seed: int = 0, initializer_range: float = 0.02) -> str:
     """A tiny BERT student backbone (a BertModel checkpoint, like a hub base model)."""
-    return make_embedding_model(path, seed)
+    return make_embedding_model(path, seed, initializer_range)
 
 
 @pytest.fixture(scope="session")

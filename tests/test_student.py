@@ -6,6 +6,7 @@ import os
 import shutil
 
 import numpy as np
+import pytest
 import torch
 from conftest import CLASS_NAMES, CORPUS, keyword_task, make_student_base, run_script, write_toy_cache
 
@@ -194,3 +195,91 @@ def test_student_counts_the_texts_it_cuts(tmp_path, capsys):
     output = train_student.main(cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=base, max_length=16, **QUICK)
     assert json.load(open(os.path.join(output, "distill_info.json")))["truncated_texts"] == 3
     assert "long texts: 3 of 8 (37.5%) are longer than the student's 16 tokens and were cut" in capsys.readouterr().err
+
+
+def _recorded_optimizer(tmp_path, name: str, **kwargs):
+    """Train a tiny student for QUICK steps; return its optimizer's param groups as (names, lr, weight decay) and the info."""
+    classes = ["apple", "river", "stone"]
+    texts, _, columns = keyword_task(40, classes)
+    cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
+    seen = {}
+
+    class Recording(train_student.DistillationTrainer):
+        def create_optimizer(self, model=None):
+            seen["optimizer"] = super().create_optimizer(model)
+            seen["names"] = {id(p): n for n, p in self.model.named_parameters()}
+            return seen["optimizer"]
+
+    original, train_student.DistillationTrainer = train_student.DistillationTrainer, Recording
+    try:
+        output = train_student.main(cache=cache_path, output_dir=str(tmp_path / name), student_name_or_path=make_student_base(str(tmp_path / "base")),
+                                    learning_rate=1e-3, lr_scheduler_type="constant", seed=0, **kwargs, **QUICK)
+    finally:
+        train_student.DistillationTrainer = original
+    groups = [(sorted(seen["names"][id(p)] for p in g["params"]), g["lr"], g["weight_decay"]) for g in seen["optimizer"].param_groups]
+    return groups, json.load(open(os.path.join(output, "distill_info.json"))), output
+
+
+def test_new_head_learns_at_the_factor_times_the_learning_rate(tmp_path):
+    groups, info, _ = _recorded_optimizer(tmp_path, "student", head_learning_rate_factor=10, weight_decay=0.01)
+    head = ["classifier.bias", "classifier.weight"]  # what the base checkpoint lacks: the new K-way layer
+    assert info["head_learning_rate"] == {"factor": 10.0, "parameters": head}
+    names = [n for group_names, _, _ in groups for n in group_names]
+    assert len(names) == len(set(names)) and all(groups)  # every parameter in one group, no group empty
+    for group_names, lr, weight_decay in groups:
+        is_head = {n in head for n in group_names}
+        assert len(is_head) == 1, group_names  # the head never shares a group with the body
+        assert lr == pytest.approx(1e-2 if is_head.pop() else 1e-3), group_names
+    decay = {n: wd for group_names, _, wd in groups for n in group_names}
+    assert decay["classifier.weight"] == 0.01 and decay["classifier.bias"] == 0.0  # the Trainer's weight-decay split is kept
+
+
+def test_head_learning_rate_factor_1_is_the_trainers_own_optimizer(tmp_path):
+    """Factor 1 leaves the Trainer's optimizer as it is: the same groups, and the same weights after training as
+    the plain transformers Trainer.create_optimizer."""
+    from safetensors.torch import load_file
+    from transformers import Trainer
+
+    groups, info, output = _recorded_optimizer(tmp_path, "one", head_learning_rate_factor=1)
+    assert info["head_learning_rate"]["factor"] == 1.0 and len(groups) == 2 and {lr for _, lr, _ in groups} == {1e-3}
+    hooked = train_student.DistillationTrainer.create_optimizer
+    train_student.DistillationTrainer.create_optimizer = Trainer.create_optimizer
+    try:
+        _, _, plain = _recorded_optimizer(tmp_path, "plain", head_learning_rate_factor=1)
+    finally:
+        train_student.DistillationTrainer.create_optimizer = hooked
+    first, second = load_file(os.path.join(output, "model.safetensors")), load_file(os.path.join(plain, "model.safetensors"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_low_learning_rate_learns_through_the_faster_head(tmp_path):
+    """A body whose features already tell the texts apart (as a pretrained one does) and a new random head: at a
+    learning rate too low for that head to move in a short run, factor 1 stays at chance and the default factor
+    learns the toy teacher."""
+    classes = ["apple", "river", "guitar", "soccer"]
+    labels = np.random.default_rng(0).integers(len(classes), size=240)
+    entailment = np.full((240, len(classes)), -3.0, dtype=np.float32)
+    entailment[np.arange(240), labels] = 3.0
+    cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), [classes[k] for k in labels], classes, {"entailment": entailment, "contradiction": -entailment})
+    base = make_student_base(str(tmp_path / "base"), initializer_range=0.2)
+    agreement = {}
+    for factor in (1, train_student.HEAD_LEARNING_RATE_FACTOR):
+        output = train_student.main(
+            cache=cache_path, output_dir=str(tmp_path / f"student-{factor}"), student_name_or_path=base, head_learning_rate_factor=factor,
+            refine=False, calibrate=False, holdout_fraction=0.25, num_train_epochs=4, learning_rate=1e-4, per_device_train_batch_size=16,
+            use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+        )
+        agreement[factor] = json.load(open(os.path.join(output, "distill_info.json")))["metrics"]["holdout"]["agreement"]
+    assert agreement[1] <= 0.5 and agreement[train_student.HEAD_LEARNING_RATE_FACTOR] >= 0.9, agreement  # chance is 0.25
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "lots"])
+def test_bad_head_learning_rate_factor_is_a_one_line_error(tmp_path, value):
+    from conftest import run_main
+
+    classes = ["apple", "river"]
+    texts, _, columns = keyword_task(20, classes)
+    path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
+    result = run_main("train_student.py", "--cache", path, "--output_dir", tmp_path / "out", "--head_learning_rate_factor", value)
+    assert result.returncode == 2 and "--head_learning_rate_factor must be a positive number" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

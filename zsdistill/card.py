@@ -44,6 +44,9 @@ def render(info: dict, evaluations: str = "") -> str:
     if balance.get("applied"):
         power = balance.get("power", 1.0)
         balanced = f"{balance['method']} (" + ("every class of the targets drawn equally often" if power == 1 else f"class shares by class size to the power {1 - power:g}") + ")"
+    head = info.get("head_learning_rate") or {}
+    head_rate = (f"{head['factor']:g} x the learning rate for the new head ({', '.join(f'`{p}`' for p in head['parameters'])})"
+                 if head.get("parameters") and head.get("factor", 1) != 1 else "the learning rate for every parameter")
     classes = ", ".join(f"`{name}`" for name in summary["class_names"])
     lines = [
         "# A zero-shot classifier, distilled",
@@ -64,6 +67,7 @@ def render(info: dict, evaluations: str = "") -> str:
         f"| labels | {'multi-label (sigmoid per class)' if info['multi_label'] else 'single-label (softmax)'} |",
         f"| target refinement | {refined} |",
         f"| balanced distillation | {balanced} |",
+        f"| learning rates | {head_rate} |",
         f"| agreement with the targets | {agreement} |",
         "",
         "## How to use",
