@@ -555,8 +555,9 @@ def main(
             f"(row weights {sample_weights.min():.2f} to {sample_weights.max():.2f}); --nobalance draws every row once an epoch")
     elif balance:
         log("balanced distillation: not applied to multi-label targets (classes are independent yes/no questions)")
-    log(f"new head ({', '.join(sorted(new_parameters)) or 'none: the checkpoint held every parameter'}): learning rate "
-        f"{head_learning_rate_factor:g} x {args.learning_rate:g}" + (" (--head_learning_rate_factor)" if new_parameters else ""))
+    if new_parameters:
+        log(f"new head ({', '.join(sorted(new_parameters))}): learning rate {head_learning_rate_factor:g} x {args.learning_rate:g} "
+            f"(--head_learning_rate_factor; 1 trains it at the body's rate)")
     trainer = DistillationTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
                                   multi_label=multi_label, sample_weights=sample_weights, new_parameters=new_parameters,
                                   head_learning_rate_factor=head_learning_rate_factor)

@@ -221,9 +221,11 @@ def _recorded_optimizer(tmp_path, name: str, **kwargs):
 
 
 def test_new_head_learns_at_the_factor_times_the_learning_rate(tmp_path):
-    groups, info, _ = _recorded_optimizer(tmp_path, "student", head_learning_rate_factor=10, weight_decay=0.01)
+    groups, info, output = _recorded_optimizer(tmp_path, "student", head_learning_rate_factor=10, weight_decay=0.01)
     head = ["classifier.bias", "classifier.weight"]  # what the base checkpoint lacks: the new K-way layer
     assert info["head_learning_rate"] == {"factor": 10.0, "parameters": head}
+    card = open(os.path.join(output, "README.md")).read()
+    assert "| learning rates | 10 x the learning rate for the new head (`classifier.bias`, `classifier.weight`) |" in card
     names = [n for group_names, _, _ in groups for n in group_names]
     assert len(names) == len(set(names)) and all(groups)  # every parameter in one group, no group empty
     for group_names, lr, weight_decay in groups:
