@@ -273,7 +273,7 @@ def load_student_base(name_or_path: str, class_names: list[str], multi_label: bo
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(
+        model, loading_info = AutoModelForSequenceClassification.from_pretrained(
             name_or_path,
             num_labels=len(class_names),
             id2label=dict(enumerate(class_names)),
@@ -285,7 +285,6 @@ def load_student_base(name_or_path: str, class_names: list[str], multi_label: bo
         )
     except (OSError, ValueError) as e:
         raise UserError(f"student {name_or_path!r}: cannot load it ({str(e).splitlines()[0]}); check the name or path") from None
-    model, loading_info = model
     new_parameters = set(loading_info.get("missing_keys", ())) | {key for key, *_ in loading_info.get("mismatched_keys", ())}
     return tokenizer, model, new_parameters
 
