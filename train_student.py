@@ -73,7 +73,8 @@ def holdout_metrics(student_logits: np.ndarray, teacher_targets: np.ndarray, mul
     }
 
 
-def build_targets(cache_path: str, manifest: dict, multi_label: bool, temperature: float, refine: bool) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
+def build_targets(cache_path: str, manifest: dict, multi_label: bool, temperature: float, refine: bool,
+                  refine_center: bool = True) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record."""
     if not refine:
         log("refinement off (--norefine): training on the teacher's targets as they are")
@@ -92,7 +93,7 @@ def build_targets(cache_path: str, manifest: dict, multi_label: bool, temperatur
     refined, refinement = refine_mod.refine(
         lambda: targets.cache_probability_chunks(cache_path, manifest, False),
         refine_mod.embedding_chunks(cache_path, manifest),
-        manifest["num_examples"], len(manifest["class_names"]), temperature, log,
+        manifest["num_examples"], len(manifest["class_names"]), temperature, log, center=refine_center,
     )
     info = {**refinement.settings(), "embedding_fingerprint": refine_mod.embedding_fingerprint(manifest), "seconds": round(time.time() - started, 3)}
     log(f"refinement ({refine_mod.METHOD}): {refinement.rounds} rounds in {info['seconds']:.1f}s; "
@@ -432,6 +433,7 @@ def main(
     multi_label: bool = False,
     multi_class: bool | None = None,
     refine: bool = True,
+    refine_center: bool = True,
     balance: bool | float = True,
     head_learning_rate_factor: float = HEAD_LEARNING_RATE_FACTOR,
     calibrate: bool | None = None,
@@ -453,6 +455,8 @@ def main(
         multi_class: the reference script's name for --multi_label (an alias).
         refine: refine the teacher's targets without labels in the cache's text-embedding space (default; see
             zsdistill/refine.py); --norefine (or --refine False) trains on the teacher's targets as they are.
+        refine_center: refine with the corpus mean embedding removed (default), so a generic class's centroid does not
+            draw every text to it; --norefine_center gives the refinement before centring, bit for bit.
         balance: balanced distillation (default): draw training rows as often as their classes are rare in the targets,
             so the student learns every class they teach whatever the learning rate; each row keeps its own soft
             target, so confidence is unchanged. --nobalance (or --balance False) draws every row once an epoch. A
@@ -523,7 +527,8 @@ def main(
         f"{len(train_rows)} train, {len(holdout_rows)} held out; T={temperature}, {'multi' if multi_label else 'single'}-label")
     calibrate = bool(refine) if calibrate is None else bool(calibrate)
     targets_started = time.time()
-    soft_targets, refinement, refinement_info = build_targets(cache_path, manifest, multi_label, temperature, bool(refine))
+    soft_targets, refinement, refinement_info = build_targets(cache_path, manifest, multi_label, temperature, bool(refine),
+                                                              bool(refine_center))
     log(f"targets built in {time.time() - targets_started:.1f}s")
 
     try:

@@ -111,3 +111,32 @@ def test_model_without_test_file_is_a_one_line_error(tmp_path):
         "(with --test_file, against its labels)"]
     result = run_main("evaluate.py", "--output_dir", str(tmp_path / "r"))
     assert result.returncode == 2 and "give --teacher_cache CACHE" in result.stderr
+
+
+def test_a_class_refinement_grows_with_texts_spread_thin_is_called_a_possible_sink(tmp_path, monkeypatch):
+    """The generic class of test_refine's sink task: grown by the refinement before centring, it is reported as a
+    possible sink (not as a class the teacher under-predicts); the labels confirm it; centred, there is nothing to say."""
+    import functools
+
+    from test_refine import sink_task
+
+    from zsdistill import refine, targets
+
+    embeddings, teacher, labels = sink_task()
+    names = ["alpha", "beta", "gamma", "small", "generic"]
+    texts = [f"text {i}" for i in range(len(labels))]
+    columns = {"similarity": (targets.SIMILARITY_SCALE * np.log(teacher)).astype(np.float32)}  # softmax(s / 0.05) = teacher
+    path = write_toy_cache(str(tmp_path / "cache" / "sink"), texts, names, columns, kind="embedding", shard_size=256, text_embeddings=embeddings)
+    kinds = lambda report: [(w["kind"], w["classes"]) for w in report["warnings"]]  # noqa: E731
+    assert not [w for w in kinds(report_of(path, str(tmp_path / "centred"))) if "generic" in w[1]]
+
+    monkeypatch.setattr(refine, "refine", functools.partial(refine.refine, center=False))
+    report = report_of(path, str(tmp_path / "before"))
+    assert ("refinement_grows_a_spread_class", ["generic"]) in kinds(report)
+    assert not [w for w in report["warnings"] if w["kind"] == "teacher_and_refinement_disagree" and w["classes"] == ["generic"]]
+    message = [w["message"] for w in report["warnings"] if w["kind"] == "refinement_grows_a_spread_class"][0]
+    assert "may be a generic class drawing other classes' texts" in message and "spread thin" in message
+    (tmp_path / "labeled.jsonl").write_text("".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, labels)))
+    labeled = evaluate.main(teacher_cache=path, test_file=str(tmp_path / "labeled.jsonl"), output_dir=str(tmp_path / "labeled"))
+    checked = [w for w in labeled["cache_report"]["warnings"] if w["kind"] == "refinement_grows_a_spread_class"][0]["labels"]
+    assert checked["confirmed"] and "true share of 'generic' 31.9%" in checked["evidence"]

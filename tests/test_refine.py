@@ -284,3 +284,86 @@ def test_default_embedding_model_that_cannot_be_loaded_says_how_to_opt_out(teach
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--embedding_model" in result.stderr and "--embedding_model none" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "cache")
+
+
+def sink_task(seed: int = 0, width: int = 32):
+    """Three specific classes, a small one (index 3, 40 texts) and a generic one (index 4) whose texts mix every topic.
+
+    Every text shares one common direction, as sentence embeddings do (every text's cosine to the corpus mean is
+    high); each specific class adds a direction of its own; a generic text is a little of each topic, so its centroid
+    sits next to the common direction, close to every text. The teacher is right on about 85% of each class.
+    """
+    rng = np.random.default_rng(seed)
+    common = np.eye(width)[-1]
+    rows, labels = [], []
+    for k, size in enumerate([200, 200, 200, 40]):
+        rows.append(2.0 * common + np.eye(width)[k] + 0.35 * rng.normal(size=(size, width)))
+        labels += [k] * size
+    mix = rng.dirichlet(8 * np.ones(4), size=300)
+    rows.append(2.0 * common + mix @ np.eye(width)[:4] + 0.1 * rng.normal(size=(300, width)))
+    labels += [4] * 300
+    embeddings = np.concatenate(rows)
+    embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
+    labels = np.array(labels)
+    scores = rng.normal(0, 0.5, size=(len(labels), 5))
+    scores[np.arange(len(labels)), labels] += 1.2
+    teacher = np.exp(2 * scores)
+    teacher /= teacher.sum(1, keepdims=True)
+    return embeddings.astype(np.float32), teacher.astype(np.float32), labels
+
+
+def refine_arrays(teacher: np.ndarray, embeddings: np.ndarray, **kwargs):
+    """refine.refine over in-memory arrays, in two chunks (as a cache of two shards)."""
+    half = len(teacher) // 2
+    teacher_chunks = lambda: iter([(0, teacher[:half]), (half, teacher[half:])])  # noqa: E731
+    embedding_chunks = lambda: iter([(0, embeddings[:half]), (half, embeddings[half:])])  # noqa: E731
+    return refine.refine(teacher_chunks, embedding_chunks, len(teacher), teacher.shape[1], **kwargs)
+
+
+def recall(prediction: np.ndarray, labels: np.ndarray, k: int) -> float:
+    return float((prediction[labels == k] == k).mean())
+
+
+def test_a_generic_class_does_not_sink_a_small_one():
+    """Before centring, the generic class's centroid drew every text; centred, each class keeps what the teacher found."""
+    embeddings, teacher, labels = sink_task()
+    taught = teacher.argmax(1)
+    before, _ = refine_arrays(teacher, embeddings, center=False)
+    after, refinement = refine_arrays(teacher, embeddings)
+    before, after = before.argmax(1), after.argmax(1)
+    assert recall(taught, labels, 3) >= 0.8 and (taught == labels).mean() >= 0.8
+    # Before: the generic class takes (nearly) every text, the small class's included.
+    assert (before == 4).mean() > 0.9 and recall(before, labels, 3) < 0.1
+    # Centred: every specific class at least as well found as by the teacher, the small one keeps most of it, and the
+    # generic class about its true share (a third) instead of everything.
+    assert all(recall(after, labels, k) >= recall(taught, labels, k) for k in range(3))
+    assert recall(after, labels, 3) >= 0.6 * recall(taught, labels, 3)
+    assert 0.25 < (after == 4).mean() < 0.4 and (after == labels).mean() > 0.9
+    assert refinement.settings()["center"] is True and refinement.center.shape == (embeddings.shape[1],)
+
+
+def test_refinement_before_centring_is_reachable_and_unchanged(tmp_path):
+    """--norefine_center gives the refinement of the previous release: its targets on the sink task, as it wrote them."""
+    embeddings, teacher, _ = sink_task()
+    targets_, refinement = refine_arrays(teacher, embeddings, center=False)
+    with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_before_centering.npz")) as before:
+        assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
+        np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU in the last bits
+        np.testing.assert_allclose(refinement.centroids, before["centroids"], atol=1e-6)
+        assert abs(refinement.kappa - float(before["kappa"])) < 1e-4
+    assert refinement.center is None and refinement.settings()["center"] is False
+    # Saved without a centre, it loads and scores as before; a centred one keeps its centre.
+    refine.save(refinement, str(tmp_path / "old.npz"))
+    assert "center" not in np.load(tmp_path / "old.npz").files
+    np.testing.assert_allclose(refine.load(str(tmp_path / "old.npz")).log_scores(embeddings), refinement.log_scores(embeddings), rtol=1e-6)
+    _, centred = refine_arrays(teacher, embeddings)
+    refine.save(centred, str(tmp_path / "new.npz"))
+    np.testing.assert_allclose(refine.load(str(tmp_path / "new.npz")).log_scores(embeddings), centred.log_scores(embeddings), rtol=1e-6)
+
+
+def test_norefine_center_flag_reaches_the_refinement(tmp_path):
+    path, _ = toy_cache(tmp_path, "embedding", bias=True)
+    manifest, _ = cache.load_cache(path)
+    centred, _, info = train_student.build_targets(path, manifest, False, 1.0, refine=True)
+    plain, _, plain_info = train_student.build_targets(path, manifest, False, 1.0, refine=True, refine_center=False)
+    assert info["center"] is True and plain_info["center"] is False and not np.array_equal(centred, plain)

@@ -35,6 +35,9 @@ REFINE_SAMPLE = 100_000
 RARE_SHARE = 0.1  # predicted for under a tenth of a uniform share (1/K)
 COMMON_SHARE = 3.0  # over three uniform shares (at most 80%), and over DOMINANT_FLOOR of the corpus
 DOMINANT_FLOOR = 0.25  # with many classes, three uniform shares is a plausible size for a real class
+# A class refinement grows is "spread thin" when the length of its texts' mean centred embedding is under this
+# fraction of the teacher's median class's: measured, sink classes 0.47-0.49, classes that grew rightly 0.67 and over.
+SPREAD_THIN = 0.6
 DISAGREEMENT = 1.5  # refinement gives a class 1.5x (or 1/1.5) the teacher's share, and at least half a uniform share more (less)
 SIMILAR_CORRELATION = 0.95  # two classes' scores, each text's mean removed, move together this closely
 MIN_TEXTS = 20  # runner-up patterns need this many texts of each class to mean anything
@@ -163,10 +166,20 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
         embedding_chunks = refine.embedding_chunks(cache_path, manifest)
         _, refinement = refine.refine(_sampled(teacher_chunks, step), _sampled(embedding_chunks, step), math.ceil(n / step), k, log=log)
         refined, moved = View(k), np.zeros((k, k), np.int64)
-        for start, probabilities in refinement.posterior_chunks(embedding_chunks):
+        # How spread each class's texts are: the length of their mean embedding, centred on the corpus mean (1: all
+        # alike, near 0: texts of every topic), for the refined classes and for the teacher's.
+        center = refinement.center if refinement.center is not None else refine.mean_embedding(embedding_chunks, n)
+        refined_sums, teacher_sums = np.zeros((k, len(center))), np.zeros((k, len(center)))
+        for start, chunk in embedding_chunks():
+            probabilities = refine.softmax_rows(refinement.log_scores(chunk))
+            top, taught = probabilities.argmax(1), teacher.prediction[start : start + len(chunk)]
             refined.add(start, probabilities)
-            np.add.at(moved, (teacher.prediction[start : start + len(probabilities)], probabilities.argmax(1)), 1)
-        refinement_info = {**refinement.settings(), "fitted_on": math.ceil(n / step)}
+            np.add.at(moved, (taught, top), 1)
+            centred = refine.centered(chunk, center)
+            np.add.at(refined_sums, top, centred)
+            np.add.at(teacher_sums, taught, centred)
+        refinement_info = {**refinement.settings(), "fitted_on": math.ceil(n / step),
+                           "cohesion": _cohesion(refined_sums, refined.count), "teacher_cohesion": _cohesion(teacher_sums, teacher.count)}
 
     texts = _texts(cache_path, manifest, teacher.rows_shown() | (refined.rows_shown() if refined else set()))
     mean = centered_sum / max(n, 1)
@@ -189,6 +202,11 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
     }
     report["warnings"] = warnings(report)
     return report
+
+
+def _cohesion(sums: np.ndarray, count: np.ndarray) -> list:
+    """Per class, the length of its texts' mean centred embedding (None for a class without texts)."""
+    return [round(float(np.linalg.norm(total) / c), 4) if c else None for total, c in zip(sums, count)]
 
 
 def _share(value: float) -> str:
@@ -229,6 +247,9 @@ def warnings(report: dict) -> list[dict]:
                  f"classes. Try a more specific name or a description; if the corpus really is mostly '{name}', ignore this.")
     if refined:
         moved = np.array(report["moved_by_refinement"])  # [teacher's class, refined class]
+        refinement = report.get("refinement") or {}
+        cohesion, teacher_cohesion = refinement.get("cohesion"), [c for c in refinement.get("teacher_cohesion") or [] if c is not None]
+        typical = float(np.median(teacher_cohesion)) if cohesion and teacher_cohesion else None
         for c, name in enumerate(names):
             before, after = view["classes"][name]["share"], refined["classes"][name]["share"]
             if before < RARE_SHARE * uniform or abs(after - before) < 0.5 * uniform or not (after >= DISAGREEMENT * before or before >= DISAGREEMENT * after):
@@ -237,6 +258,16 @@ def warnings(report: dict) -> list[dict]:
                 sources = moved[:, c].copy()
                 sources[c] = 0
                 where = ", ".join(f"'{names[i]}' ({sources[i]})" for i in np.argsort(-sources, kind="stable")[:3] if sources[i])
+                if typical and cohesion[c] is not None and cohesion[c] < SPREAD_THIN * typical:
+                    # A class that grows with texts spread thin is how a generic class draws other classes' texts.
+                    warn("refinement_grows_a_spread_class", [name],
+                         f"refinement grows '{name}' from the teacher's {_share(before)} of the texts to {_share(after)} (from {where}), "
+                         f"but its texts are spread thin (the length of their mean centred embedding is {cohesion[c]:.2f}, the "
+                         f"teacher's median class's {typical:.2f}): "
+                         f"'{name}' may be a generic class drawing other classes' texts rather than one the teacher "
+                         f"under-predicts. Read a sample of its texts in the refined view; a more specific name, or "
+                         f"--norefine, keeps the other classes' texts with them.")
+                    continue
                 message = (f"the teacher predicts '{name}' for {_share(before)} of the texts, but {_share(after)} sit closer to its surest texts "
                            f"than to any other class's (refinement moves texts to it from {where}): the teacher likely under-predicts "
                            f"'{name}' and those classes take its texts; try another wording of '{name}'.")
@@ -298,6 +329,12 @@ def confirm_with_labels(report: dict, true: np.ndarray, teacher_prediction: np.n
             precision = float((true[teacher_prediction == c] == c).mean()) if predicted else 0.0
             warning["labels"] = {"evidence": f"teacher precision of '{names[c]}' {precision:.2f}; true share {(true == c).mean():.1%}",
                                  "confirmed": precision < 0.5}
+        elif warning["kind"] == "refinement_grows_a_spread_class":
+            c = classes[0]
+            true_share = float((true == c).mean())
+            refined_share = report["refined_view"]["classes"][names[c]]["share"]
+            warning["labels"] = {"evidence": f"true share of '{names[c]}' {true_share:.1%} against the refined {refined_share:.1%}",
+                                 "confirmed": refined_share > 1.25 * true_share}
         elif warning["kind"] == "teacher_and_refinement_disagree":
             c = classes[0]
             true_share, predicted_share = float((true == c).mean()), float((teacher_prediction == c).mean())

@@ -36,7 +36,8 @@ def render(info: dict, evaluations: str = "") -> str:
     if refinement.get("method"):
         refined = (f"label-free refinement of the teacher's targets (`{refinement['method']}`, {refinement['rounds']} rounds; "
                    f"the refined labels agree with the teacher's on {refinement['agreement_with_teacher']:.1%} of the texts"
-                   + (f"; confidence fitted to the teacher's labels, kappa {refinement['kappa']:.1f}" if "rounds_kappa" in refinement else "") + ")")
+                   + (f"; confidence fitted to the teacher's labels, kappa {refinement['kappa']:.1f}" if "rounds_kappa" in refinement else "")
+                   + ("; embeddings centred on the corpus mean" if refinement.get("center") else "") + ")")
     else:
         refined = f"none ({refinement.get('reason', 'not recorded')})"
     balance = info.get("balance") or {}

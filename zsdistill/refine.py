@@ -7,14 +7,25 @@ centroids of the texts the teacher is surest about (confident self-training, in 
 Gera et al. 2022):
 
     P = teacher posteriors
+    x = normalise(embedding - mean embedding of the corpus)   (centring: see below; --norefine_center skips it)
     repeat (at most MAX_ROUNDS, until under MIN_CHANGE of the predictions move):
         per class k: keep the rows predicted k that are in the top KEEP_FRACTION of confidence among them
                      and that the teacher also puts in k (this anchor stops the clusters drifting to topics
                      of their own, which unanchored rounds do on hard tasks)
         centroid_k = normalised mean embedding of the kept rows; prior_k = mean of P[:, k]
         P = softmax_k(KAPPA * <x, centroid_k> + log prior_k)
-    then, once: kappa = the value in [MIN_KAPPA, KAPPA] under which softmax_k(kappa * <x, centroid_k> + log prior_k)
+    then, once: kappa = the value in [MIN_KAPPA(_CENTERED), KAPPA] under which softmax_k(kappa * <x, centroid_k> + log prior_k)
                 gives the teacher's own labels the highest likelihood; the targets are made with it
+
+Centring keeps generic classes from becoming sinks. Sentence embeddings share a large common direction (every
+text's cosine to the corpus mean is high). The centroid of a class whose texts are spread over many topics (a
+generic class: `programming` among programming languages and databases, `utils` among Debian sections) is close
+to that common direction, so every text scores high against it, and the rounds hand it more and more texts; the
+rich get richer through the re-estimated priors. Measured on the refined targets of seven tasks (benchmarks/README.md,
+"Refinement that lifts every class"): FOLDOC's generic `programming` went from the teacher's 27% of the labels to
+51%, `mathematics` from recall 0.45 to 0.05; Debian's `vcs` from 15% to 44%. With the mean removed, the same rounds
+leave `programming` at 34% and `mathematics` at 0.88, and macro-F1 rises on every task whose texts do not cluster
+by class but one (nouns-25, equal); the demo task, whose large `artifact` class is generic and real, loses 1.5 points.
 
 The last step keeps the targets honest. The rounds' fixed KAPPA makes targets about equally confident (0.65-0.85)
 whatever the task, also where texts do not cluster by class and the refined labels are right a quarter of the
@@ -39,7 +50,10 @@ from zsdistill.targets import SIMILARITY_SCALE
 
 METHOD = "confident-centroids"
 KAPPA = 1.0 / SIMILARITY_SCALE
-MIN_KAPPA = 1.0  # the fitted kappa's lower bound: cosines times 1 give nearly uniform posteriors
+MIN_KAPPA = 1.0  # the fitted kappa's lower bound on raw cosines: they sit in a narrow band, times 1 nearly uniform
+# Centred cosines spread over about [-0.5, 1], so 1 is no longer nearly uniform (a toy whose refined labels are right
+# 46% of the time was held at confidence 0.62 by it); there the bound only keeps kappa positive and the fit decides.
+MIN_KAPPA_CENTERED = 0.1
 KEEP_FRACTION = 0.5
 MAX_ROUNDS = 5  # self-training drifts on tasks whose texts do not cluster by class: 10 rounds lost 1-3 points there
 MIN_CHANGE = 0.001
@@ -56,19 +70,25 @@ class Refinement:
     centroids: np.ndarray  # (K, H) unit vectors
     log_priors: np.ndarray  # (K,)
     kappa: float = KAPPA  # the rounds use KAPPA; the fitted refinement, the kappa fit_kappa chose
+    center: np.ndarray | None = None  # (H,) the corpus mean embedding removed before scoring; None: no centring
     keep_fraction: float = KEEP_FRACTION
     rounds: int = 0
     changed: list[float] = field(default_factory=list)  # fraction of predictions that moved, per round
     agreement_with_teacher: float = 0.0
 
+    def space(self, embeddings: np.ndarray) -> np.ndarray:
+        """The embeddings as refinement compares them: centred on the corpus mean and normalised, if it centres."""
+        embeddings = embeddings.astype(np.float32, copy=False)
+        return embeddings if self.center is None else centered(embeddings, self.center)
+
     def log_scores(self, embeddings: np.ndarray) -> np.ndarray:
         """Unnormalised log posteriors (rows, K) of texts with these embeddings."""
-        return (self.kappa * (embeddings.astype(np.float32, copy=False) @ self.centroids.T) + self.log_priors).astype(np.float32)
+        return (self.kappa * (self.space(embeddings) @ self.centroids.T) + self.log_priors).astype(np.float32)
 
     def posterior_chunks(self, embedding_chunks: "Chunks", temperature: float = 1.0) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, softmax(log scores / T)) chunk by chunk."""
         for start, chunk in embedding_chunks():
-            yield start, _softmax_rows(self.log_scores(chunk) / temperature)
+            yield start, softmax_rows(self.log_scores(chunk) / temperature)
 
     def posteriors(self, embedding_chunks: "Chunks", num_rows: int, temperature: float = 1.0) -> np.ndarray:
         """softmax(log scores / T) for every row, (N, K) float32."""
@@ -80,6 +100,7 @@ class Refinement:
     def settings(self) -> dict:
         return {
             "method": METHOD,
+            "center": self.center is not None,
             "kappa": round(float(self.kappa), 6),
             "rounds_kappa": KAPPA,
             "keep_fraction": self.keep_fraction,
@@ -91,7 +112,22 @@ class Refinement:
         }
 
 
-def _softmax_rows(scores: np.ndarray) -> np.ndarray:
+def centered(embeddings: np.ndarray, center: np.ndarray) -> np.ndarray:
+    """normalise(embeddings - center), row by row, float32 (a zero row stays zero)."""
+    moved = embeddings.astype(np.float32) - center
+    norms = np.linalg.norm(moved, axis=1, keepdims=True)
+    return np.divide(moved, norms, out=np.zeros_like(moved), where=norms > 0)
+
+
+def mean_embedding(embedding_chunks: "Chunks", num_rows: int) -> np.ndarray:
+    """The corpus mean of the embeddings (H,), float32, one pass over the chunks (summed in float64)."""
+    total = 0.0
+    for _, chunk in embedding_chunks():
+        total = total + chunk.sum(0, dtype=np.float64)
+    return (np.asarray(total) / max(num_rows, 1)).astype(np.float32)
+
+
+def softmax_rows(scores: np.ndarray) -> np.ndarray:
     scores = scores - scores.max(1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(1, keepdims=True)
@@ -130,13 +166,17 @@ def refine(
     num_classes: int,
     temperature: float = 1.0,
     log: Callable[[str], None] = lambda _: None,
+    center: bool = True,
 ) -> tuple[np.ndarray, Refinement]:
     """Refined targets (N, K) float32 at `temperature` and the fitted Refinement. Deterministic: no randomness anywhere.
 
     teacher_chunks() gives the teacher's posteriors (T = 1) chunk by chunk, as embedding_chunks() the embeddings.
     Between rounds only each row's prediction and confidence are kept; the (N, K) targets are made once, at the end.
+    center=False is the method before centring, bit for bit.
     """
     prediction, confidence, prior = _summaries(teacher_chunks(), num_rows, num_classes)
+    mean = mean_embedding(embedding_chunks, num_rows) if center else None
+    space = (lambda chunk: chunk) if mean is None else (lambda chunk: centered(chunk, mean))  # noqa: E731
     teacher_prediction = prediction.copy()
     refinement = None
     for round_number in range(1, MAX_ROUNDS + 1):
@@ -146,12 +186,13 @@ def refine(
             rows = slice(start, start + len(chunk))
             weights = np.zeros((len(chunk), num_classes), dtype=np.float32)
             weights[np.flatnonzero(kept[rows]), prediction[rows][kept[rows]]] = 1.0
-            sums = sums + weights.T @ chunk
+            sums = sums + weights.T @ space(chunk)
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         # A class with no kept rows keeps a zero centroid: its score is then its prior alone.
         centroids = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
         log_priors = np.log(np.clip(prior, 1e-12, None)).astype(np.float32)
-        refinement = Refinement(centroids.astype(np.float32, copy=False), log_priors, rounds=round_number, changed=refinement.changed if refinement else [])
+        refinement = Refinement(centroids.astype(np.float32, copy=False), log_priors, center=mean, rounds=round_number,
+                                changed=refinement.changed if refinement else [])
         new_prediction, confidence, prior = _summaries(refinement.posterior_chunks(embedding_chunks), num_rows, num_classes)
         changed = float((new_prediction != prediction).mean())
         prediction = new_prediction
@@ -163,18 +204,18 @@ def refine(
     # One more pass over the embeddings: the similarities serve the kappa fit, then become the targets in place.
     similarity = np.empty((num_rows, num_classes), dtype=np.float32)
     for start, chunk in embedding_chunks():
-        similarity[start : start + len(chunk)] = chunk.astype(np.float32, copy=False) @ refinement.centroids.T
-    refinement.kappa = fit_kappa(similarity, refinement.log_priors, teacher_prediction)
+        similarity[start : start + len(chunk)] = refinement.space(chunk) @ refinement.centroids.T
+    refinement.kappa = fit_kappa(similarity, refinement.log_priors, teacher_prediction, MIN_KAPPA if mean is None else MIN_KAPPA_CENTERED)
     log(f"refinement confidence: kappa {refinement.kappa:.2f}, the most likely for the teacher's own labels "
         f"(at most {KAPPA:g}: the targets are never more confident than their scores predict the teacher)")
     for start in range(0, num_rows, 65_536):  # what Refinement.posteriors computes, without reading the embeddings again
         block = similarity[start : start + 65_536]
-        block[:] = _softmax_rows((refinement.kappa * block + refinement.log_priors).astype(np.float32) / temperature)
+        block[:] = softmax_rows((refinement.kappa * block + refinement.log_priors).astype(np.float32) / temperature)
     return similarity, refinement
 
 
-def fit_kappa(similarity: np.ndarray, log_priors: np.ndarray, teacher_prediction: np.ndarray) -> float:
-    """The kappa in [MIN_KAPPA, KAPPA] that maximises the likelihood of the teacher's predicted labels under
+def fit_kappa(similarity: np.ndarray, log_priors: np.ndarray, teacher_prediction: np.ndarray, lowest: float = MIN_KAPPA) -> float:
+    """The kappa in [lowest, KAPPA] that maximises the likelihood of the teacher's predicted labels under
     softmax(kappa * similarity + log prior), similarity being each text's (N, K) cosines to the centroids: how
     sharp the centroid scores may be and still predict the teacher as well as they can."""
     from scipy.optimize import minimize_scalar
@@ -187,7 +228,7 @@ def fit_kappa(similarity: np.ndarray, log_priors: np.ndarray, teacher_prediction
             total += float((np.logaddexp.reduce(scores, axis=1) - scores[np.arange(len(scores)), labels]).sum())
         return total / max(len(similarity), 1)
 
-    best = minimize_scalar(negative_log_likelihood, bounds=(np.log(MIN_KAPPA), np.log(KAPPA)), method="bounded", options={"xatol": 1e-4})
+    best = minimize_scalar(negative_log_likelihood, bounds=(np.log(lowest), np.log(KAPPA)), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(best.x))
 
 
@@ -208,9 +249,11 @@ def embedding_chunks(cache_path: str, manifest: dict) -> Chunks:
 
 
 def save(refinement: Refinement, path: str) -> None:
-    np.savez(path, centroids=refinement.centroids, log_priors=refinement.log_priors, kappa=np.float32(refinement.kappa))
+    centring = {} if refinement.center is None else {"center": refinement.center}
+    np.savez(path, centroids=refinement.centroids, log_priors=refinement.log_priors, kappa=np.float32(refinement.kappa), **centring)
 
 
 def load(path: str) -> Refinement:
+    """A saved refinement; files written before centring have no `center` and score as they did."""
     with np.load(path) as f:
-        return Refinement(f["centroids"], f["log_priors"], kappa=float(f["kappa"]))
+        return Refinement(f["centroids"], f["log_priors"], kappa=float(f["kappa"]), center=f["center"] if "center" in f else None)
