@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import Trainer
 
-from zsdistill import __version__, card, targets
+from zsdistill import __version__, adapt, card, targets
 from zsdistill import refine as refine_mod  # `refine` is the CLI flag
 from zsdistill import cache as teacher_cache  # `cache` is the CLI flag
 from zsdistill.errors import UserError, run_cli, writing_to
@@ -74,11 +74,15 @@ def holdout_metrics(student_logits: np.ndarray, teacher_targets: np.ndarray, mul
 
 
 def build_targets(cache_path: str, manifest: dict, multi_label: bool, temperature: float, refine: bool,
-                  refine_center: bool = True) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
+                  refine_center: bool = True, adaptation: "adapt.AdaptSettings | None" = None,
+                  ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record."""
     if not refine:
         log("refinement off (--norefine): training on the teacher's targets as they are")
         return targets.cache_probabilities(cache_path, manifest, multi_label, temperature), None, {"method": None, "reason": "--norefine"}
+    if adaptation is not None and (multi_label or not manifest.get("text_embedding_column")):
+        raise UserError("--adapt_rounds adapts the embedding model that refinement uses: it needs single-label targets and a cache "
+                        "with text embeddings; drop --adapt_rounds (or --multi_label)")
     if multi_label:
         log("refinement: not applied to multi-label targets; they are used as the teacher gives them")
         return targets.cache_probabilities(cache_path, manifest, True, temperature), None, {"method": None, "reason": "multi-label targets are used as the teacher gives them"}
@@ -90,12 +94,21 @@ def build_targets(cache_path: str, manifest: dict, multi_label: bool, temperatur
     embedded_by = (manifest.get("embedding_model") or manifest["teacher"])["name_or_path"]
     log(f"refinement: in the text-embedding space of {embedded_by} (cached by stage 1)")
     started = time.time()
+    teacher_chunks = lambda: targets.cache_probability_chunks(cache_path, manifest, False)  # noqa: E731
+    embedding_chunks, fingerprint, adapted = refine_mod.embedding_chunks(cache_path, manifest), refine_mod.embedding_fingerprint(manifest), None
+    if adaptation is not None and adaptation.rounds > 0:
+        embeddings, adapted = adapt.adapted_embeddings(cache_path, manifest, adaptation, teacher_chunks, log)
+        embedding_chunks = lambda: iter([(0, embeddings)])  # noqa: E731
+        key = adaptation.key(manifest["key"], fingerprint, adaptation.rounds)
+        adapted = {"settings": dataclasses.asdict(adaptation), "rounds": adapted["rounds"], "key": key,
+                   "directory": os.path.join(cache_path, adapt.DIRECTORY, key)}
+        fingerprint = f"adapted:{key}"  # a refinement fitted here applies only to texts embedded by the adapted encoder
     refined, refinement = refine_mod.refine(
-        lambda: targets.cache_probability_chunks(cache_path, manifest, False),
-        refine_mod.embedding_chunks(cache_path, manifest),
-        manifest["num_examples"], len(manifest["class_names"]), temperature, log, center=refine_center,
+        teacher_chunks, embedding_chunks, manifest["num_examples"], len(manifest["class_names"]), temperature, log, center=refine_center,
     )
-    info = {**refinement.settings(), "embedding_fingerprint": refine_mod.embedding_fingerprint(manifest), "seconds": round(time.time() - started, 3)}
+    info = {**refinement.settings(), "embedding_fingerprint": fingerprint, "seconds": round(time.time() - started, 3)}
+    if adapted:
+        info["adaptation"] = adapted
     log(f"refinement ({refine_mod.METHOD}): {refinement.rounds} rounds in {info['seconds']:.1f}s; "
         f"its labels agree with the teacher's on {refinement.agreement_with_teacher:.1%} of the texts")
     return refined, refinement, info
@@ -434,6 +447,9 @@ def main(
     multi_class: bool | None = None,
     refine: bool = True,
     refine_center: bool = True,
+    adapt_rounds: int = 0,
+    adapt_fraction: float = adapt.AdaptSettings.fraction,
+    adapt_mask_class_names: bool = adapt.AdaptSettings.mask_class_names,
     balance: bool | float = True,
     head_learning_rate_factor: float = HEAD_LEARNING_RATE_FACTOR,
     calibrate: bool | None = None,
@@ -457,6 +473,12 @@ def main(
             zsdistill/refine.py); --norefine (or --refine False) trains on the teacher's targets as they are.
         refine_center: refine with the corpus mean embedding removed (default), so a generic class's centroid does not
             draw every text to it; --norefine_center gives the refinement before centring, bit for bit.
+        adapt_rounds: rounds of adaptation before refining (default 0: none): fine-tune the cache's embedding model on
+            refinement's surest texts with the zero-shot loss, re-embed the texts, refine there (zsdistill/adapt.py).
+            Cached beside the teacher cache, so a second run with the same settings trains nothing. Not a default:
+            it helps some tasks and hurts others (benchmarks/README.md, "Adaptation").
+        adapt_fraction: each refined class's surest share of texts that adaptation trains on.
+        adapt_mask_class_names: remove the class names' words from those texts (Gera et al.'s token masking).
         balance: balanced distillation (default): draw training rows as often as their classes are rare in the targets,
             so the student learns every class they teach whatever the learning rate; each row keeps its own soft
             target, so confidence is unchanged. --nobalance (or --balance False) draws every row once an epoch. A
@@ -498,6 +520,12 @@ def main(
     if not 0 < factor < float("inf"):
         raise UserError(f"--head_learning_rate_factor must be a positive number (1: the head learns at --learning_rate), got {head_learning_rate_factor!r}")
     head_learning_rate_factor = factor
+    if isinstance(adapt_rounds, bool) or not isinstance(adapt_rounds, int) or adapt_rounds < 0:
+        raise UserError(f"--adapt_rounds must be a non-negative integer (0: no adaptation), got {adapt_rounds!r}")
+    if isinstance(adapt_fraction, (bool, str)) or not 0 < float(adapt_fraction) <= 1:
+        raise UserError(f"--adapt_fraction must be a number in (0, 1], e.g. 0.3, got {adapt_fraction!r}")
+    if adapt_rounds and not refine:
+        raise UserError("--adapt_rounds adapts the space refinement works in; with --norefine there is none: drop one of the two")
     if isinstance(max_holdout_examples, bool) or not isinstance(max_holdout_examples, int) or max_holdout_examples < 0:
         raise UserError(f"--max_holdout_examples must be a non-negative integer, got {max_holdout_examples!r}")
 
@@ -527,8 +555,10 @@ def main(
         f"{len(train_rows)} train, {len(holdout_rows)} held out; T={temperature}, {'multi' if multi_label else 'single'}-label")
     calibrate = bool(refine) if calibrate is None else bool(calibrate)
     targets_started = time.time()
+    adaptation = adapt.AdaptSettings(rounds=adapt_rounds, fraction=float(adapt_fraction), mask_class_names=bool(adapt_mask_class_names),
+                                     seed=int(training_args.get("seed", 42)), refine_center=bool(refine_center)) if adapt_rounds else None
     soft_targets, refinement, refinement_info = build_targets(cache_path, manifest, multi_label, temperature, bool(refine),
-                                                              bool(refine_center))
+                                                              bool(refine_center), adaptation)
     log(f"targets built in {time.time() - targets_started:.1f}s")
 
     try:
