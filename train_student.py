@@ -74,7 +74,7 @@ def holdout_metrics(student_logits: np.ndarray, teacher_targets: np.ndarray, mul
 
 
 def build_targets(cache_path: str, manifest: dict, multi_label: bool, temperature: float, refine: bool,
-                  refine_center: bool = True, adaptation: "adapt.AdaptSettings | None" = None,
+                  refine_center: bool = True, adaptation: "adapt.AdaptSettings | None" = None, refine_free_last_round: bool = True,
                   ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record."""
     if not refine:
@@ -105,6 +105,7 @@ def build_targets(cache_path: str, manifest: dict, multi_label: bool, temperatur
         fingerprint = f"adapted:{key}"  # a refinement fitted here applies only to texts embedded by the adapted encoder
     refined, refinement = refine_mod.refine(
         teacher_chunks, embedding_chunks, manifest["num_examples"], len(manifest["class_names"]), temperature, log, center=refine_center,
+        free_last_round=refine_free_last_round,
     )
     info = {**refinement.settings(), "embedding_fingerprint": fingerprint, "seconds": round(time.time() - started, 3)}
     if adapted:
@@ -447,6 +448,7 @@ def main(
     multi_class: bool | None = None,
     refine: bool = True,
     refine_center: bool = True,
+    refine_free_last_round: bool = True,
     adapt_rounds: int = 0,
     adapt_fraction: float = adapt.AdaptSettings.fraction,
     adapt_mask_class_names: bool = adapt.AdaptSettings.mask_class_names,
@@ -472,7 +474,9 @@ def main(
         refine: refine the teacher's targets without labels in the cache's text-embedding space (default; see
             zsdistill/refine.py); --norefine (or --refine False) trains on the teacher's targets as they are.
         refine_center: refine with the corpus mean embedding removed (default), so a generic class's centroid does not
-            draw every text to it; --norefine_center gives the refinement before centring, bit for bit.
+            draw every text to it. --norefine_center --norefine_free_last_round give the previous release's refinement.
+        refine_free_last_round: the last refinement round without the teacher anchor (default), so a class's centroid
+            also takes in its surest texts that the teacher put elsewhere; --norefine_free_last_round anchors every round.
         adapt_rounds: rounds of adaptation before refining (default 0: none): fine-tune the cache's embedding model on
             refinement's surest texts with the zero-shot loss, re-embed the texts, refine there (zsdistill/adapt.py).
             Cached beside the teacher cache, so a second run with the same settings trains nothing. Not a default:
@@ -556,9 +560,10 @@ def main(
     calibrate = bool(refine) if calibrate is None else bool(calibrate)
     targets_started = time.time()
     adaptation = adapt.AdaptSettings(rounds=adapt_rounds, fraction=float(adapt_fraction), mask_class_names=bool(adapt_mask_class_names),
-                                     seed=int(training_args.get("seed", 42)), refine_center=bool(refine_center)) if adapt_rounds else None
+                                     seed=int(training_args.get("seed", 42)), refine_center=bool(refine_center),
+                                     refine_free_last_round=bool(refine_free_last_round)) if adapt_rounds else None
     soft_targets, refinement, refinement_info = build_targets(cache_path, manifest, multi_label, temperature, bool(refine),
-                                                              bool(refine_center), adaptation)
+                                                              bool(refine_center), adaptation, bool(refine_free_last_round))
     log(f"targets built in {time.time() - targets_started:.1f}s")
 
     try:

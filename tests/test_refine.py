@@ -328,7 +328,7 @@ def test_a_generic_class_does_not_sink_a_small_one():
     """Before centring, the generic class's centroid drew every text; centred, each class keeps what the teacher found."""
     embeddings, teacher, labels = sink_task()
     taught = teacher.argmax(1)
-    before, _ = refine_arrays(teacher, embeddings, center=False)
+    before, _ = refine_arrays(teacher, embeddings, center=False, free_last_round=False)
     after, refinement = refine_arrays(teacher, embeddings)
     before, after = before.argmax(1), after.argmax(1)
     assert recall(taught, labels, 3) >= 0.8 and (taught == labels).mean() >= 0.8
@@ -343,15 +343,16 @@ def test_a_generic_class_does_not_sink_a_small_one():
 
 
 def test_refinement_before_centring_is_reachable_and_unchanged(tmp_path):
-    """--norefine_center gives the refinement of the previous release: its targets on the sink task, as it wrote them."""
+    """--norefine_center --norefine_free_last_round give the refinement of the previous release: its targets on the
+    sink task, as it wrote them."""
     embeddings, teacher, _ = sink_task()
-    targets_, refinement = refine_arrays(teacher, embeddings, center=False)
+    targets_, refinement = refine_arrays(teacher, embeddings, center=False, free_last_round=False)
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_before_centering.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
         np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU in the last bits
         np.testing.assert_allclose(refinement.centroids, before["centroids"], atol=1e-6)
         assert abs(refinement.kappa - float(before["kappa"])) < 1e-4
-    assert refinement.center is None and refinement.settings()["center"] is False
+    assert refinement.center is None and refinement.settings()["center"] is False and refinement.settings()["free_last_round"] is False
     # Saved without a centre, it loads and scores as before; a centred one keeps its centre.
     refine.save(refinement, str(tmp_path / "old.npz"))
     assert "center" not in np.load(tmp_path / "old.npz").files
@@ -365,5 +366,22 @@ def test_norefine_center_flag_reaches_the_refinement(tmp_path):
     path, _ = toy_cache(tmp_path, "embedding", bias=True)
     manifest, _ = cache.load_cache(path)
     centred, _, info = train_student.build_targets(path, manifest, False, 1.0, refine=True)
-    plain, _, plain_info = train_student.build_targets(path, manifest, False, 1.0, refine=True, refine_center=False)
+    plain, _, plain_info = train_student.build_targets(path, manifest, False, 1.0, refine=True, refine_center=False,
+                                                       refine_free_last_round=False)
     assert info["center"] is True and plain_info["center"] is False and not np.array_equal(centred, plain)
+    assert info["free_last_round"] is True and plain_info["free_last_round"] is False
+
+
+def test_the_last_round_drops_the_anchor_and_only_the_last():
+    """Anchored rounds keep only the rows the teacher puts in the same class; the last round keeps every sure row of
+    each predicted class, so its centroids take in texts the teacher put elsewhere (the demo's `artifact`)."""
+    embeddings, teacher, _ = sink_task()
+    for free in (True, False):
+        lines = []
+        _, refinement = refine_arrays(teacher, embeddings, free_last_round=free, log=lines.append)
+        rounds = [line for line in lines if line.startswith("refinement round")]
+        anchors = [int(line.split(": ")[1].split(" anchor rows")[0]) for line in rounds]
+        assert len(rounds) == refinement.rounds <= refine.MAX_ROUNDS and refinement.free_last_round is free
+        assert [("without the anchor" in line) for line in rounds] == [False] * (len(rounds) - 1) + [free]
+        if free:  # the sure half of every predicted class, whatever the teacher said: more rows than the round before
+            assert anchors[-1] > anchors[-2] and anchors[-1] >= len(teacher) // 2

@@ -55,6 +55,7 @@ class AdaptSettings:
     max_length: int = 128  # tokens of a text while training (re-embedding uses the model's own maximum)
     seed: int = 0
     refine_center: bool = True
+    refine_free_last_round: bool = True
 
     def key(self, cache_key: str, embedding_fingerprint: str, rounds: int) -> str:
         """The cache key of these settings' first `rounds` rounds."""
@@ -181,7 +182,8 @@ def adapted_embeddings(
     max_length = models.resolve_max_length(tokenizer, model, None)
     for round_number in range(done + 1, settings.rounds + 1):
         started = time.time()
-        posteriors, _ = refine.refine(teacher_chunks, lambda: iter([(0, embeddings)]), n, len(class_names), center=settings.refine_center)
+        posteriors, _ = refine.refine(teacher_chunks, lambda: iter([(0, embeddings)]), n, len(class_names), center=settings.refine_center,
+                                      free_last_round=settings.refine_free_last_round)
         rows = surest_rows(posteriors, settings.fraction)
         chosen = [texts[i] for i in rows]
         if settings.mask_class_names:
