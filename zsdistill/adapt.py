@@ -87,22 +87,12 @@ def surest_rows(posteriors: np.ndarray, fraction: float) -> np.ndarray:
     return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
 
 
-def _pooled(model, batch, pooling: str):
-    import torch
-
-    hidden = model(**batch).last_hidden_state
-    if pooling == "cls":
-        pooled = hidden[:, 0]
-    else:
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, p=2, dim=1)
-
-
 def fine_tune(model, tokenizer, texts: list[str], labels: np.ndarray, hypotheses: list[str], settings: AdaptSettings, pooling: str,
               log: Callable[[str], None]) -> float:
     """settings.epochs over (text, class) pairs with the zero-shot loss; returns the last epoch's mean loss."""
     import torch
+
+    from zsdistill.inference import pool
 
     torch.manual_seed(settings.seed)
     order_rng = np.random.default_rng(settings.seed)
@@ -118,7 +108,8 @@ def fine_tune(model, tokenizer, texts: list[str], labels: np.ndarray, hypotheses
             rows = order[start : start + settings.batch_size]
             batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=settings.max_length,
                               return_tensors="pt").to(device)
-            similarity = _pooled(model, batch, pooling) @ _pooled(model, hypothesis_batch, pooling).T
+            texts_embedded = pool(model(**batch).last_hidden_state, batch["attention_mask"], pooling)
+            similarity = texts_embedded @ pool(model(**hypothesis_batch).last_hidden_state, hypothesis_batch["attention_mask"], pooling).T
             loss = torch.nn.functional.cross_entropy(KAPPA * similarity, torch.as_tensor(labels[rows], device=device))
             optimizer.zero_grad()
             loss.backward()
@@ -150,33 +141,32 @@ def adapted_embeddings(
     fingerprint = refine.embedding_fingerprint(manifest)
     root = os.path.join(cache_path, DIRECTORY)
     n, class_names = manifest["num_examples"], manifest["class_names"]
+
+    def round_key(rounds: int) -> str:
+        return settings.key(manifest["key"], fingerprint, rounds)
+
     # The newest round already cached, if any: rounds before it are never redone.
-    done = 0
-    for rounds in range(settings.rounds, 0, -1):
-        if os.path.exists(os.path.join(root, settings.key(manifest["key"], fingerprint, rounds), INFO)):
-            done = rounds
-            break
+    done = next((r for r in range(settings.rounds, 0, -1) if os.path.exists(os.path.join(root, round_key(r), INFO))), 0)
     records = []
     if done:
-        with open(os.path.join(root, settings.key(manifest["key"], fingerprint, done), INFO)) as f:
-            records = json.load(f)["rounds"]
-        records = [{**r, "cached": True} for r in records]
+        with open(os.path.join(root, round_key(done), INFO)) as f:
+            records = [{**r, "cached": True} for r in json.load(f)["rounds"]]
     if done == settings.rounds:
-        log(f"adaptation: {done} round(s) read from {os.path.join(root, settings.key(manifest['key'], fingerprint, done))}")
-        return np.load(os.path.join(root, settings.key(manifest["key"], fingerprint, done), EMBEDDINGS)), {"rounds": records}
+        log(f"adaptation: {done} round(s) read from {os.path.join(root, round_key(done))}")
+        return np.load(os.path.join(root, round_key(done), EMBEDDINGS)), {"rounds": records}
 
     from transformers import AutoModel, AutoTokenizer
 
-    start_from = os.path.join(root, settings.key(manifest["key"], fingerprint, done), ENCODER) if done else None
-    if start_from is None:
-        embedder = zs_teacher.resolve_teacher(described["name_or_path"], kind="embedding")
-        start_from = embedder.local_path
+    if done:
+        start_from = os.path.join(root, round_key(done), ENCODER)
+    else:
+        start_from = zs_teacher.resolve_teacher(described["name_or_path"], kind="embedding").local_path
     tokenizer = AutoTokenizer.from_pretrained(start_from)
     model = AutoModel.from_pretrained(start_from).to(models.select_device())  # a GPU where there is one
     pooling = described.get("pooling") or "mean"
     texts = read_texts(cache_path, manifest)
     if done:
-        embeddings = np.load(os.path.join(root, settings.key(manifest["key"], fingerprint, done), EMBEDDINGS))
+        embeddings = np.load(os.path.join(root, round_key(done), EMBEDDINGS))
     else:
         embeddings = np.concatenate([chunk for _, chunk in refine.embedding_chunks(cache_path, manifest)()]).astype(np.float32)
     max_length = models.resolve_max_length(tokenizer, model, None)
@@ -193,7 +183,7 @@ def adapted_embeddings(
         record = {"round": round_number, "texts_trained_on": int(len(rows)), "loss": round(loss, 6),
                   "seconds": round(time.time() - started, 3), "cached": False}
         records.append(record)
-        _publish(root, settings.key(manifest["key"], fingerprint, round_number), embeddings, model, tokenizer,
+        _publish(root, round_key(round_number), embeddings, model, tokenizer,
                  {"settings": asdict(settings), "rounds": records, "cache": manifest["key"], "embedding_model": fingerprint})
         log(f"adaptation round {round_number}: fine-tuned on {len(rows)} texts ({settings.fraction:.0%} surest of each refined "
             f"class{', class names masked' if settings.mask_class_names else ''}), re-embedded {n} texts in {record['seconds']:.1f}s")

@@ -194,6 +194,17 @@ def embed(
     return embed_ids(model, ids, tokenizer.pad_token_id or 0, max_items, max_tokens, pooling, precision, stats, on_batch)
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
+    """L2-normalised sentence embeddings from the last hidden states: the first token's ("cls"), or the mean over
+    the attention mask, as sentence-transformers pools."""
+    if pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, p=2, dim=1)
+
+
 def embed_ids(
     model,
     ids: list[list[int]],
@@ -216,12 +227,7 @@ def embed_ids(
             attention_mask = _pad([[1] * len(ids[i]) for i in batch.tolist()], 0)
             device_mask = _to_device(attention_mask, device)
             hidden = model(input_ids=input_ids, attention_mask=device_mask).last_hidden_state.float()
-            if pooling == "cls":
-                pooled = hidden[:, 0]
-            else:
-                mask = device_mask.unsqueeze(-1).float()
-                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            pending.append((batch, torch.nn.functional.normalize(pooled, p=2, dim=1)))
+            pending.append((batch, pool(hidden, device_mask, pooling)))
             if stats is not None:
                 stats.record(attention_mask)
             if on_batch is not None:
