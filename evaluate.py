@@ -13,9 +13,7 @@ import time
 
 import numpy as np
 
-from zsdistill import cache, cache_report, card, data, refine, targets
-from zsdistill import inference
-from zsdistill import models
+from zsdistill import cache, cache_report, card, data, inference, models, refine, serving, targets
 from zsdistill.errors import UserError, run_cli, writing_to
 
 ECE_BINS = 15
@@ -128,33 +126,24 @@ def encode_labels(labels: list, class_names: list[str], multi_label: bool, test_
     return matrix
 
 
-def predict_student(model, tokenizer, texts: list[str], batch_size: int, multi_label: bool) -> tuple[np.ndarray, float]:
-    """Class probabilities and examples/second, length-sorted batches, one warm-up batch untimed."""
-    import torch
-
-    device = next(model.parameters()).device
-    max_length = models.resolve_max_length(tokenizer, model, None)
-    encoded = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    lengths = np.array([len(ids) for ids in encoded])
-    batches = inference.length_sorted_batches(lengths, batch_size, batch_size * max_length)
-    out = np.empty((len(texts), model.config.num_labels), dtype=np.float32)
-
-    def run(batch):
-        features = tokenizer.pad({"input_ids": [encoded[i] for i in batch.tolist()]}, return_tensors="pt")
-        logits = model(**{k: v.to(device) for k, v in features.items()}).logits.float()
-        return (torch.sigmoid(logits) if multi_label else torch.softmax(logits, -1)).cpu().numpy()
-
-    with torch.inference_mode():
-        run(batches[0])  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for batch in batches:
-            out[batch] = run(batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - started
-    return out, len(texts) / elapsed
+def compare_runtimes(model_dir: str, tokenizer, texts: list[str], true: np.ndarray, batch_size: int, batch_one_texts: int,
+                     max_length: int, multi_label: bool, class_names: list[str], device) -> dict:
+    """The PyTorch student and its ONNX exports, each loaded and served on its own: metrics, agreement with the
+    PyTorch student, texts/s at batch 1 and at batch_size, load time and peak memory."""
+    metric_fn = multi_label_metrics if multi_label else single_label_metrics
+    loaders = {"pytorch": (None, lambda: serving.TorchClassifier(*load_student(model_dir, device)))}
+    for precision, name in serving.FILES.items():
+        path = os.path.join(model_dir, serving.ONNX_DIR, name)
+        loaders[f"onnx_{precision}"] = (f"{serving.ONNX_DIR}/{name}", lambda path=path: serving.OnnxClassifier(path, tokenizer))
+    rows, reference = {}, None
+    for runtime, (file, load) in loaders.items():
+        log(f"serving: {runtime} on {len(texts)} examples at batch {batch_size}, {min(batch_one_texts, len(texts))} at batch 1")
+        probabilities, speed = serving.measure_serving(load, tokenizer, texts, batch_size, batch_one_texts, max_length, multi_label)
+        reference = probabilities if reference is None else reference
+        metrics = metric_fn(true, probabilities, class_names)
+        rows[runtime] = {"file": file, **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
+                         **serving.parity(reference, probabilities, multi_label), **speed}
+    return rows
 
 
 def time_live_teacher(name_or_path: str, manifest: dict, texts: list[str], device) -> dict:
@@ -293,12 +282,27 @@ def markdown_report(report: dict) -> str:
         lines += ["", f"Student-teacher agreement on the test set: {report['agreement']:.4f}."]
     if speed.get("speedup"):
         lines.append(f"Student speedup over the live zero-shot teacher: {speed['speedup']:.1f}x.")
+    if report.get("serving"):
+        lines += ["", *serving_table(report["serving"], multi)]
     lines += ["", "Plots: [reliability diagram](reliability.png), [student confusion matrix](confusion_student.png)"
               + (", [teacher confusion matrix](confusion_teacher.png)" if teacher else "") + "."]
     lines += ["", "## Per class (student)", "", "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
     for name, m in report["student"]["metrics"]["per_class"].items():
         lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
     return "\n".join(lines) + "\n"
+
+
+def serving_table(runtimes: dict, multi_label: bool) -> list[str]:
+    first = "subset_accuracy" if multi_label else "accuracy"
+    batch = next(iter(runtimes.values()))["batch_size"]
+    lines = [f"| runtime | {first.replace('_', ' ')} | macro-F1 | ECE | agreement with PyTorch | texts/s batch 1 | texts/s batch {batch} "
+             f"| load (s) | peak memory (MB) |", "| --- " * 9 + "|"]
+    for runtime, r in runtimes.items():
+        memory = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
+        name = f"{runtime} (`{r['file']}`)" if r["file"] else runtime
+        lines.append(f"| {name} | {r[first]:.4f} | {r['macro_f1']:.4f} | {r['ece']:.4f} "
+                     f"| {r['agreement']:.4f} | {r['texts_per_second_batch_1']:.1f} | {r['texts_per_second']:.1f} | {r['load_seconds']:.2f} | {memory} |")
+    return lines
 
 
 # ---------------------------------------------------------------- the stage
@@ -372,6 +376,8 @@ def main(
     label_column: str = "label",
     time_teacher: bool | str = False,
     time_teacher_samples: int = 32,
+    onnx: bool = False,
+    batch_one_texts: int = 256,
     no_cuda: bool = False,
 ) -> dict:
     """Evaluate a student (and its teacher, from a cache) on labeled data, with speed; or, with only --teacher_cache,
@@ -389,6 +395,10 @@ def main(
         label_column: label column of tabular test files (a class name, or a list of names for multi-label).
         time_teacher: also time the live zero-shot teacher on a sample (True: the cache's teacher; or a model path).
         time_teacher_samples: how many test texts the live teacher is timed on.
+        onnx: also score the student's ONNX exports (onnx/model.onnx and onnx/model_quantized.onnx, written by
+            train_student.py --export onnx or export_student.py) beside the PyTorch student: metrics, agreement with
+            it, texts/s at batch 1 and at --batch_size, load time and peak memory, each runtime loaded on its own.
+        batch_one_texts: with --onnx, how many test texts each runtime is timed on at batch 1.
         no_cuda: run on the CPU even when a GPU is present.
     """
     if model is None and test_file is None:
@@ -424,10 +434,18 @@ def main(
             )
     if time_teacher and manifest is None:
         raise UserError("--time_teacher needs --teacher_cache: the cache names the teacher and its hypotheses")
+    if onnx:
+        serving.require_runtime(export=False)
+        missing = [name for name in serving.FILES.values() if not os.path.exists(os.path.join(str(model), serving.ONNX_DIR, name))]
+        if missing:
+            raise UserError(f"--onnx: {os.path.join(str(model), serving.ONNX_DIR, missing[0])} is missing; export the student first: "
+                            f"python export_student.py --model {model}")
 
     # 2. The student on every test text, timed.
     log(f"student {model} on {len(texts)} examples ({device})")
-    student_probabilities, student_speed = predict_student(student, tokenizer, texts, batch_size, multi_label)
+    max_length = models.resolve_max_length(tokenizer, student, None)
+    student_probabilities, student_speed = serving.predict(serving.TorchClassifier(student, tokenizer), tokenizer, texts, batch_size,
+                                                           max_length, multi_label)
     metric_fn = multi_label_metrics if multi_label else single_label_metrics
     report = {
         "model": os.path.abspath(str(model)),
@@ -440,6 +458,9 @@ def main(
         "student": {"metrics": metric_fn(true, student_probabilities, class_names)},
         "speed": {"student_examples_per_second": student_speed, "student_batch_size": batch_size},
     }
+    if onnx:
+        report["serving"] = compare_runtimes(str(model), tokenizer, texts, true, batch_size, int(batch_one_texts), max_length,
+                                             multi_label, class_names, device)
     distill_info = os.path.join(str(model), "distill_info.json")
     if os.path.exists(distill_info):
         with open(distill_info) as f:

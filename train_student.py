@@ -22,15 +22,15 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import Trainer
 
-from zsdistill import __version__, adapt, card, targets
+from zsdistill import __version__, adapt, card, serving, targets
 from zsdistill import refine as refine_mod  # `refine` is the CLI flag
 from zsdistill import cache as teacher_cache  # `cache` is the CLI flag
 from zsdistill.errors import UserError, run_cli, writing_to
 from zsdistill.models import resolve_max_length
+from zsdistill.targets import holdout_split
 
-INFO_FILE = "distill_info.json"  # written last: a student directory without it is not finished
+INFO_FILE = card.INFO_FILE  # written last: a student directory without it is not finished
 BALANCE_METHOD = "class-balanced row sampling"
-HOLDOUT_SEED = 1234  # the holdout split depends on the cache only, never on --seed
 MIN_BALANCED_PRIOR = 0.1  # balanced distillation upweights a class at most as if its share of the rows were 0.1 / K
 # The new head starts from random values and the body from pretrained ones: at the body's usual rates (5e-5) the head
 # barely moves in 2 epochs and the student under-fits its targets, the rarer classes first (benchmarks/README.md).
@@ -40,16 +40,6 @@ HEAD_LEARNING_RATE_FACTOR = 100.0
 def log(message: str) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"[student] {message}", file=sys.stderr, flush=True)
-
-
-def holdout_split(num_examples: int, fraction: float, max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (train, holdout) row indices."""
-    permutation = np.random.default_rng(HOLDOUT_SEED).permutation(num_examples).astype(np.int32)  # int32: memory
-    size = int(round(num_examples * fraction))
-    if fraction > 0 and size == 0 and num_examples > 1:
-        size = 1
-    size = size if max_rows is None else min(size, max_rows)
-    return np.sort(permutation[size:]), np.sort(permutation[:size])
 
 
 def holdout_metrics(student_logits: np.ndarray, teacher_targets: np.ndarray, multi_label: bool) -> dict:
@@ -438,6 +428,16 @@ def save_student(trainer, output_dir: str, info: dict, refinement) -> None:
     _publish(staging, output_dir)
 
 
+def export_onnx(output_dir: str, table, rows: np.ndarray, source: str) -> None:
+    """The saved student, exported for ONNX Runtime and checked on the texts of `rows`."""
+    texts = table.column("text").take(rows[: serving.MAX_PARITY_TEXTS]).to_pylist()
+    try:
+        with writing_to(output_dir, "the ONNX export", "free space there; nothing half-written was left"):
+            serving.export_student(output_dir, texts, source, log)
+    except UserError as e:
+        raise UserError(f"the student is saved in {output_dir}, but its export failed: {e}; retry with python export_student.py --model {output_dir}") from None
+
+
 def main(
     *,
     cache: str,
@@ -460,6 +460,7 @@ def main(
     max_length: int | None = None,
     overwrite_output_dir: bool = False,
     trust_remote_code: bool = False,
+    export: str | None = None,
     **training_args,
 ) -> str:
     """Train a student classifier on soft targets from a teacher cache.
@@ -496,6 +497,9 @@ def main(
         max_length: truncate student inputs to this many tokens (default: the student's maximum).
         overwrite_output_dir: replace a non-empty output_dir instead of refusing.
         trust_remote_code: allow models whose code lives in their hub repository.
+        export: `onnx`: after saving, also export the student for ONNX Runtime (onnx/model.onnx fp32 and
+            onnx/model_quantized.onnx int8), parity-checked against it on the held-out rows (export_student.py does
+            the same for a student trained earlier; needs pip install 'zsdistill[onnx]').
         training_args: any transformers.TrainingArguments field, e.g. --learning_rate 5e-5 --num_train_epochs 3.
     """
     cache_path, student_name_or_path = str(cache), str(student_name_or_path)
@@ -532,6 +536,10 @@ def main(
         raise UserError("--adapt_rounds adapts the space refinement works in; with --norefine there is none: drop one of the two")
     if isinstance(max_holdout_examples, bool) or not isinstance(max_holdout_examples, int) or max_holdout_examples < 0:
         raise UserError(f"--max_holdout_examples must be a non-negative integer, got {max_holdout_examples!r}")
+    if export is not None:
+        if str(export).lower() != "onnx":
+            raise UserError(f"--export {export!r} is not a format this can export to; give --export onnx (ONNX Runtime, fp32 and int8)")
+        serving.require_runtime(export=True)  # before training, not after it
 
     from transformers import TrainingArguments
 
@@ -645,6 +653,9 @@ def main(
         with writing_to(str(output_dir), "the student", "free space there, or pass another --output_dir; nothing half-written was left"):
             save_student(trainer, str(output_dir), info, refinement)
         log(f"saved student to {output_dir}")
+        if export:
+            parity_rows = (holdout_rows, "held-out texts of its cache") if len(holdout_rows) else (train_rows, "training texts (no held-out rows)")
+            export_onnx(str(output_dir), table, *parity_rows)
         print(output_dir)
     return str(output_dir)
 

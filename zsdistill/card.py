@@ -4,12 +4,14 @@ The card is what people read first on the hub: a YAML header (library, pipeline 
 tags) and a short text saying how the student was made, how well it agrees with its teacher, and how to load it.
 """
 
+import json
 import os
 import re
 
 from zsdistill.cache import atomic_file
 
 CARD_FILE = "README.md"
+INFO_FILE = "distill_info.json"  # every setting and metric of the run; written last, so a student without it is not finished
 EVALUATION_HEADING = "## Evaluation"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
@@ -83,8 +85,52 @@ def render(info: dict, evaluations: str = "") -> str:
         "`distill_info.json` beside this card records every setting and metric of the run.",
         "",
     ]
+    lines += _serving_lines(info.get("export"))
     card = _card_data(info).to_yaml()
     return f"---\n{card}\n---\n\n" + "\n".join(lines) + (evaluations or "")
+
+
+def _serving_lines(export: dict | None) -> list[str]:
+    if not export:
+        return []
+    files = export["files"]
+    rows = [f"| `{f['file']}` | {precision} | {f['size_mb']} MB | {f['agreement']:.4f} | {f['max_probability_difference']:.4f} |"
+            for precision, f in files.items()]
+    return [
+        "## Serving with ONNX Runtime",
+        "",
+        f"Exported with onnxruntime {export['versions']['onnxruntime']} (opset {export['versions']['opset']}); "
+        f"{export['quantization']}. Parity with the PyTorch student on {export['parity_texts']} {export['parity_source']}:",
+        "",
+        "| file | precision | size | agreement | largest probability difference |",
+        "| --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+        *[f"**Warning**: {warning}." for warning in export.get("warnings", [])],
+        "```python",
+        "import onnxruntime, transformers",
+        "",
+        'tokenizer = transformers.AutoTokenizer.from_pretrained("<this model\'s directory>")',
+        'session = onnxruntime.InferenceSession("<this model\'s directory>/onnx/model_quantized.onnx")',
+        'logits = session.run(["logits"], dict(tokenizer(["Your text here."], truncation=True, return_tensors="np")))[0]',
+        "```",
+        "",
+        f"The logits are the PyTorch student's, calibration included: their {export['probabilities']} gives its probabilities.",
+        "",
+    ]
+
+
+def update(directory: str) -> None:
+    """Render the card again from the directory's distill_info.json, keeping its evaluation section."""
+    with open(os.path.join(directory, INFO_FILE)) as f:
+        info = json.load(f)
+    path, evaluations = os.path.join(directory, CARD_FILE), ""
+    if os.path.exists(path):
+        with open(path) as f:
+            parts = f.read().split("\n" + EVALUATION_HEADING + "\n", 1)
+        evaluations = "\n" + EVALUATION_HEADING + "\n" + parts[1] if len(parts) == 2 else ""
+    with atomic_file(path) as f:
+        f.write(render(info, evaluations))
 
 
 def write(directory: str, info: dict) -> None:

@@ -78,3 +78,16 @@ def cache_probabilities(cache_path: str, manifest: dict, multi_label: bool, temp
     for start, probabilities in cache_probability_chunks(cache_path, manifest, multi_label, temperature):
         out[start : start + len(probabilities)] = probabilities
     return out
+
+
+HOLDOUT_SEED = 1234  # the holdout split depends on the cache only, never on --seed
+
+
+def holdout_split(num_examples: int, fraction: float, max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, holdout) row indices."""
+    permutation = np.random.default_rng(HOLDOUT_SEED).permutation(num_examples).astype(np.int32)  # int32: memory
+    size = int(round(num_examples * fraction))
+    if fraction > 0 and size == 0 and num_examples > 1:
+        size = 1
+    size = size if max_rows is None else min(size, max_rows)
+    return np.sort(permutation[size:]), np.sort(permutation[:size])

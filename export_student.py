@@ -1,0 +1,67 @@
+"""Export a trained student for serving without PyTorch: ONNX fp32 and int8 in <model>/onnx/, parity-checked.
+
+    python export_student.py --model students/topics
+
+`train_student.py --export onnx` does the same right after training. Parity (top-1 agreement with the PyTorch
+student, largest probability difference) is measured on the held-out rows of the student's cache, which it never
+trained on; without that cache, give texts with --parity_file. The result is noted in distill_info.json (`export`)
+and the model card; `evaluate.py --onnx` scores the exported files beside the PyTorch student.
+"""
+
+import json
+import os
+import sys
+
+from zsdistill import cache, card, data, serving
+from zsdistill.errors import UserError, run_cli, writing_to
+from zsdistill.targets import holdout_split
+
+
+def log(message: str) -> None:
+    print(f"[export] {message}", file=sys.stderr, flush=True)
+
+
+def held_out_texts(model_dir: str, info: dict) -> list[str]:
+    """The texts of the cache rows the student was not trained on (the same split as train_student.py's)."""
+    cache_path = info.get("cache")
+    if not cache_path or not os.path.exists(os.path.join(cache_path, "manifest.json")):
+        raise UserError(
+            f"the cache the student in {model_dir} was trained on ({cache_path}) is not here, and parity is measured on its "
+            f"held-out texts: give --parity_file with texts to check the export on (one per line, or .jsonl/.csv)"
+        )
+    manifest, table = cache.load_cache(cache_path, verify=False)
+    _, rows = holdout_split(manifest["num_examples"], info["holdout_fraction"], info.get("max_holdout_examples"))
+    return table.column("text").take(rows[: serving.MAX_PARITY_TEXTS]).to_pylist()
+
+
+def main(*, model: str, parity_file: str | None = None, text_column: str = "text") -> dict:
+    """Export the student in --model to ONNX (onnx/model.onnx, onnx/model_quantized.onnx) with a parity check.
+
+    Args:
+        model: a student directory written by train_student.py.
+        parity_file: texts to measure parity on (default: the held-out rows of the student's cache).
+        text_column: text column of a tabular --parity_file.
+    """
+    info_path = os.path.join(str(model), card.INFO_FILE)
+    if not os.path.exists(info_path):
+        raise UserError(
+            f"--model {model!r} is not a student directory (no {card.INFO_FILE}); pass the --output_dir of train_student.py"
+        )
+    serving.require_runtime(export=True)
+    with open(info_path) as f:
+        info = json.load(f)
+    if parity_file:
+        texts, source = (
+            list(data.iter_texts(str(parity_file), str(text_column)))[: serving.MAX_PARITY_TEXTS],
+            f"texts of {parity_file}",
+        )
+    else:
+        texts, source = held_out_texts(str(model), info), "held-out texts of its cache"
+    with writing_to(str(model), "the ONNX export", "free space there; nothing half-written was left"):
+        export = serving.export_student(str(model), texts, source, log)
+    print(os.path.join(str(model), serving.ONNX_DIR))
+    return export
+
+
+if __name__ == "__main__":
+    run_cli(main)
