@@ -112,7 +112,7 @@ def _serving_lines(export: dict | None) -> list[str]:
         "",
         'tokenizer = transformers.AutoTokenizer.from_pretrained("<this model\'s directory>")',
         'session = onnxruntime.InferenceSession("<this model\'s directory>/onnx/model_quantized.onnx")',
-        'logits = session.run(["logits"], dict(tokenizer(["Your text here."], truncation=True, return_tensors="np")))[0]',
+        'logits = session.run(["logits"], dict(tokenizer(["Your text here."], padding=True, truncation=True, return_tensors="np")))[0]',
         "```",
         "",
         f"The logits are the PyTorch student's, calibration included: their {export['probabilities']} gives its probabilities.",
