@@ -34,7 +34,7 @@ EVAL_ARGS ?=
 
 WORDNET := /usr/share/wordnet/data.noun
 
-.PHONY: install teacher student distill export evaluate inspect demo test bench bench-scale bench-onnx quality wordnet clean
+.PHONY: install teacher student distill export evaluate inspect demo test lint bench bench-scale bench-onnx quality wordnet clean
 
 install: $(STAMP)
 
@@ -105,6 +105,11 @@ demo: install wordnet
 test: install
 	@$(MAKE) -s wordnet 2>/dev/null || echo "note: WordNet is missing and cannot be installed here; the real-data test will be skipped"
 	$(PY) -m pytest -q
+
+# Lines at most 120 characters, pyflakes and pycodestyle, and the formatter's layout (settings in pyproject.toml).
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: install
 	$(PY) benchmarks/teacher_throughput.py

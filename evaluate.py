@@ -50,7 +50,12 @@ def single_label_metrics(true: np.ndarray, probabilities: np.ndarray, class_name
         "macro_f1": float(f1.mean()),
         "ece": expected_calibration_error(probabilities.max(1), (predicted == true).astype(float)),
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, name in enumerate(class_names)
         },
         "confusion_matrix": confusion.tolist(),
@@ -72,10 +77,17 @@ def multi_label_metrics(true: np.ndarray, probabilities: np.ndarray, class_names
             np.where(predicted, probabilities, 1 - probabilities).ravel(), (predicted == true).astype(float).ravel()
         ),
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, name in enumerate(class_names)
         },
-        "outcomes": multilabel_confusion_matrix(true, predicted).reshape(len(class_names), 4).tolist(),  # per class: tn, fp, fn, tp
+        "outcomes": multilabel_confusion_matrix(true, predicted)
+        .reshape(len(class_names), 4)
+        .tolist(),  # per class: tn, fp, fn, tp
     }
 
 
@@ -92,11 +104,15 @@ def load_student(model_dir: str, device):
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
     if not os.path.isdir(model_dir) or not os.path.exists(os.path.join(model_dir, "config.json")):
-        raise UserError(f"--model {model_dir!r} is not a model directory (no config.json); pass the --output_dir of train_student.py")
+        raise UserError(
+            f"--model {model_dir!r} is not a model directory (no config.json); pass the --output_dir of "
+            f"train_student.py"
+        )
     config = AutoConfig.from_pretrained(model_dir)
     if not any(a.endswith("ForSequenceClassification") for a in (config.architectures or [])):
         raise UserError(
-            f"--model {model_dir!r} is not a sequence classifier (architectures: {config.architectures}); pass a student trained by train_student.py"
+            f"--model {model_dir!r} is not a sequence classifier (architectures: {config.architectures}); pass a "
+            f"student trained by train_student.py"
         )
     try:
         model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval().to(device)
@@ -110,7 +126,9 @@ def encode_labels(labels: list, class_names: list[str], multi_label: bool, test_
     """Class indices (single-label) or a 0/1 matrix (multi-label); unknown labels are an error."""
     as_lists = [label if isinstance(label, list) else [label] for label in labels]
     if not multi_label and any(len(names) != 1 for names in as_lists):
-        raise UserError(f"{test_file}: some rows hold several labels, but the model is single-label; give one label per row")
+        raise UserError(
+            f"{test_file}: some rows hold several labels, but the model is single-label; give one label per row"
+        )
     unknown = sorted({str(name) for names in as_lists for name in names if name not in class_names})
     if unknown:
         raise UserError(
@@ -126,23 +144,45 @@ def encode_labels(labels: list, class_names: list[str], multi_label: bool, test_
     return matrix
 
 
-def compare_runtimes(model_dir: str, tokenizer, texts: list[str], true: np.ndarray, batch_size: int, batch_one_texts: int,
-                     max_length: int, multi_label: bool, class_names: list[str], device) -> dict:
+def compare_runtimes(
+    model_dir: str,
+    tokenizer,
+    texts: list[str],
+    true: np.ndarray,
+    batch_size: int,
+    batch_one_texts: int,
+    max_length: int,
+    multi_label: bool,
+    class_names: list[str],
+    device,
+) -> dict:
     """The PyTorch student and its ONNX exports, each loaded and served on its own: metrics, agreement with the
     PyTorch student, texts/s at batch 1 and at batch_size, load time and peak memory."""
     metric_fn = multi_label_metrics if multi_label else single_label_metrics
     loaders = {"pytorch": (None, lambda: serving.TorchClassifier(*load_student(model_dir, device)))}
     for precision, name in serving.FILES.items():
         path = os.path.join(model_dir, serving.ONNX_DIR, name)
-        loaders[f"onnx_{precision}"] = (f"{serving.ONNX_DIR}/{name}", lambda path=path: serving.OnnxClassifier(path, tokenizer))
+        loaders[f"onnx_{precision}"] = (
+            f"{serving.ONNX_DIR}/{name}",
+            lambda path=path: serving.OnnxClassifier(path, tokenizer),
+        )
     rows, reference = {}, None
     for runtime, (file, load) in loaders.items():
-        log(f"serving: {runtime} on {len(texts)} examples at batch {batch_size}, {min(batch_one_texts, len(texts))} at batch 1")
-        probabilities, speed = serving.measure_serving(load, tokenizer, texts, batch_size, batch_one_texts, max_length, multi_label)
+        log(
+            f"serving: {runtime} on {len(texts)} examples at batch {batch_size}, {min(batch_one_texts, len(texts))} "
+            f"at batch 1"
+        )
+        probabilities, speed = serving.measure_serving(
+            load, tokenizer, texts, batch_size, batch_one_texts, max_length, multi_label
+        )
         reference = probabilities if reference is None else reference
         metrics = metric_fn(true, probabilities, class_names)
-        rows[runtime] = {"file": file, **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
-                         **serving.parity(reference, probabilities, multi_label), **speed}
+        rows[runtime] = {
+            "file": file,
+            **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
+            **serving.parity(reference, probabilities, multi_label),
+            **speed,
+        }
     return rows
 
 
@@ -159,15 +199,25 @@ def time_live_teacher(name_or_path: str, manifest: dict, texts: list[str], devic
     def run(sample):
         if teacher.kind == "nli":
             encoder = inference.PairEncoder(tokenizer, max_length)
-            return inference.nli_logits(model, encoder, encoder.tokenize(sample), encoder.tokenize(hypotheses), batch_size, max_tokens)
+            return inference.nli_logits(
+                model, encoder, encoder.tokenize(sample), encoder.tokenize(hypotheses), batch_size, max_tokens
+            )
         embeddings = inference.embed(model, tokenizer, sample, max_length, batch_size, max_tokens, teacher.pooling)
-        return embeddings @ inference.embed(model, tokenizer, hypotheses, max_length, batch_size, max_tokens, teacher.pooling).T
+        return (
+            embeddings
+            @ inference.embed(model, tokenizer, hypotheses, max_length, batch_size, max_tokens, teacher.pooling).T
+        )
 
     run(texts[: min(4, len(texts))])  # warm-up
     started = time.perf_counter()
     run(texts)
     elapsed = time.perf_counter() - started
-    return {"teacher": name_or_path, "examples": len(texts), "examples_per_second": len(texts) / elapsed, "forward_passes_per_example": len(hypotheses) if teacher.kind == "nli" else 1}
+    return {
+        "teacher": name_or_path,
+        "examples": len(texts),
+        "examples_per_second": len(texts) / elapsed,
+        "forward_passes_per_example": len(hypotheses) if teacher.kind == "nli" else 1,
+    }
 
 
 def refined_teacher(model_dir: str, cache_path: str, manifest: dict) -> tuple[np.ndarray, str] | str | None:
@@ -185,10 +235,14 @@ def refined_teacher(model_dir: str, cache_path: str, manifest: dict) -> tuple[np
     if refine.embedding_fingerprint(manifest) != settings.get("embedding_fingerprint"):
         return "the teacher cache holds no text embeddings from the model the refinement was fitted with"
     refinement = refine.load(refinement_path)
-    return refinement.posteriors(refine.embedding_chunks(cache_path, manifest), manifest["num_examples"]), settings["method"]
+    return refinement.posteriors(refine.embedding_chunks(cache_path, manifest), manifest["num_examples"]), settings[
+        "method"
+    ]
 
 
-def confusion_png(path: str, confusion: list[list[int]], class_names: list[str], title: str, columns: list[str] | None = None) -> None:
+def confusion_png(
+    path: str, confusion: list[list[int]], class_names: list[str], title: str, columns: list[str] | None = None
+) -> None:
     """A confusion matrix (true x predicted), or per-class outcome counts (class x tn/fp/fn/tp) for multi-label."""
     import matplotlib
 
@@ -205,13 +259,23 @@ def confusion_png(path: str, confusion: list[list[int]], class_names: list[str],
     ax.set_ylabel("class" if columns else "true")
     ax.set_title(title)
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, str(value), ha="center", va="center", color="white" if value > matrix.max() / 2 else "black", fontsize=8)
+        ax.text(
+            j,
+            i,
+            str(value),
+            ha="center",
+            va="center",
+            color="white" if value > matrix.max() / 2 else "black",
+            fontsize=8,
+        )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def reliability_png(path: str, probabilities: dict[str, np.ndarray], true: np.ndarray, multi_label: bool, bins: int = ECE_BINS) -> None:
+def reliability_png(
+    path: str, probabilities: dict[str, np.ndarray], true: np.ndarray, multi_label: bool, bins: int = ECE_BINS
+) -> None:
     """Reliability diagrams side by side: per confidence bin, accuracy against mean confidence (the diagonal is
     perfect calibration), with each bin's share of examples as bars. Multi-label: every per-class probability
     against whether the class is present."""
@@ -234,7 +298,15 @@ def reliability_png(path: str, probabilities: dict[str, np.ndarray], true: np.nd
         filled = counts > 0
         accuracy = np.bincount(which, weights=correct.astype(float), minlength=bins)[filled] / counts[filled]
         mean_confidence = np.bincount(which, weights=confidence, minlength=bins)[filled] / counts[filled]
-        ax.bar(edges[:-1], counts / counts.sum(), width=1 / bins, align="edge", color="lightgray", edgecolor="white", label="share of examples")
+        ax.bar(
+            edges[:-1],
+            counts / counts.sum(),
+            width=1 / bins,
+            align="edge",
+            color="lightgray",
+            edgecolor="white",
+            label="share of examples",
+        )
         ax.plot([0, 1], [0, 1], "--", color="gray", linewidth=1, label="perfect calibration")
         ax.plot(mean_confidence, accuracy, "o-", color="tab:blue", label="accuracy in bin")
         ece = float((counts[filled] / counts.sum() * np.abs(accuracy - mean_confidence)).sum())
@@ -267,15 +339,25 @@ def markdown_report(report: dict) -> str:
 
     for title, key in rows:
         teacher_value = teacher["metrics"][key] if teacher else "-"
-        lines.append(row(title, teacher_value, refined[key], report["student"]["metrics"][key]) if refined else
-                     row(title, teacher_value, report["student"]["metrics"][key]))
+        lines.append(
+            row(title, teacher_value, refined[key], report["student"]["metrics"][key])
+            if refined
+            else row(title, teacher_value, report["student"]["metrics"][key])
+        )
     speed = report.get("speed", {})
     teacher_speed = speed.get("teacher_examples_per_second") or "-"
-    lines.append(row("examples/second", teacher_speed, "-", speed["student_examples_per_second"]) if refined else
-                 row("examples/second", teacher_speed, speed["student_examples_per_second"]))
+    lines.append(
+        row("examples/second", teacher_speed, "-", speed["student_examples_per_second"])
+        if refined
+        else row("examples/second", teacher_speed, speed["student_examples_per_second"])
+    )
     if refined:
-        lines += ["", f"Refined teacher: the teacher's scores after the student's label-free refinement "
-                      f"({report['refined_teacher']['method']}, fitted on the training cache, applied to the test cache): what the student was taught."]
+        lines += [
+            "",
+            f"Refined teacher: the teacher's scores after the student's label-free refinement "
+            f"({report['refined_teacher']['method']}, fitted on the training cache, applied to the test cache): what "
+            f"the student was taught.",
+        ]
     elif report.get("refined_teacher", {}).get("note"):
         lines += ["", f"Refined teacher not shown: {report['refined_teacher']['note']}."]
     if teacher:
@@ -284,9 +366,19 @@ def markdown_report(report: dict) -> str:
         lines.append(f"Student speedup over the live zero-shot teacher: {speed['speedup']:.1f}x.")
     if report.get("serving"):
         lines += ["", *serving_table(report["serving"], multi)]
-    lines += ["", "Plots: [reliability diagram](reliability.png), [student confusion matrix](confusion_student.png)"
-              + (", [teacher confusion matrix](confusion_teacher.png)" if teacher else "") + "."]
-    lines += ["", "## Per class (student)", "", "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "Plots: [reliability diagram](reliability.png), [student confusion matrix](confusion_student.png)"
+        + (", [teacher confusion matrix](confusion_teacher.png)" if teacher else "")
+        + ".",
+    ]
+    lines += [
+        "",
+        "## Per class (student)",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for name, m in report["student"]["metrics"]["per_class"].items():
         lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
     return "\n".join(lines) + "\n"
@@ -295,13 +387,20 @@ def markdown_report(report: dict) -> str:
 def serving_table(runtimes: dict, multi_label: bool) -> list[str]:
     first = "subset_accuracy" if multi_label else "accuracy"
     batch = next(iter(runtimes.values()))["batch_size"]
-    lines = [f"| runtime | {first.replace('_', ' ')} | macro-F1 | ECE | agreement with PyTorch | texts/s batch 1 | texts/s batch {batch} "
-             f"| load (s) | peak memory (MB) |", "| --- " * 9 + "|"]
+    lines = [
+        f"| runtime | {first.replace('_', ' ')} | macro-F1 | ECE | agreement with PyTorch | texts/s batch 1 | texts/s "
+        f"batch {batch} "
+        f"| load (s) | peak memory (MB) |",
+        "| --- " * 9 + "|",
+    ]
     for runtime, r in runtimes.items():
         memory = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         name = f"{runtime} (`{r['file']}`)" if r["file"] else runtime
-        lines.append(f"| {name} | {r[first]:.4f} | {r['macro_f1']:.4f} | {r['ece']:.4f} "
-                     f"| {r['agreement']:.4f} | {r['texts_per_second_batch_1']:.1f} | {r['texts_per_second']:.1f} | {r['load_seconds']:.2f} | {memory} |")
+        lines.append(
+            f"| {name} | {r[first]:.4f} | {r['macro_f1']:.4f} | {r['ece']:.4f} "
+            f"| {r['agreement']:.4f} | {r['texts_per_second_batch_1']:.1f} | {r['texts_per_second']:.1f} | "
+            f"{r['load_seconds']:.2f} | {memory} |"
+        )
     return lines
 
 
@@ -322,7 +421,10 @@ def write_report_files(output_dir: str, markdown: str, report: dict) -> None:
 def inspect_cache(teacher_cache: str, output_dir: str) -> dict:
     """The label-free report of a cache alone: what the teacher sees, before any training (`make inspect`)."""
     manifest, _ = cache.load_cache(str(teacher_cache))
-    log(f"label-free report of {teacher_cache} ({manifest['num_examples']} texts, {len(manifest['class_names'])} classes)")
+    log(
+        f"label-free report of {teacher_cache} ({manifest['num_examples']} texts, {len(manifest['class_names'])} "
+        f"classes)"
+    )
     report = cache_report.build(str(teacher_cache), manifest, log)
     with writing_report(str(output_dir)):
         cache_report.write_plots(str(output_dir), report)
@@ -333,32 +435,55 @@ def inspect_cache(teacher_cache: str, output_dir: str) -> dict:
     return {"cache_report": report}
 
 
-def teacher_against_labels(teacher_cache: str, test_file: str, output_dir: str, text_column: str, label_column: str) -> dict:
+def teacher_against_labels(
+    teacher_cache: str, test_file: str, output_dir: str, text_column: str, label_column: str
+) -> dict:
     """The teacher alone on a labeled set (before any student): its single-label metrics from the cache of the labeled
     texts, and the label-free report with each warning checked against the labels (e.g. on a small dev set, to
     compare class names or templates)."""
     texts, labels = data.read_labeled(test_file, text_column, label_column)
     manifest, table = cache.load_cache(teacher_cache)
     if table.column("text").to_pylist() != texts:
-        raise UserError(f"--teacher_cache {teacher_cache} was not made from the texts of {test_file} (in the same order); run "
-                        f"teacher_infer.py on the test file (--data_file {test_file} --text_column {text_column})")
+        raise UserError(
+            f"--teacher_cache {teacher_cache} was not made from the texts of {test_file} (in the same order); run "
+            f"teacher_infer.py on the test file (--data_file {test_file} --text_column {text_column})"
+        )
     class_names = manifest["class_names"]
     true = encode_labels(labels, class_names, False, test_file)
     probabilities = targets.cache_probabilities(teacher_cache, manifest, False)
-    report = {"teacher_cache": os.path.abspath(teacher_cache), "test_file": os.path.abspath(test_file), "num_examples": len(texts),
-              "class_names": class_names, "teacher": {"name_or_path": manifest["teacher"]["name_or_path"],
-                                                      "metrics": single_label_metrics(true, probabilities, class_names)},
-              "cache_report": cache_report.build(teacher_cache, manifest, log)}
+    report = {
+        "teacher_cache": os.path.abspath(teacher_cache),
+        "test_file": os.path.abspath(test_file),
+        "num_examples": len(texts),
+        "class_names": class_names,
+        "teacher": {
+            "name_or_path": manifest["teacher"]["name_or_path"],
+            "metrics": single_label_metrics(true, probabilities, class_names),
+        },
+        "cache_report": cache_report.build(teacher_cache, manifest, log),
+    }
     cache_report.confirm_with_labels(report["cache_report"], true, probabilities.argmax(1))
     metrics = report["teacher"]["metrics"]
-    lines = [f"# Teacher against labels: {manifest['teacher']['name_or_path']}", "",
-             f"Test set: `{test_file}` ({len(texts)} examples, {len(class_names)} classes); template `{manifest['hypothesis_template']}`.", "",
-             f"Accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, ECE {metrics['ece']:.4f}.", "",
-             "| class | precision | recall | F1 | support |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |" for name, m in metrics["per_class"].items()]
+    lines = [
+        f"# Teacher against labels: {manifest['teacher']['name_or_path']}",
+        "",
+        f"Test set: `{test_file}` ({len(texts)} examples, {len(class_names)} classes); template "
+        f"`{manifest['hypothesis_template']}`.",
+        "",
+        f"Accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, ECE {metrics['ece']:.4f}.",
+        "",
+        "| class | precision | recall | F1 | support |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    lines += [
+        f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
+        for name, m in metrics["per_class"].items()
+    ]
     look = cache_report.markdown(report["cache_report"], heading="##")
     with writing_report(output_dir):
-        confusion_png(os.path.join(output_dir, "confusion_teacher.png"), metrics["confusion_matrix"], class_names, "teacher")
+        confusion_png(
+            os.path.join(output_dir, "confusion_teacher.png"), metrics["confusion_matrix"], class_names, "teacher"
+        )
         cache_report.write_plots(output_dir, report["cache_report"])
         write_report_files(output_dir, "\n".join(lines) + "\n\n" + look, report)
     print("\n".join(lines[:5]) + "\n\n" + cache_report.head(look, os.path.join(output_dir, "report.md")))
@@ -385,10 +510,12 @@ def main(
 
     Args:
         model: a student directory written by train_student.py (with --test_file). Without it: the teacher alone
-            (--teacher_cache: its label-free report; with --test_file, its metrics and that report checked against the labels).
+            (--teacher_cache: its label-free report; with --test_file, its metrics and that report checked against the
+            labels).
         test_file: labeled data: .jsonl/.csv/.parquet with text and label columns, or .tsv/.txt lines 'label<TAB>text'.
         teacher_cache: a cache made by teacher_infer.py: alone, its label-free report; with --model and --test_file
-            (the cache of the test texts), the teacher's metrics and the label-free report, its warnings checked against the labels.
+            (the cache of the test texts), the teacher's metrics and the label-free report, its warnings checked
+            against the labels.
         output_dir: where report.json, report.md and the confusion-matrix PNGs go.
         batch_size: student inference batch size.
         text_column: text column of tabular test files.
@@ -403,15 +530,21 @@ def main(
     """
     if model is None and test_file is None:
         if not teacher_cache:
-            raise UserError("give --teacher_cache CACHE for the label-free report of a cache, or --model and --test_file (and --teacher_cache) to evaluate a student")
+            raise UserError(
+                "give --teacher_cache CACHE for the label-free report of a cache, or --model and --test_file (and "
+                "--teacher_cache) to evaluate a student"
+            )
         if time_teacher:
             raise UserError("--time_teacher times the teacher against the student: give --model and --test_file too")
         return inspect_cache(str(teacher_cache), str(output_dir))
     if model is None and teacher_cache:
         return teacher_against_labels(str(teacher_cache), str(test_file), str(output_dir), text_column, label_column)
     if model is None or test_file is None:
-        raise UserError(f"--{'model' if model is None else 'test_file'} is missing: a student's report needs both --model and --test_file; "
-                        f"the teacher alone needs --teacher_cache (with --test_file, against its labels)")
+        raise UserError(
+            f"--{'model' if model is None else 'test_file'} is missing: a student's report needs both --model and "
+            f"--test_file; "
+            f"the teacher alone needs --teacher_cache (with --test_file, against its labels)"
+        )
 
     # 1. Cheap validation first: test file, model config, labels, cache.
     texts, labels = data.read_labeled(str(test_file), text_column, label_column)
@@ -430,22 +563,31 @@ def main(
             )
         if sorted(manifest["class_names"]) != sorted(class_names):
             raise UserError(
-                f"--teacher_cache has classes {manifest['class_names']}, the model has {class_names}; use a cache made with the model's class names"
+                f"--teacher_cache has classes {manifest['class_names']}, the model has {class_names}; use a cache "
+                f"made with the model's class names"
             )
     if time_teacher and manifest is None:
         raise UserError("--time_teacher needs --teacher_cache: the cache names the teacher and its hypotheses")
     if onnx:
         serving.require_runtime(export=False)
-        missing = [name for name in serving.FILES.values() if not os.path.exists(os.path.join(str(model), serving.ONNX_DIR, name))]
+        missing = [
+            name
+            for name in serving.FILES.values()
+            if not os.path.exists(os.path.join(str(model), serving.ONNX_DIR, name))
+        ]
         if missing:
-            raise UserError(f"--onnx: {os.path.join(str(model), serving.ONNX_DIR, missing[0])} is missing; export the student first: "
-                            f"python export_student.py --model {model}")
+            raise UserError(
+                f"--onnx: {os.path.join(str(model), serving.ONNX_DIR, missing[0])} is missing; export the student "
+                f"first: "
+                f"python export_student.py --model {model}"
+            )
 
     # 2. The student on every test text, timed.
     log(f"student {model} on {len(texts)} examples ({device})")
     max_length = models.resolve_max_length(tokenizer, student, None)
-    student_probabilities, student_speed = serving.predict(serving.TorchClassifier(student, tokenizer), tokenizer, texts, batch_size,
-                                                           max_length, multi_label)
+    student_probabilities, student_speed = serving.predict(
+        serving.TorchClassifier(student, tokenizer), tokenizer, texts, batch_size, max_length, multi_label
+    )
     metric_fn = multi_label_metrics if multi_label else single_label_metrics
     report = {
         "model": os.path.abspath(str(model)),
@@ -459,12 +601,27 @@ def main(
         "speed": {"student_examples_per_second": student_speed, "student_batch_size": batch_size},
     }
     if onnx:
-        report["serving"] = compare_runtimes(str(model), tokenizer, texts, true, batch_size, int(batch_one_texts), max_length,
-                                             multi_label, class_names, device)
+        report["serving"] = compare_runtimes(
+            str(model),
+            tokenizer,
+            texts,
+            true,
+            batch_size,
+            int(batch_one_texts),
+            max_length,
+            multi_label,
+            class_names,
+            device,
+        )
     distill_info = os.path.join(str(model), "distill_info.json")
     if os.path.exists(distill_info):
         with open(distill_info) as f:
-            report["student"]["distill_info"] = {k: v for k, v in json.load(f).items() if k in ("cache_key", "teacher", "student_base", "temperature", "multi_label", "refinement", "calibration")}
+            report["student"]["distill_info"] = {
+                k: v
+                for k, v in json.load(f).items()
+                if k
+                in ("cache_key", "teacher", "student_base", "temperature", "multi_label", "refinement", "calibration")
+            }
 
     # 3. The teacher, rebuilt from its cache with the same target math as stage 2 (T=1).
     if manifest is not None:
@@ -486,8 +643,14 @@ def main(
             report["refined_teacher"] = {"method": refined[1], "metrics": metric_fn(true, refined[0], class_names)}
         report["cache_report"] = cache_report.build(str(teacher_cache), manifest, log)
         if not multi_label:
-            cache_order = [class_names.index(name) for name in manifest["class_names"]]  # test labels in the cache's class order
-            cache_report.confirm_with_labels(report["cache_report"], np.array(cache_order)[true], np.array(cache_order)[teacher_probabilities.argmax(1)])
+            cache_order = [
+                class_names.index(name) for name in manifest["class_names"]
+            ]  # test labels in the cache's class order
+            cache_report.confirm_with_labels(
+                report["cache_report"],
+                np.array(cache_order)[true],
+                np.array(cache_order)[teacher_probabilities.argmax(1)],
+            )
     if time_teacher:
         name = time_teacher if isinstance(time_teacher, str) else manifest["teacher"]["name_or_path"]
         sample = texts[: max(1, int(time_teacher_samples))]
@@ -501,23 +664,52 @@ def main(
 
     # 4. Write the report (each file atomically; report.json last) and print the table.
     with writing_report(str(output_dir)):
-        write_labeled_report(report, str(output_dir), str(model), str(test_file), multi_label, true, student_probabilities,
-                             teacher_probabilities if manifest is not None else None)
+        write_labeled_report(
+            report,
+            str(output_dir),
+            str(model),
+            str(test_file),
+            multi_label,
+            true,
+            student_probabilities,
+            teacher_probabilities if manifest is not None else None,
+        )
     return report
 
 
-def write_labeled_report(report: dict, output_dir: str, model: str, test_file: str, multi_label: bool, true: np.ndarray,
-                         student_probabilities: np.ndarray, teacher_probabilities: np.ndarray | None) -> None:
+def write_labeled_report(
+    report: dict,
+    output_dir: str,
+    model: str,
+    test_file: str,
+    multi_label: bool,
+    true: np.ndarray,
+    student_probabilities: np.ndarray,
+    teacher_probabilities: np.ndarray | None,
+) -> None:
     class_names = report["class_names"]
     for who in ("student", "teacher"):
         if who in report:
             metrics = report[who]["metrics"]
-            matrix, columns = (metrics["outcomes"], ["tn", "fp", "fn", "tp"]) if multi_label else (metrics["confusion_matrix"], None)
+            matrix, columns = (
+                (metrics["outcomes"], ["tn", "fp", "fn", "tp"]) if multi_label else (metrics["confusion_matrix"], None)
+            )
             confusion_png(os.path.join(str(output_dir), f"confusion_{who}.png"), matrix, class_names, who, columns)
     probabilities = {"teacher": teacher_probabilities} if teacher_probabilities is not None else {}
-    reliability_png(os.path.join(str(output_dir), "reliability.png"), {**probabilities, "student": student_probabilities}, true, multi_label)
-    if card.add_evaluation(str(model), os.path.basename(str(test_file)), report["student"]["metrics"], multi_label,
-                           report.get("refined_teacher", {}).get("metrics"), report.get("teacher", {}).get("metrics")):
+    reliability_png(
+        os.path.join(str(output_dir), "reliability.png"),
+        {**probabilities, "student": student_probabilities},
+        true,
+        multi_label,
+    )
+    if card.add_evaluation(
+        str(model),
+        os.path.basename(str(test_file)),
+        report["student"]["metrics"],
+        multi_label,
+        report.get("refined_teacher", {}).get("metrics"),
+        report.get("teacher", {}).get("metrics"),
+    ):
         log(f"added the results to the model card {os.path.join(str(model), card.CARD_FILE)}")
     markdown = shown = markdown_report(report)
     if "cache_report" in report:

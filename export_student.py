@@ -26,7 +26,8 @@ def held_out_texts(model_dir: str, info: dict) -> list[str]:
     cache_path = info.get("cache")
     if not cache_path or not os.path.exists(os.path.join(cache_path, "manifest.json")):
         raise UserError(
-            f"the cache the student in {model_dir} was trained on ({cache_path}) is not here, and parity is measured on its "
+            f"the cache the student in {model_dir} was trained on ({cache_path}) is not here, and parity is measured "
+            f"on its "
             f"held-out texts: give --parity_file with texts to check the export on (one per line, or .jsonl/.csv)"
         )
     manifest, table = cache.load_cache(cache_path, verify=False)
@@ -45,7 +46,8 @@ def main(*, model: str, parity_file: str | None = None, text_column: str = "text
     info_path = os.path.join(str(model), card.INFO_FILE)
     if not os.path.exists(info_path):
         raise UserError(
-            f"--model {model!r} is not a student directory (no {card.INFO_FILE}); pass the --output_dir of train_student.py"
+            f"--model {model!r} is not a student directory (no {card.INFO_FILE}); pass the --output_dir of "
+            f"train_student.py"
         )
     serving.require_runtime(export=True)
     with open(info_path) as f:

@@ -37,6 +37,7 @@ from zsdistill.errors import UserError, run_cli, writing_to
 # NLI caches keep each text's embedding from this small model (stage 2 refines the targets in that space).
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
+
 def log(message: str) -> None:
     rank = int(os.environ.get("RANK", 0))
     prefix = f"[teacher rank {rank}]" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "[teacher]"
@@ -52,7 +53,8 @@ def _positive_int(value, flag: str, allow_none: bool = False):
 
 
 def _command(params: dict) -> str:
-    """The command line that (re)makes this cache: how readers tell a user to complete it (flags left at their defaults omitted)."""
+    """The command line that (re)makes this cache: how readers tell a user to complete it (flags left at their
+    defaults omitted)."""
     args = ["python", "teacher_infer.py"]
     for name, parameter in inspect.signature(main).parameters.items():
         value = params[name]
@@ -79,14 +81,21 @@ def gpu_memory_advice(pairs: int, tokens: int):
     except torch.OutOfMemoryError:
         raise UserError(
             f"out of GPU memory with batches of up to {pairs} pairs and {tokens} padded tokens; "
-            f"lower --max_batch_tokens (e.g. to {max(tokens // 4, 512)}) and --teacher_batch_size; the shards already written are kept"
+            f"lower --max_batch_tokens (e.g. to {max(tokens // 4, 512)}) and --teacher_batch_size; the shards already "
+            f"written are kept"
         ) from None
 
 
 def find_reusable(
-    cache_dir: str, key: str, key_fields: dict, hypotheses: list[str], score_columns: list[str], text_embedding_column: str | None
+    cache_dir: str,
+    key: str,
+    key_fields: dict,
+    hypotheses: list[str],
+    score_columns: list[str],
+    text_embedding_column: str | None,
 ) -> dict:
-    """Hypotheses already scored by another complete cache of the same data and teacher: {hypothesis: (path, position)}."""
+    """Hypotheses already scored by another complete cache of the same data and teacher: {hypothesis: (path,
+    position)}."""
     # Scores do not depend on the class list, the template, or whether (and with which model) an NLI cache keeps
     # text embeddings: a cache made before they were kept by default lends its scores; only the embeddings are computed.
     not_scores = ("class_names", "hypothesis_template", "embedding_model")
@@ -109,7 +118,10 @@ def find_reusable(
         if (
             donor_identity != identity
             or manifest.get("score_columns") != score_columns
-            or (key_fields["teacher_kind"] == "embedding" and manifest.get("text_embedding_column") != text_embedding_column)
+            or (
+                key_fields["teacher_kind"] == "embedding"
+                and manifest.get("text_embedding_column") != text_embedding_column
+            )
         ):
             continue
         for position, hypothesis in enumerate(manifest["hypotheses"]):
@@ -121,7 +133,10 @@ def find_reusable(
 def plan_reuse(reusable: dict, hypotheses: list[str]) -> tuple[dict[str, tuple[list[int], list[int]]], list[int]]:
     """({donor cache: (our positions, its positions)}, positions of the hypotheses to compute here)."""
     if reusable:
-        log(f"reusing {len(reusable)} of {len(hypotheses)} hypotheses from earlier caches; computing {len(hypotheses) - len(reusable)}")
+        log(
+            f"reusing {len(reusable)} of {len(hypotheses)} hypotheses from earlier caches; computing "
+            f"{len(hypotheses) - len(reusable)}"
+        )
     by_donor: dict[str, tuple[list[int], list[int]]] = {}
     for position, hypothesis in enumerate(hypotheses):
         if hypothesis in reusable:
@@ -182,10 +197,14 @@ class Scorer:
             missing = [plan.hypotheses[i] for i in plan.missing_positions]
             if plan.teacher.kind == "nli":
                 self.encoder = inference.PairEncoder(self.tokenizer, self.max_length)
-                self.window = self.encoder.shortest_budget(plan.hypotheses)  # --chunk_long_texts: premise tokens a window holds
+                self.window = self.encoder.shortest_budget(
+                    plan.hypotheses
+                )  # --chunk_long_texts: premise tokens a window holds
                 self.hypothesis_ids = self.encoder.tokenize(missing)
             else:
-                self.hypothesis_embeddings = self._embed(self.model, self.tokenizer, missing, self.max_length, plan.teacher.pooling)
+                self.hypothesis_embeddings = self._embed(
+                    self.model, self.tokenizer, missing, self.max_length, plan.teacher.pooling
+                )
 
     def truncated_texts(self, texts: list[str]) -> int:
         """How many of `texts` the teacher cuts at its max_length. NLI: the premise is cut for at least one
@@ -203,8 +222,12 @@ class Scorer:
                 budget = inference.PairEncoder(tokenizer, max_length).shortest_budget(plan.hypotheses)
             self.counting_tokenizer = (tokenizer, max_length, budget)
         tokenizer, max_length, budget = self.counting_tokenizer
-        if budget is not None:  # premise tokens without special tokens; the budget is below max_length, so one more suffices
-            lengths = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=budget + 1, return_attention_mask=False)["input_ids"]
+        if (
+            budget is not None
+        ):  # premise tokens without special tokens; the budget is below max_length, so one more suffices
+            lengths = tokenizer(
+                texts, add_special_tokens=False, truncation=True, max_length=budget + 1, return_attention_mask=False
+            )["input_ids"]
             return sum(len(ids) > budget for ids in lengths)
         lengths = tokenizer(texts, truncation=True, max_length=max_length + 1, return_attention_mask=False)["input_ids"]
         return sum(len(ids) > max_length for ids in lengths)
@@ -212,13 +235,33 @@ class Scorer:
     def _embed(self, model, tokenizer, texts: list[str], max_length: int, pooling: str, on_batch=None):
         plan = self.plan
         if not plan.chunk_long_texts:
-            return inference.embed(model, tokenizer, texts, max_length, plan.batch_pairs, plan.batch_tokens, pooling, plan.precision, self.stats, on_batch)
+            return inference.embed(
+                model,
+                tokenizer,
+                texts,
+                max_length,
+                plan.batch_pairs,
+                plan.batch_tokens,
+                pooling,
+                plan.precision,
+                self.stats,
+                on_batch,
+            )
         # Each long text as overlapping windows that fit with the special tokens; its embedding is their mean.
         prefix, suffix = inference.special_tokens(tokenizer)
         ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
         parts, owners = inference.windows_of(ids, max_length - len(prefix) - len(suffix))
         parts = [prefix + part + suffix for part in parts]
-        embeddings = inference.embed_ids(model, parts, tokenizer.pad_token_id or 0, plan.batch_pairs, plan.batch_tokens, pooling, plan.precision, self.stats)
+        embeddings = inference.embed_ids(
+            model,
+            parts,
+            tokenizer.pad_token_id or 0,
+            plan.batch_pairs,
+            plan.batch_tokens,
+            pooling,
+            plan.precision,
+            self.stats,
+        )
         if on_batch is not None:
             on_batch(len(texts))
         return inference.aggregate_embeddings(embeddings, owners, len(texts))
@@ -229,14 +272,33 @@ class Scorer:
         plan = self.plan
         if not plan.chunk_long_texts:
             return inference.nli_logits(
-                self.model, self.encoder, self.encoder.tokenize(texts), self.hypothesis_ids, plan.batch_pairs, plan.batch_tokens, plan.precision, self.stats, on_batch
+                self.model,
+                self.encoder,
+                self.encoder.tokenize(texts),
+                self.hypothesis_ids,
+                plan.batch_pairs,
+                plan.batch_tokens,
+                plan.precision,
+                self.stats,
+                on_batch,
             )
         # Each long text as overlapping windows that fit beside the longest hypothesis; per class, its best window.
         ids = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
         parts, owners = inference.windows_of(ids, self.window)
-        logits = inference.nli_logits(self.model, self.encoder, parts, self.hypothesis_ids, plan.batch_pairs, plan.batch_tokens, plan.precision, self.stats)
+        logits = inference.nli_logits(
+            self.model,
+            self.encoder,
+            parts,
+            self.hypothesis_ids,
+            plan.batch_pairs,
+            plan.batch_tokens,
+            plan.precision,
+            self.stats,
+        )
         on_batch(len(texts) * len(plan.missing_positions))
-        return inference.aggregate_nli(logits, owners, len(texts), plan.teacher.entailment_index, plan.teacher.contradiction_index)
+        return inference.aggregate_nli(
+            logits, owners, len(texts), plan.teacher.entailment_index, plan.teacher.contradiction_index
+        )
 
     def teacher_embeddings(self, texts: list[str], on_batch) -> np.ndarray:
         self._load_teacher()
@@ -256,7 +318,10 @@ class Scorer:
         model, tokenizer, max_length = self.embedder
         started = time.time()
         embeddings = self._embed(model, tokenizer, texts, max_length, plan.embedder.pooling)
-        self.embedder_texts, self.embedder_seconds = self.embedder_texts + len(texts), self.embedder_seconds + time.time() - started
+        self.embedder_texts, self.embedder_seconds = (
+            self.embedder_texts + len(texts),
+            self.embedder_seconds + time.time() - started,
+        )
         return embeddings
 
 
@@ -269,14 +334,27 @@ def reused_scores(plan: Plan, donors: dict, start: int, stop: int, scores: dict[
         donor_manifest, donor_table = donors[donor_path]
         rows = donor_table.slice(start, stop - start)
         for name in plan.score_columns:
-            scores[name][:, positions] = cache.list_column_to_numpy(rows.column(name), len(donor_manifest["class_names"]))[:, donor_positions]
-        same_embeddings = donor_manifest["key_fields"].get("embedding_model") == (plan.embedder.fingerprint if plan.embedder else None)
-        if plan.text_embedding_column and donor_manifest.get("text_embedding_column") and same_embeddings and text_embeddings is None:
-            text_embeddings = cache.list_column_to_numpy(rows.column(plan.text_embedding_column), cache.list_width(rows, plan.text_embedding_column))
+            scores[name][:, positions] = cache.list_column_to_numpy(
+                rows.column(name), len(donor_manifest["class_names"])
+            )[:, donor_positions]
+        same_embeddings = donor_manifest["key_fields"].get("embedding_model") == (
+            plan.embedder.fingerprint if plan.embedder else None
+        )
+        if (
+            plan.text_embedding_column
+            and donor_manifest.get("text_embedding_column")
+            and same_embeddings
+            and text_embeddings is None
+        ):
+            text_embeddings = cache.list_column_to_numpy(
+                rows.column(plan.text_embedding_column), cache.list_width(rows, plan.text_embedding_column)
+            )
     return text_embeddings
 
 
-def earlier_copies(plan: Plan, bounds: list[tuple[int, int]], start: int, texts: list[str]) -> dict[int, dict[str, np.ndarray]]:
+def earlier_copies(
+    plan: Plan, bounds: list[tuple[int, int]], start: int, texts: list[str]
+) -> dict[int, dict[str, np.ndarray]]:
     """The rows of this shard whose text an earlier shard already scored: {row in shard: {column: that row's values}},
     read from the earlier shard (waiting for it, when another rank writes it). Hashes find the candidates; the texts
     themselves are compared, so a hash collision only costs a pass."""
@@ -288,21 +366,33 @@ def earlier_copies(plan: Plan, bounds: list[tuple[int, int]], start: int, texts:
         waited = False
         while cache.read_done_record(plan.cache_path, index, shard_start, shard_stop, verify=False) is None:
             if not waited:
-                log(f"waiting for shard {index}, written by another rank: it holds the first copy of texts that shard {start // plan.shard_size} repeats")
+                log(
+                    f"waiting for shard {index}, written by another rank: it holds the first copy of texts that shard "
+                    f"{start // plan.shard_size} repeats"
+                )
             waited = True
             time.sleep(2)
         rows = np.flatnonzero((first < start) & (first // plan.shard_size == index))
         with pa.OSFile(os.path.join(plan.cache_path, cache.shard_file(index))) as f:
             table = pa.ipc.open_stream(f).read_all().select(columns).take(first[rows] - shard_start)
-        values = {name: cache.list_column_to_numpy(table.column(name), cache.list_width(table, name)) for name in columns[1:]}
+        values = {
+            name: cache.list_column_to_numpy(table.column(name), cache.list_width(table, name)) for name in columns[1:]
+        }
         for position, (row, text) in enumerate(zip(rows.tolist(), table.column("text").to_pylist())):
             if text == texts[row]:
                 found[row] = {name: v[position] for name, v in values.items()}
     return found
 
 
-def score_shard(plan: Plan, scorer: Scorer, donors: dict, texts: list[str], start: int, progress: tqdm,
-                earlier: dict[int, dict[str, np.ndarray]]) -> tuple[pa.Table, int]:
+def score_shard(
+    plan: Plan,
+    scorer: Scorer,
+    donors: dict,
+    texts: list[str],
+    start: int,
+    progress: tqdm,
+    earlier: dict[int, dict[str, np.ndarray]],
+) -> tuple[pa.Table, int]:
     """Every score column (and the text embeddings) for one shard's texts: reused where another cache has them,
     computed otherwise, each distinct text once: a text repeated within the shard is scored at its first row and
     copied, and rows in `earlier` (see earlier_copies) take their earlier copy's values. Returns the table and how
@@ -320,7 +410,9 @@ def score_shard(plan: Plan, scorer: Scorer, donors: dict, texts: list[str], star
     unique_texts = [texts[i] for i in compute.tolist()]
     scores = {name: np.empty((n, len(plan.hypotheses)), dtype=np.float32) for name in plan.score_columns}
     text_embeddings = reused_scores(plan, donors, start, start + n, scores)
-    if text_embeddings is not None and not text_embeddings.flags.writeable:  # a view of a donor's memory map: copies are written into it
+    if (
+        text_embeddings is not None and not text_embeddings.flags.writeable
+    ):  # a view of a donor's memory map: copies are written into it
         text_embeddings = text_embeddings.copy()
     computed = plan.missing_positions if len(compute) else []
 
@@ -365,12 +457,14 @@ def score_shard(plan: Plan, scorer: Scorer, donors: dict, texts: list[str], star
             if text_embeddings is None:
                 text_embeddings = np.empty((n, len(values[plan.text_embedding_column])), dtype=np.float32)
             text_embeddings[row] = values[plan.text_embedding_column]
-    return pa.table({
-        "index": pa.array(np.arange(start, start + n, dtype=np.int64)),
-        "text": pa.array(texts, pa.string()),
-        **{name: cache.list_array(values) for name, values in scores.items()},
-        **({plan.text_embedding_column: cache.list_array(text_embeddings)} if plan.text_embedding_column else {}),
-    }), int(is_copy.sum())
+    return pa.table(
+        {
+            "index": pa.array(np.arange(start, start + n, dtype=np.int64)),
+            "text": pa.array(texts, pa.string()),
+            **{name: cache.list_array(values) for name, values in scores.items()},
+            **({plan.text_embedding_column: cache.list_array(text_embeddings)} if plan.text_embedding_column else {}),
+        }
+    ), int(is_copy.sum())
 
 
 def return_freed_memory() -> None:
@@ -410,7 +504,12 @@ def scan_input(scan, deduplicate: bool, rank: int, world_size: int) -> tuple[int
             torch.distributed.broadcast(shared, src=0)
             first_copies = shared.numpy()
     num_examples, fingerprint, file_rows = found
-    return num_examples, fingerprint, (first_copies if deduplicate else np.arange(num_examples, dtype=np.int64)), file_rows
+    return (
+        num_examples,
+        fingerprint,
+        (first_copies if deduplicate else np.arange(num_examples, dtype=np.int64)),
+        file_rows,
+    )
 
 
 def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], read_rows, rank: int, world_size: int) -> None:
@@ -419,8 +518,14 @@ def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], read_rows, rank: in
     scorer, donors = Scorer(plan), {}
     mine = [i for i in range(len(bounds)) if i % world_size == rank]
     todo = [i for i in mine if cache.read_done_record(plan.cache_path, i, *bounds[i]) is None]
-    progress = tqdm(total=sum(bounds[i][1] - bounds[i][0] for i in mine), unit="ex", desc=f"teacher rank {rank}" if world_size > 1 else "teacher",
-                    mininterval=1.0, smoothing=0.1, dynamic_ncols=True)
+    progress = tqdm(
+        total=sum(bounds[i][1] - bounds[i][0] for i in mine),
+        unit="ex",
+        desc=f"teacher rank {rank}" if world_size > 1 else "teacher",
+        mininterval=1.0,
+        smoothing=0.1,
+        dynamic_ncols=True,
+    )
     progress.update(sum(bounds[i][1] - bounds[i][0] for i in mine if i not in todo))
     skipped, computed = len(mine) - len(todo), 0
     seconds = 0.0
@@ -430,7 +535,10 @@ def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], read_rows, rank: in
         for index in todo:
             start, stop = bounds[index]
             texts = [next(texts_iter) for _ in range(stop - start)]
-            with cache.file_lock(os.path.join(plan.cache_path, f"shard-{index:05d}.lock")), gpu_memory_advice(plan.batch_pairs, plan.batch_tokens):
+            with (
+                cache.file_lock(os.path.join(plan.cache_path, f"shard-{index:05d}.lock")),
+                gpu_memory_advice(plan.batch_pairs, plan.batch_tokens),
+            ):
                 if cache.read_done_record(plan.cache_path, index, start, stop) is not None:
                     skipped += 1
                     progress.update(stop - start)
@@ -439,10 +547,17 @@ def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], read_rows, rank: in
                 earlier = earlier_copies(plan, bounds, start, texts) if plan.deduplicate else {}
                 table, copies = score_shard(plan, scorer, donors, texts, start, progress, earlier)
                 long_texts = scorer.truncated_texts(texts)  # cut, or with --chunk_long_texts scored as windows
-                record = {"start": start, "stop": stop, "forward_passes": scorer.stats.forward_passes - passes_before,
-                          "reused_pairs": (stop - start) * reused_per_row, "duplicate_rows": copies,
-                          "passes_saved_by_deduplication": copies * plan.passes_per_text, "max_length": scorer.counting_tokenizer[1],
-                          "truncated_texts": 0 if plan.chunk_long_texts else long_texts, "chunked_texts": long_texts if plan.chunk_long_texts else 0}
+                record = {
+                    "start": start,
+                    "stop": stop,
+                    "forward_passes": scorer.stats.forward_passes - passes_before,
+                    "reused_pairs": (stop - start) * reused_per_row,
+                    "duplicate_rows": copies,
+                    "passes_saved_by_deduplication": copies * plan.passes_per_text,
+                    "max_length": scorer.counting_tokenizer[1],
+                    "truncated_texts": 0 if plan.chunk_long_texts else long_texts,
+                    "chunked_texts": long_texts if plan.chunk_long_texts else 0,
+                }
                 cache.write_shard(plan.cache_path, index, table, record)
                 del table
                 return_freed_memory()
@@ -458,9 +573,13 @@ def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], read_rows, rank: in
         + (f"; padding {1 - stats.tokens / stats.padded_tokens:.1%} of tokens" if stats.padded_tokens else "")
     )
     if scorer.embedder_texts:
-        log(f"text embeddings for refinement: {plan.embedder.name_or_path}, one pass per text ({scorer.embedder_texts} texts) in "
-            f"{scorer.embedder_seconds:.1f}s, {scorer.embedder_seconds / max(seconds, 1e-9):.1%} of this process's scoring time "
-            f"(the teacher: {len(plan.missing_positions)} passes per text); --embedding_model none skips them")
+        log(
+            f"text embeddings for refinement: {plan.embedder.name_or_path}, one pass per text "
+            f"({scorer.embedder_texts} texts) in "
+            f"{scorer.embedder_seconds:.1f}s, {scorer.embedder_seconds / max(seconds, 1e-9):.1%} of this process's "
+            f"scoring time "
+            f"(the teacher: {len(plan.missing_positions)} passes per text); --embedding_model none skips them"
+        )
 
 
 def main(
@@ -493,7 +612,8 @@ def main(
 
     Args:
         data_file: unlabeled texts: .txt (one per line; blank lines skipped), .csv, .jsonl or .parquet; a directory of
-            such files (recursively, in sorted order) or a quoted glob ('shards/*.parquet'); or a datasets save_to_disk directory.
+            such files (recursively, in sorted order) or a quoted glob ('shards/*.parquet'); or a datasets
+            save_to_disk directory.
         dataset: instead of --data_file, anything datasets.load_dataset reads, streamed: a hub id, a local dataset
             directory (with --dataset_split), or a builder such as 'parquet'.
         class_names_file: one class name per line, in the order the cache's columns will use.
@@ -536,8 +656,10 @@ def main(
     _positive_int(shard_size, "--shard_size")
     _positive_int(max_length, "--max_length", allow_none=True)
     if (data_file is None) == (dataset is None):
-        raise UserError("give the texts with --data_file (a file, a directory or a glob of files) or with --dataset (a datasets name or path)"
-                        + (", not both" if data_file is not None else ""))
+        raise UserError(
+            "give the texts with --data_file (a file, a directory or a glob of files) or with --dataset (a datasets "
+            "name or path)" + (", not both" if data_file is not None else "")
+        )
     if world_size > 1:
         # Only broadcasts and a barrier cross ranks, so gloo serves CPUs and GPUs alike; ranks may finish hours apart.
         torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
@@ -545,28 +667,47 @@ def main(
     if data_file is not None:
         source = {"path": os.path.abspath(str(data_file)), "text_column": text_column}
         scan = lambda text_hashes, file_rows: data.scan_texts(  # noqa: E731
-            str(data_file), str(text_column), encoding_errors, text_hashes=text_hashes, file_rows=file_rows)
-        read_rows = lambda rows, file_rows: data.iter_texts(str(data_file), str(text_column), encoding_errors, rows=rows, file_rows=file_rows)  # noqa: E731
+            str(data_file), str(text_column), encoding_errors, text_hashes=text_hashes, file_rows=file_rows
+        )
+        read_rows = lambda rows, file_rows: data.iter_texts(
+            str(data_file), str(text_column), encoding_errors, rows=rows, file_rows=file_rows
+        )  # noqa: E731
     else:
         source = {"dataset": str(dataset), "config": dataset_config, "split": dataset_split, "text_column": text_column}
         scan = lambda text_hashes, file_rows: data.scan_texts(  # noqa: E731
-            f"--dataset {dataset}", texts=data.iter_dataset(str(dataset), dataset_config, dataset_split, str(text_column)), text_hashes=text_hashes)
-        read_rows = lambda rows, file_rows: data.iter_dataset(str(dataset), dataset_config, dataset_split, str(text_column), rows=rows)  # noqa: E731
+            f"--dataset {dataset}",
+            texts=data.iter_dataset(str(dataset), dataset_config, dataset_split, str(text_column)),
+            text_hashes=text_hashes,
+        )
+        read_rows = lambda rows, file_rows: data.iter_dataset(
+            str(dataset), dataset_config, dataset_split, str(text_column), rows=rows
+        )  # noqa: E731
     num_examples, data_fingerprint, first_copies, file_rows = scan_input(scan, bool(deduplicate), rank, world_size)
     teacher = zs_teacher.resolve_teacher(str(teacher_name_or_path), teacher_revision, teacher_kind, trust_remote_code)
     device = models.select_device(no_cuda)
     precision = zs_teacher.check_precision(fp16, bf16, device)
     embedder = None
     if teacher.kind == "embedding" and embedding_model is not None and str(embedding_model).lower() != "none":
-        raise UserError("--embedding_model is for NLI teachers: an embedding teacher's cache already keeps its own text embeddings; drop the flag")
+        raise UserError(
+            "--embedding_model is for NLI teachers: an embedding teacher's cache already keeps its own text "
+            "embeddings; drop the flag"
+        )
     if teacher.kind == "nli":
-        embedding_model = str(os.environ.get("ZSDISTILL_EMBEDDING_MODEL", DEFAULT_EMBEDDING_MODEL) if embedding_model is None else embedding_model)
+        embedding_model = str(
+            os.environ.get("ZSDISTILL_EMBEDDING_MODEL", DEFAULT_EMBEDDING_MODEL)
+            if embedding_model is None
+            else embedding_model
+        )
         if embedding_model.lower() != "none":
             try:
-                embedder = zs_teacher.resolve_teacher(embedding_model, kind="embedding", trust_remote_code=trust_remote_code)
+                embedder = zs_teacher.resolve_teacher(
+                    embedding_model, kind="embedding", trust_remote_code=trust_remote_code
+                )
             except UserError as e:
-                raise UserError(f"--embedding_model (the text embeddings stage 2 refines with): {str(e).removeprefix('teacher ')}; "
-                                f"or pass --embedding_model none to cache none") from None
+                raise UserError(
+                    f"--embedding_model (the text embeddings stage 2 refines with): {str(e).removeprefix('teacher ')}; "
+                    f"or pass --embedding_model none to cache none"
+                ) from None
     hypotheses = [hypothesis_template.format(name) for name in class_names]
     score_columns = list(teacher.label_columns) if teacher.kind == "nli" else ["similarity"]
     # Embedding caches keep each text's embedding (more classes later embed only the new hypotheses, and stage 2
@@ -575,19 +716,37 @@ def main(
 
     # 2. The key: everything the scores depend on. Same key, same scores: a complete cache is a hit.
     key_fields = {
-        "format_version": cache.FORMAT_VERSION, "data_fingerprint": data_fingerprint, "num_examples": num_examples,
-        "teacher": teacher.fingerprint, "teacher_kind": teacher.kind, "hypothesis_template": hypothesis_template,
-        "class_names": class_names, "max_length": max_length, "precision": precision,
+        "format_version": cache.FORMAT_VERSION,
+        "data_fingerprint": data_fingerprint,
+        "num_examples": num_examples,
+        "teacher": teacher.fingerprint,
+        "teacher_kind": teacher.kind,
+        "hypothesis_template": hypothesis_template,
+        "class_names": class_names,
+        "max_length": max_length,
+        "precision": precision,
     }
     if embedder:  # absent with --embedding_model none, so caches made without embeddings keep their keys
         key_fields["embedding_model"] = embedder.fingerprint
     if chunk_long_texts:  # absent otherwise, so caches that cut long texts keep their keys
-        key_fields["chunking"] = {"window_overlap": inference.WINDOW_OVERLAP, "nli": "best window per class", "embedding": "mean of windows"}
+        key_fields["chunking"] = {
+            "window_overlap": inference.WINDOW_OVERLAP,
+            "nli": "best window per class",
+            "embedding": "mean of windows",
+        }
     key = cache.cache_key(key_fields)
     cache_path = os.path.join(str(cache_dir), key)
-    expected = {"key": key, "class_names": class_names, "hypotheses": hypotheses, "num_examples": num_examples, "score_columns": score_columns}
+    expected = {
+        "key": key,
+        "class_names": class_names,
+        "hypotheses": hypotheses,
+        "num_examples": num_examples,
+        "score_columns": score_columns,
+    }
     if cache.is_complete(cache_path, expected, verify=True):
-        log(f"cache hit: {cache_path} already holds {num_examples} examples x {len(class_names)} classes; nothing to do")
+        log(
+            f"cache hit: {cache_path} already holds {num_examples} examples x {len(class_names)} classes; nothing to do"
+        )
         if rank == 0:
             print(cache_path)
         if world_size > 1:
@@ -597,29 +756,66 @@ def main(
     # 3. The plan: fixed shard boundaries, the manifest, and what other caches already hold.
     bounds = [(start, min(start + shard_size, num_examples)) for start in range(0, num_examples, shard_size)]
     manifest = cache.new_manifest(
-        key, key_fields, bounds, teacher=teacher.describe(), hypothesis_template=hypothesis_template, class_names=class_names,
-        hypotheses=hypotheses, score_columns=score_columns, text_embedding_column=text_embedding_column,
-        embedding_model=embedder.describe() if embedder else None, precision=precision,
+        key,
+        key_fields,
+        bounds,
+        teacher=teacher.describe(),
+        hypothesis_template=hypothesis_template,
+        class_names=class_names,
+        hypotheses=hypotheses,
+        score_columns=score_columns,
+        text_embedding_column=text_embedding_column,
+        embedding_model=embedder.describe() if embedder else None,
+        precision=precision,
         data={**source, "fingerprint": data_fingerprint},
-        num_examples=num_examples, shard_size=shard_size, command=_command(params), versions=_versions(),
+        num_examples=num_examples,
+        shard_size=shard_size,
+        command=_command(params),
+        versions=_versions(),
     )
     # A full disk (or an unwritable cache_dir) while writing is a one-line error; what is written stays valid.
-    disk_advice = (f"free space there or pass --cache_dir on another disk, then rerun the same command: the finished shards are kept "
-                   f"and only the missing ones are computed")
+    disk_advice = (
+        "free space there or pass --cache_dir on another disk, then rerun the same command: the finished shards are "
+        "kept "
+        "and only the missing ones are computed"
+    )
     with writing_to(cache_path, "the cache", disk_advice):
         if rank == 0:
             cache.begin(cache_path, manifest)
-    reuse_by_donor, missing_positions = plan_reuse(find_reusable(str(cache_dir), key, key_fields, hypotheses, score_columns, text_embedding_column), hypotheses)
+    reuse_by_donor, missing_positions = plan_reuse(
+        find_reusable(str(cache_dir), key, key_fields, hypotheses, score_columns, text_embedding_column), hypotheses
+    )
     default_pairs, default_tokens = inference.default_batches(device)
     plan = Plan(
-        cache_path, teacher, embedder, device, precision, hypotheses, score_columns, text_embedding_column,
-        teacher_batch_size or default_pairs, max_batch_tokens or default_tokens, max_length, reuse_by_donor, missing_positions, trust_remote_code,
-        bool(deduplicate), bool(chunk_long_texts), first_copies, shard_size,
+        cache_path,
+        teacher,
+        embedder,
+        device,
+        precision,
+        hypotheses,
+        score_columns,
+        text_embedding_column,
+        teacher_batch_size or default_pairs,
+        max_batch_tokens or default_tokens,
+        max_length,
+        reuse_by_donor,
+        missing_positions,
+        trust_remote_code,
+        bool(deduplicate),
+        bool(chunk_long_texts),
+        first_copies,
+        shard_size,
     )
     repeated = int((first_copies != np.arange(num_examples)).sum())
     if repeated:
-        log(f"duplicates: {repeated} of {num_examples} texts ({repeated / num_examples:.1%}) repeat an earlier one"
-            + (f"; each distinct text is scored once (saves {repeated * plan.passes_per_text} forward passes)" if deduplicate else "; --nodeduplicate: scored anyway"))
+        log(
+            f"duplicates: {repeated} of {num_examples} texts ({repeated / num_examples:.1%}) repeat an earlier one"
+            + (
+                f"; each distinct text is scored once (saves {repeated * plan.passes_per_text} forward passes)"
+                if deduplicate
+                else "; --nodeduplicate: scored anyway"
+            )
+        )
 
     # 4. Each rank scores its shards that are not complete yet.
     with writing_to(cache_path, "the cache", disk_advice):
@@ -632,19 +828,33 @@ def main(
         with writing_to(cache_path, "the cache", disk_advice):
             sealed = cache.seal(cache_path, manifest, max_length)
         if sealed:
-            log(f"wrote {cache_path}: {num_examples} examples x {len(class_names)} classes in {len(bounds)} shards, "
-                f"{sealed['forward_passes']['computed']} forward passes computed, {sealed['forward_passes']['reused_pairs']} pairs reused, "
-                + (f"{sealed['forward_passes']['saved_by_deduplication']} saved by scoring {sealed['duplicate_rows']} repeated texts once, "
-                   if sealed["duplicate_rows"] else "")
-                + f"{time.time() - started:.1f}s")
+            log(
+                f"wrote {cache_path}: {num_examples} examples x {len(class_names)} classes in {len(bounds)} shards, "
+                f"{sealed['forward_passes']['computed']} forward passes computed, "
+                f"{sealed['forward_passes']['reused_pairs']} pairs reused, "
+                + (
+                    f"{sealed['forward_passes']['saved_by_deduplication']} saved by scoring "
+                    f"{sealed['duplicate_rows']} repeated texts once, "
+                    if sealed["duplicate_rows"]
+                    else ""
+                )
+                + f"{time.time() - started:.1f}s"
+            )
             if sealed["chunked_texts"]:
-                log(f"long texts: {sealed['chunked_texts']} of {num_examples} ({sealed['chunked_texts'] / max(num_examples, 1):.1%}) are longer than "
-                    f"the teacher's {sealed['max_length']} tokens and were scored as overlapping windows (--chunk_long_texts)")
+                log(
+                    f"long texts: {sealed['chunked_texts']} of {num_examples} "
+                    f"({sealed['chunked_texts'] / max(num_examples, 1):.1%}) are longer than "
+                    f"the teacher's {sealed['max_length']} tokens and were scored as overlapping windows "
+                    f"(--chunk_long_texts)"
+                )
             elif sealed["truncated_texts"] is not None:
-                log(f"long texts: {sealed['truncated_texts']} of {num_examples} ({sealed['truncated_texts'] / max(num_examples, 1):.1%}) are longer than "
+                log(
+                    f"long texts: {sealed['truncated_texts']} of {num_examples} "
+                    f"({sealed['truncated_texts'] / max(num_examples, 1):.1%}) are longer than "
                     f"the teacher's {sealed['max_length']} tokens and were cut"
                     + (" (the premise, for at least one hypothesis)" if teacher.kind == "nli" else "")
-                    + ("; it reads only their beginning" if sealed["truncated_texts"] else ""))
+                    + ("; it reads only their beginning" if sealed["truncated_texts"] else "")
+                )
         print(cache_path)
     if world_size > 1:
         torch.distributed.destroy_process_group()

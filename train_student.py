@@ -53,7 +53,11 @@ def holdout_metrics(student_logits: np.ndarray, teacher_targets: np.ndarray, mul
         s_pos, t_pos = p > 0.5, t > 0.5
         tp = (s_pos & t_pos).sum()
         f1 = 2 * tp / max(s_pos.sum() + t_pos.sum(), 1)
-        return {"agreement": float((s_pos == t_pos).mean()), "f1_vs_teacher": float(f1), "binary_cross_entropy": float(bce)}
+        return {
+            "agreement": float((s_pos == t_pos).mean()),
+            "f1_vs_teacher": float(f1),
+            "binary_cross_entropy": float(bce),
+        }
     log_p = logits - logits.max(-1, keepdims=True)
     log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
     return {
@@ -63,45 +67,85 @@ def holdout_metrics(student_logits: np.ndarray, teacher_targets: np.ndarray, mul
     }
 
 
-def build_targets(cache_path: str, manifest: dict, multi_label: bool, temperature: float, refine: bool,
-                  refine_center: bool = True, adaptation: "adapt.AdaptSettings | None" = None, refine_free_last_round: bool = True,
-                  ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
+def build_targets(
+    cache_path: str,
+    manifest: dict,
+    multi_label: bool,
+    temperature: float,
+    refine: bool,
+    refine_center: bool = True,
+    adaptation: "adapt.AdaptSettings | None" = None,
+    refine_free_last_round: bool = True,
+) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record."""
     if not refine:
         log("refinement off (--norefine): training on the teacher's targets as they are")
-        return targets.cache_probabilities(cache_path, manifest, multi_label, temperature), None, {"method": None, "reason": "--norefine"}
+        return (
+            targets.cache_probabilities(cache_path, manifest, multi_label, temperature),
+            None,
+            {"method": None, "reason": "--norefine"},
+        )
     if adaptation is not None and (multi_label or not manifest.get("text_embedding_column")):
-        raise UserError("--adapt_rounds adapts the embedding model that refinement uses: it needs single-label targets and a cache "
-                        "with text embeddings; drop --adapt_rounds (or --multi_label)")
+        raise UserError(
+            "--adapt_rounds adapts the embedding model that refinement uses: it needs single-label targets and a cache "
+            "with text embeddings; drop --adapt_rounds (or --multi_label)"
+        )
     if multi_label:
         log("refinement: not applied to multi-label targets; they are used as the teacher gives them")
-        return targets.cache_probabilities(cache_path, manifest, True, temperature), None, {"method": None, "reason": "multi-label targets are used as the teacher gives them"}
+        return (
+            targets.cache_probabilities(cache_path, manifest, True, temperature),
+            None,
+            {"method": None, "reason": "multi-label targets are used as the teacher gives them"},
+        )
     embedding_column = manifest.get("text_embedding_column")
     if not embedding_column:
-        log("refinement: the cache holds no text embeddings, so the teacher's targets are used as they are; "
-            "rebuild it with teacher_infer.py without --embedding_model none (or with --embedding_model <sentence-embedding model>) to refine them")
-        return targets.cache_probabilities(cache_path, manifest, False, temperature), None, {"method": None, "reason": "the cache holds no text embeddings"}
+        log(
+            "refinement: the cache holds no text embeddings, so the teacher's targets are used as they are; "
+            "rebuild it with teacher_infer.py without --embedding_model none (or with --embedding_model "
+            "<sentence-embedding model>) to refine them"
+        )
+        return (
+            targets.cache_probabilities(cache_path, manifest, False, temperature),
+            None,
+            {"method": None, "reason": "the cache holds no text embeddings"},
+        )
     embedded_by = (manifest.get("embedding_model") or manifest["teacher"])["name_or_path"]
     log(f"refinement: in the text-embedding space of {embedded_by} (cached by stage 1)")
     started = time.time()
     teacher_chunks = lambda: targets.cache_probability_chunks(cache_path, manifest, False)  # noqa: E731
-    embedding_chunks, fingerprint, adapted = refine_mod.embedding_chunks(cache_path, manifest), refine_mod.embedding_fingerprint(manifest), None
+    embedding_chunks, fingerprint, adapted = (
+        refine_mod.embedding_chunks(cache_path, manifest),
+        refine_mod.embedding_fingerprint(manifest),
+        None,
+    )
     if adaptation is not None and adaptation.rounds > 0:
         embeddings, adapted = adapt.adapted_embeddings(cache_path, manifest, adaptation, teacher_chunks, log)
         embedding_chunks = lambda: iter([(0, embeddings)])  # noqa: E731
         key = adaptation.key(manifest["key"], fingerprint, adaptation.rounds)
-        adapted = {"settings": dataclasses.asdict(adaptation), "rounds": adapted["rounds"], "key": key,
-                   "directory": os.path.join(cache_path, adapt.DIRECTORY, key)}
+        adapted = {
+            "settings": dataclasses.asdict(adaptation),
+            "rounds": adapted["rounds"],
+            "key": key,
+            "directory": os.path.join(cache_path, adapt.DIRECTORY, key),
+        }
         fingerprint = f"adapted:{key}"  # a refinement fitted here applies only to texts embedded by the adapted encoder
     refined, refinement = refine_mod.refine(
-        teacher_chunks, embedding_chunks, manifest["num_examples"], len(manifest["class_names"]), temperature, log, center=refine_center,
+        teacher_chunks,
+        embedding_chunks,
+        manifest["num_examples"],
+        len(manifest["class_names"]),
+        temperature,
+        log,
+        center=refine_center,
         free_last_round=refine_free_last_round,
     )
     info = {**refinement.settings(), "embedding_fingerprint": fingerprint, "seconds": round(time.time() - started, 3)}
     if adapted:
         info["adaptation"] = adapted
-    log(f"refinement ({refine_mod.METHOD}): {refinement.rounds} rounds in {info['seconds']:.1f}s; "
-        f"its labels agree with the teacher's on {refinement.agreement_with_teacher:.1%} of the texts")
+    log(
+        f"refinement ({refine_mod.METHOD}): {refinement.rounds} rounds in {info['seconds']:.1f}s; "
+        f"its labels agree with the teacher's on {refinement.agreement_with_teacher:.1%} of the texts"
+    )
     return refined, refinement, info
 
 
@@ -186,7 +230,9 @@ class BalancedRandomSampler(CompactRandomSampler):
         self.probabilities = weights / weights.sum()
 
     def __iter__(self):
-        draws = np.random.default_rng([self.seed, self.epoch]).choice(self.num_rows, size=self.num_rows, p=self.probabilities)
+        draws = np.random.default_rng([self.seed, self.epoch]).choice(
+            self.num_rows, size=self.num_rows, p=self.probabilities
+        )
         yield from map(int, draws.astype(np.int32))
 
 
@@ -229,7 +275,8 @@ def held_out_dataset(tokenized_files: list[str], shards: list[dict], rows: np.nd
 
 
 def tokenized_cache_dir(cache_path: str, key: str) -> str:
-    """`<cache>/tokenized`, or `~/.cache/zsdistill/tokenized/<key>` when the cache directory is read-only (a shared cache)."""
+    """`<cache>/tokenized`, or `~/.cache/zsdistill/tokenized/<key>` when the cache directory is read-only (a shared
+    cache)."""
     preferred = os.path.join(cache_path, "tokenized")
     try:
         os.makedirs(preferred, exist_ok=True)
@@ -252,7 +299,8 @@ def _check_output_dir(output_dir: str, overwrite: bool) -> str | None:
     if checkpoint and not os.path.exists(os.path.join(output_dir, INFO_FILE)):
         return checkpoint
     raise UserError(
-        f"--output_dir {output_dir!r} exists and is not empty; pass --overwrite_output_dir to replace it, or choose another directory"
+        f"--output_dir {output_dir!r} exists and is not empty; pass --overwrite_output_dir to replace it, or choose "
+        f"another directory"
     )
 
 
@@ -289,8 +337,12 @@ def load_student_base(name_or_path: str, class_names: list[str], multi_label: bo
             output_loading_info=True,
         )
     except (OSError, ValueError) as e:
-        raise UserError(f"student {name_or_path!r}: cannot load it ({str(e).splitlines()[0]}); check the name or path") from None
-    new_parameters = set(loading_info.get("missing_keys", ())) | {key for key, *_ in loading_info.get("mismatched_keys", ())}
+        raise UserError(
+            f"student {name_or_path!r}: cannot load it ({str(e).splitlines()[0]}); check the name or path"
+        ) from None
+    new_parameters = set(loading_info.get("missing_keys", ())) | {
+        key for key, *_ in loading_info.get("mismatched_keys", ())
+    }
     return tokenizer, model, new_parameters
 
 
@@ -307,35 +359,59 @@ def tokenize_cache(cache_path: str, manifest: dict, tokenizer, max_length: int, 
     tokenized_dir = tokenized_cache_dir(cache_path, manifest["key"])
     # Shard by shard, each into its own cache file: a shard's memory-mapped texts are released before the next,
     # so memory stays flat however large the cache.
-    tokenized_files = [os.path.join(tokenized_dir, f"{tokenizer_digest}-{i:05d}.arrow") for i in range(len(manifest["shards"]))]
+    tokenized_files = [
+        os.path.join(tokenized_dir, f"{tokenizer_digest}-{i:05d}.arrow") for i in range(len(manifest["shards"]))
+    ]
     reused, started = all(os.path.exists(f) for f in tokenized_files), time.time()
     parts = []
     with args.main_process_first(desc="tokenizing"):
         for i, (shard, tokenized_file) in enumerate(zip(manifest["shards"], tokenized_files)):
             shard_texts = Dataset.from_file(os.path.join(cache_path, shard["file"])).select_columns(["text"])
-            parts.append(shard_texts.map(
-                lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
-                batched=True,
-                remove_columns=["text"],
-                cache_file_name=tokenized_file,
-                # One Arrow record batch per shard: reading a file's batches through its memory map faults in the
-                # pages around each batch's header, which for datasets' 1,000-row batches was half the file.
-                batch_size=max(shard["rows"], 1),
-                writer_batch_size=max(shard["rows"], 1),
-                desc=f"tokenizing shard {i + 1}/{len(tokenized_files)}",
-            ))
+            parts.append(
+                shard_texts.map(
+                    lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
+                    batched=True,
+                    remove_columns=["text"],
+                    cache_file_name=tokenized_file,
+                    # One Arrow record batch per shard: reading a file's batches through its memory map faults in the
+                    # pages around each batch's header, which for datasets' 1,000-row batches was half the file.
+                    batch_size=max(shard["rows"], 1),
+                    writer_batch_size=max(shard["rows"], 1),
+                    desc=f"tokenizing shard {i + 1}/{len(tokenized_files)}",
+                )
+            )
             del shard_texts
-    log(f"tokenized in {time.time() - started:.1f}s" + (" (reused the tokenization cache)" if reused else f" (cached in {tokenized_dir})"))
+    log(
+        f"tokenized in {time.time() - started:.1f}s"
+        + (" (reused the tokenization cache)" if reused else f" (cached in {tokenized_dir})")
+    )
     # Texts the student reads only the beginning of: those at the limit whose full tokenization is longer.
     truncated = 0
     for shard, part in zip(manifest["shards"], parts):
-        at_limit = np.flatnonzero(pc.list_value_length(part.data.column("input_ids")).to_numpy(zero_copy_only=False) >= max_length)
+        at_limit = np.flatnonzero(
+            pc.list_value_length(part.data.column("input_ids")).to_numpy(zero_copy_only=False) >= max_length
+        )
         if len(at_limit):
-            texts = Dataset.from_file(os.path.join(cache_path, shard["file"])).data.column("text").take(at_limit).to_pylist()
-            truncated += sum(len(ids) > max_length for ids in tokenizer(texts, truncation=True, max_length=max_length + 1)["input_ids"])
-    log(f"long texts: {truncated} of {manifest['num_examples']} ({truncated / max(manifest['num_examples'], 1):.1%}) are longer than the "
-        f"student's {max_length} tokens and were cut" + (f" (the teacher cut {manifest['truncated_texts']} at its {manifest['max_length']})"
-                                                         if manifest.get("truncated_texts") is not None else ""))
+            texts = (
+                Dataset.from_file(os.path.join(cache_path, shard["file"]))
+                .data.column("text")
+                .take(at_limit)
+                .to_pylist()
+            )
+            truncated += sum(
+                len(ids) > max_length
+                for ids in tokenizer(texts, truncation=True, max_length=max_length + 1)["input_ids"]
+            )
+    log(
+        f"long texts: {truncated} of {manifest['num_examples']} ({truncated / max(manifest['num_examples'], 1):.1%}) "
+        f"are longer than the "
+        f"student's {max_length} tokens and were cut"
+        + (
+            f" (the teacher cut {manifest['truncated_texts']} at its {manifest['max_length']})"
+            if manifest.get("truncated_texts") is not None
+            else ""
+        )
+    )
     return concatenate_datasets(parts), tokenized_files, truncated
 
 
@@ -343,8 +419,15 @@ class DistillationTrainer(Trainer):
     """The Trainer with three hooks of ours: the loss against soft targets, the order the rows are drawn in, and
     the learning rate of the new head."""
 
-    def __init__(self, *args, multi_label: bool, sample_weights: np.ndarray | None = None,
-                 new_parameters: set[str] = frozenset(), head_learning_rate_factor: float = 1.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        multi_label: bool,
+        sample_weights: np.ndarray | None = None,
+        new_parameters: set[str] = frozenset(),
+        head_learning_rate_factor: float = 1.0,
+        **kwargs,
+    ):
         from transformers import DataCollatorWithPadding
 
         kwargs.setdefault("data_collator", DataCollatorWithPadding(kwargs["processing_class"]))
@@ -366,8 +449,13 @@ class DistillationTrainer(Trainer):
                 group["params"] = [p for p in group["params"] if id(p) not in new]
                 if not group["params"]:
                     optimizer.param_groups.remove(group)
-                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": head,
-                                           "lr": group["lr"] * self.head_learning_rate_factor})
+                optimizer.add_param_group(
+                    {
+                        **{k: v for k, v in group.items() if k != "params"},
+                        "params": head,
+                        "lr": group["lr"] * self.head_learning_rate_factor,
+                    }
+                )
         return optimizer
 
     def _get_train_sampler(self, train_dataset=None):
@@ -375,7 +463,9 @@ class DistillationTrainer(Trainer):
             return super()._get_train_sampler(train_dataset)
         if self.sample_weights is not None:
             return BalancedRandomSampler(self.sample_weights, self.args.seed)
-        return CompactRandomSampler(len(train_dataset if train_dataset is not None else self.train_dataset), self.args.seed)
+        return CompactRandomSampler(
+            len(train_dataset if train_dataset is not None else self.train_dataset), self.args.seed
+        )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         import torch
@@ -391,7 +481,9 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def calibrate_on_holdout(trainer, holdout_dataset, holdout_targets: np.ndarray, multi_label: bool, calibrate: bool) -> tuple[float, dict]:
+def calibrate_on_holdout(
+    trainer, holdout_dataset, holdout_targets: np.ndarray, multi_label: bool, calibrate: bool
+) -> tuple[float, dict]:
     """Predict the held-out rows; when calibrating, fold the temperature that matches the targets there into the
     head. Returns (logit scale, metrics)."""
     if holdout_dataset is None:
@@ -406,8 +498,14 @@ def calibrate_on_holdout(trainer, holdout_dataset, holdout_targets: np.ndarray, 
         metrics["holdout_before_calibration"] = holdout_metrics(holdout_logits, holdout_targets, multi_label)
         holdout_logits = holdout_logits * logit_scale
         log(f"calibration: logits scaled by {logit_scale:.3f} to match the targets on the held-out rows")
-    metrics["holdout"] = {"examples": int(len(holdout_targets)), **holdout_metrics(holdout_logits, holdout_targets, multi_label)}
-    log(f"holdout ({len(holdout_targets)} examples): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["holdout"].items() if k != "examples"))
+    metrics["holdout"] = {
+        "examples": int(len(holdout_targets)),
+        **holdout_metrics(holdout_logits, holdout_targets, multi_label),
+    }
+    log(
+        f"holdout ({len(holdout_targets)} examples): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in metrics["holdout"].items() if k != "examples")
+    )
     return logit_scale, metrics
 
 
@@ -435,7 +533,10 @@ def export_onnx(output_dir: str, table, rows: np.ndarray, source: str) -> None:
         with writing_to(output_dir, "the ONNX export", "free space there; nothing half-written was left"):
             serving.export_student(output_dir, texts, source, log)
     except UserError as e:
-        raise UserError(f"the student is saved in {output_dir}, but its export failed: {e}; retry with python export_student.py --model {output_dir}") from None
+        raise UserError(
+            f"the student is saved in {output_dir}, but its export failed: {e}; retry with python export_student.py "
+            f"--model {output_dir}"
+        ) from None
 
 
 def main(
@@ -477,7 +578,8 @@ def main(
         refine_center: refine with the corpus mean embedding removed (default), so a generic class's centroid does not
             draw every text to it. --norefine_center --norefine_free_last_round give the previous release's refinement.
         refine_free_last_round: the last refinement round without the teacher anchor (default), so a class's centroid
-            also takes in its surest texts that the teacher put elsewhere; --norefine_free_last_round anchors every round.
+            also takes in its surest texts that the teacher put elsewhere; --norefine_free_last_round anchors every
+            round.
         adapt_rounds: rounds of adaptation before refining (default 0: none): fine-tune the cache's embedding model on
             refinement's surest texts with the zero-shot loss, re-embed the texts, refine there (zsdistill/adapt.py).
             Cached beside the teacher cache, so a second run with the same settings trains nothing. Not a default:
@@ -493,7 +595,8 @@ def main(
             held-out rows (one temperature folded into the classifier head; needs --holdout_fraction > 0).
             Default: on when refining, so --norefine alone gives the plain distillation of the reference script.
         holdout_fraction: fraction of the cache held out (deterministically) to measure student-teacher agreement.
-        max_holdout_examples: at most this many held-out rows (10,000 measure agreement to about +-1%; more only cost time).
+        max_holdout_examples: at most this many held-out rows (10,000 measure agreement to about +-1%; more only cost
+            time).
         max_length: truncate student inputs to this many tokens (default: the student's maximum).
         overwrite_output_dir: replace a non-empty output_dir instead of refusing.
         trust_remote_code: allow models whose code lives in their hub repository.
@@ -518,27 +621,40 @@ def main(
         raise UserError(f"--holdout_fraction {holdout_fraction} must be in [0, 1), e.g. 0.05")
     balance_power = 1.0 if balance is True else 0.0 if balance is False else balance
     if isinstance(balance_power, str) or not 0 <= float(balance_power) <= 1:
-        raise UserError(f"--balance must be True, False or a balancing power in [0, 1] (1: every class equally often), got {balance!r}")
+        raise UserError(
+            f"--balance must be True, False or a balancing power in [0, 1] (1: every class equally often), got "
+            f"{balance!r}"
+        )
     balance_power = float(balance_power)
     balance = balance_power > 0
     try:
-        factor = float("nan") if isinstance(head_learning_rate_factor, (bool, str)) else float(head_learning_rate_factor)
+        factor = (
+            float("nan") if isinstance(head_learning_rate_factor, (bool, str)) else float(head_learning_rate_factor)
+        )
     except (TypeError, ValueError):
         factor = float("nan")
     if not 0 < factor < float("inf"):
-        raise UserError(f"--head_learning_rate_factor must be a positive number (1: the head learns at --learning_rate), got {head_learning_rate_factor!r}")
+        raise UserError(
+            f"--head_learning_rate_factor must be a positive number (1: the head learns at --learning_rate), got "
+            f"{head_learning_rate_factor!r}"
+        )
     head_learning_rate_factor = factor
     if isinstance(adapt_rounds, bool) or not isinstance(adapt_rounds, int) or adapt_rounds < 0:
         raise UserError(f"--adapt_rounds must be a non-negative integer (0: no adaptation), got {adapt_rounds!r}")
     if isinstance(adapt_fraction, (bool, str)) or not 0 < float(adapt_fraction) <= 1:
         raise UserError(f"--adapt_fraction must be a number in (0, 1], e.g. 0.3, got {adapt_fraction!r}")
     if adapt_rounds and not refine:
-        raise UserError("--adapt_rounds adapts the space refinement works in; with --norefine there is none: drop one of the two")
+        raise UserError(
+            "--adapt_rounds adapts the space refinement works in; with --norefine there is none: drop one of the two"
+        )
     if isinstance(max_holdout_examples, bool) or not isinstance(max_holdout_examples, int) or max_holdout_examples < 0:
         raise UserError(f"--max_holdout_examples must be a non-negative integer, got {max_holdout_examples!r}")
     if export is not None:
         if str(export).lower() != "onnx":
-            raise UserError(f"--export {export!r} is not a format this can export to; give --export onnx (ONNX Runtime, fp32 and int8)")
+            raise UserError(
+                f"--export {export!r} is not a format this can export to; give --export onnx (ONNX Runtime, fp32 and "
+                f"int8)"
+            )
         serving.require_runtime(export=True)  # before training, not after it
 
     from transformers import TrainingArguments
@@ -547,7 +663,8 @@ def main(
     unknown = sorted(set(training_args) - known)
     if unknown:
         raise UserError(
-            f"unknown flag{'s' if len(unknown) > 1 else ''} {', '.join('--' + u for u in unknown)}: neither a train_student.py "
+            f"unknown flag{'s' if len(unknown) > 1 else ''} {', '.join('--' + u for u in unknown)}: neither a "
+            f"train_student.py "
             f"flag nor a transformers.TrainingArguments field (see python train_student.py --help)"
         )
     if "output_dir" in training_args:
@@ -563,15 +680,35 @@ def main(
             f"pass --multi_label or rebuild the cache with more class names"
         )
     train_rows, holdout_rows = holdout_split(manifest["num_examples"], holdout_fraction, max_holdout_examples)
-    log(f"cache {manifest['key']}: {manifest['num_examples']} examples x {len(class_names)} classes; "
-        f"{len(train_rows)} train, {len(holdout_rows)} held out; T={temperature}, {'multi' if multi_label else 'single'}-label")
+    log(
+        f"cache {manifest['key']}: {manifest['num_examples']} examples x {len(class_names)} classes; "
+        f"{len(train_rows)} train, {len(holdout_rows)} held out; T={temperature}, "
+        f"{'multi' if multi_label else 'single'}-label"
+    )
     calibrate = bool(refine) if calibrate is None else bool(calibrate)
     targets_started = time.time()
-    adaptation = adapt.AdaptSettings(rounds=adapt_rounds, fraction=float(adapt_fraction), mask_class_names=bool(adapt_mask_class_names),
-                                     seed=int(training_args.get("seed", 42)), refine_center=bool(refine_center),
-                                     refine_free_last_round=bool(refine_free_last_round)) if adapt_rounds else None
-    soft_targets, refinement, refinement_info = build_targets(cache_path, manifest, multi_label, temperature, bool(refine),
-                                                              bool(refine_center), adaptation, bool(refine_free_last_round))
+    adaptation = (
+        adapt.AdaptSettings(
+            rounds=adapt_rounds,
+            fraction=float(adapt_fraction),
+            mask_class_names=bool(adapt_mask_class_names),
+            seed=int(training_args.get("seed", 42)),
+            refine_center=bool(refine_center),
+            refine_free_last_round=bool(refine_free_last_round),
+        )
+        if adapt_rounds
+        else None
+    )
+    soft_targets, refinement, refinement_info = build_targets(
+        cache_path,
+        manifest,
+        multi_label,
+        temperature,
+        bool(refine),
+        bool(refine_center),
+        adaptation,
+        bool(refine_free_last_round),
+    )
     log(f"targets built in {time.time() - targets_started:.1f}s")
 
     try:
@@ -584,10 +721,18 @@ def main(
 
     # The new K-way head is initialised from the global RNG: seed it first, or --seed would not make runs repeatable.
     enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-    tokenizer, model, new_parameters = load_student_base(student_name_or_path, class_names, multi_label, trust_remote_code)
+    tokenizer, model, new_parameters = load_student_base(
+        student_name_or_path, class_names, multi_label, trust_remote_code
+    )
     student_max_length = resolve_max_length(tokenizer, model, max_length)
-    with writing_to(tokenized_cache_dir(cache_path, manifest["key"]), "the tokenized texts", "free space there; the teacher cache itself is complete and untouched"):
-        tokenized, tokenized_files, truncated_texts = tokenize_cache(cache_path, manifest, tokenizer, student_max_length, args)
+    with writing_to(
+        tokenized_cache_dir(cache_path, manifest["key"]),
+        "the tokenized texts",
+        "free space there; the teacher cache itself is complete and untouched",
+    ):
+        tokenized, tokenized_files, truncated_texts = tokenize_cache(
+            cache_path, manifest, tokenizer, student_max_length, args
+        )
     holdout_targets = soft_targets[holdout_rows]
     # Not tokenized.select(rows): datasets turns the row indices into a Python list (tens of MB per million rows).
     # The targets stay one (N, K) float32 array in memory: memory-mapped, every page would end up resident anyway.
@@ -598,19 +743,35 @@ def main(
     sample_weights = None
     if balance and not multi_label:
         sample_weights = class_balanced_weights(soft_targets, train_rows, balance_power)
-        log(f"balanced distillation (power {balance_power:g}): the targets' classes drawn {'equally often' if balance_power == 1 else 'closer to equally often'} "
-            f"(row weights {sample_weights.min():.2f} to {sample_weights.max():.2f}); --nobalance draws every row once an epoch")
+        log(
+            f"balanced distillation (power {balance_power:g}): the targets' classes drawn "
+            f"{'equally often' if balance_power == 1 else 'closer to equally often'} "
+            f"(row weights {sample_weights.min():.2f} to {sample_weights.max():.2f}); --nobalance draws every row "
+            f"once an epoch"
+        )
     elif balance:
         log("balanced distillation: not applied to multi-label targets (classes are independent yes/no questions)")
     if new_parameters:
-        log(f"new head ({', '.join(sorted(new_parameters))}): learning rate {head_learning_rate_factor:g} x {args.learning_rate:g} "
-            f"(--head_learning_rate_factor; 1 trains it at the body's rate)")
-    trainer = DistillationTrainer(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
-                                  multi_label=multi_label, sample_weights=sample_weights, new_parameters=new_parameters,
-                                  head_learning_rate_factor=head_learning_rate_factor)
+        log(
+            f"new head ({', '.join(sorted(new_parameters))}): learning rate {head_learning_rate_factor:g} x "
+            f"{args.learning_rate:g} "
+            f"(--head_learning_rate_factor; 1 trains it at the body's rate)"
+        )
+    trainer = DistillationTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        multi_label=multi_label,
+        sample_weights=sample_weights,
+        new_parameters=new_parameters,
+        head_learning_rate_factor=head_learning_rate_factor,
+    )
     if resume_from:
         log(f"resuming from {resume_from}")
-    with writing_to(str(output_dir), "checkpoints", "free space there, or pass another --output_dir (or --save_strategy no)"):
+    with writing_to(
+        str(output_dir), "checkpoints", "free space there, or pass another --output_dir (or --save_strategy no)"
+    ):
         metrics = {"train": trainer.train(resume_from_checkpoint=resume_from).metrics}
     logit_scale, holdout = calibrate_on_holdout(trainer, holdout_dataset, holdout_targets, multi_label, calibrate)
     metrics.update(holdout)
@@ -638,9 +799,12 @@ def main(
             "multi_label": multi_label,
             "similarity_scale": targets.SIMILARITY_SCALE if manifest["teacher"]["kind"] == "embedding" else None,
             "refinement": {**refinement_info, "file": refine_mod.FILE if refinement else None},
-            "balance": {"applied": sample_weights is not None, "method": BALANCE_METHOD if sample_weights is not None else None,
-                        "power": balance_power if sample_weights is not None else None,
-                        "min_prior": MIN_BALANCED_PRIOR if sample_weights is not None else None},
+            "balance": {
+                "applied": sample_weights is not None,
+                "method": BALANCE_METHOD if sample_weights is not None else None,
+                "power": balance_power if sample_weights is not None else None,
+                "min_prior": MIN_BALANCED_PRIOR if sample_weights is not None else None,
+            },
             "head_learning_rate": {"factor": head_learning_rate_factor, "parameters": sorted(new_parameters)},
             "calibration": {"logit_scale": logit_scale, "applied": logit_scale != 1.0},
             "holdout_fraction": holdout_fraction,
@@ -650,11 +814,19 @@ def main(
             "training_arguments": json.loads(args.to_json_string()),
             "metrics": metrics,
         }
-        with writing_to(str(output_dir), "the student", "free space there, or pass another --output_dir; nothing half-written was left"):
+        with writing_to(
+            str(output_dir),
+            "the student",
+            "free space there, or pass another --output_dir; nothing half-written was left",
+        ):
             save_student(trainer, str(output_dir), info, refinement)
         log(f"saved student to {output_dir}")
         if export:
-            parity_rows = (holdout_rows, "held-out texts of its cache") if len(holdout_rows) else (train_rows, "training texts (no held-out rows)")
+            parity_rows = (
+                (holdout_rows, "held-out texts of its cache")
+                if len(holdout_rows)
+                else (train_rows, "training texts (no held-out rows)")
+            )
             export_onnx(str(output_dir), table, *parity_rows)
         print(output_dir)
     return str(output_dir)

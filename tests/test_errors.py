@@ -23,7 +23,11 @@ def assert_user_error(result, *words):
 
 
 def no_valid_cache(cache_dir) -> bool:
-    return not any(cache.is_complete(os.path.join(cache_dir, d)) for d in os.listdir(cache_dir)) if os.path.isdir(cache_dir) else True
+    return (
+        not any(cache.is_complete(os.path.join(cache_dir, d)) for d in os.listdir(cache_dir))
+        if os.path.isdir(cache_dir)
+        else True
+    )
 
 
 @pytest.fixture
@@ -35,8 +39,16 @@ def files(tmp_path):
 
 def teacher_run(files, teacher, *extra, data="texts.txt", classes="classes.txt"):
     return run_main(
-        "teacher_infer.py", "--data_file", files / data, "--class_names_file", files / classes, "--teacher_name_or_path", teacher,
-        "--cache_dir", files / "cache", *extra,
+        "teacher_infer.py",
+        "--data_file",
+        files / data,
+        "--class_names_file",
+        files / classes,
+        "--teacher_name_or_path",
+        teacher,
+        "--cache_dir",
+        files / "cache",
+        *extra,
     )
 
 
@@ -61,7 +73,9 @@ def test_invalid_utf8_can_be_replaced(files, teachers):
     (files / "bad.txt").write_bytes(b"fine line\nbad \xff\xfe bytes\n")
     result = teacher_run(files, teachers["upper"], "--encoding_errors", "replace", data="bad.txt")
     assert result.returncode == 0, result.stderr
-    assert "\ufffd" in json.dumps(cache.load_cache(result.stdout.strip().splitlines()[-1])[1].column("text").to_pylist(), ensure_ascii=False)
+    assert "\ufffd" in json.dumps(
+        cache.load_cache(result.stdout.strip().splitlines()[-1])[1].column("text").to_pylist(), ensure_ascii=False
+    )
 
 
 @pytest.mark.parametrize("suffix", ["csv", "jsonl", "parquet"])
@@ -104,18 +118,37 @@ def test_one_class_is_fine_for_multi_label_only(files, teachers):
     assert result.returncode == 0, result.stderr
     cache_path = result.stdout.strip().splitlines()[-1]
     base = make_student_base(str(files / "base"))
-    single = run_script("train_student.py", "--cache", cache_path, "--output_dir", files / "single", "--student_name_or_path", base)
+    single = run_script(
+        "train_student.py", "--cache", cache_path, "--output_dir", files / "single", "--student_name_or_path", base
+    )
     assert_user_error(single, "at least 2 classes", "--multi_label")
     assert not (files / "single").exists()
-    multi = run_script("train_student.py", "--cache", cache_path, "--output_dir", files / "multi", "--student_name_or_path", base,
-                       "--multi_class", "--max_steps", "1", "--use_cpu", "--save_strategy", "no")
+    multi = run_script(
+        "train_student.py",
+        "--cache",
+        cache_path,
+        "--output_dir",
+        files / "multi",
+        "--student_name_or_path",
+        base,
+        "--multi_class",
+        "--max_steps",
+        "1",
+        "--use_cpu",
+        "--save_strategy",
+        "no",
+    )
     assert multi.returncode == 0, multi.stderr
 
 
 # 3. templates
 @pytest.mark.parametrize("template", ["This example is about sports.", "{} or {}", "This is {label}.", "This is {0}."])
 def test_bad_template(files, teachers, template):
-    assert_user_error(teacher_run(files, teachers["upper"], "--hypothesis_template", template), "--hypothesis_template", "exactly one '{}'")
+    assert_user_error(
+        teacher_run(files, teachers["upper"], "--hypothesis_template", template),
+        "--hypothesis_template",
+        "exactly one '{}'",
+    )
     assert no_valid_cache(files / "cache")
 
 
@@ -126,8 +159,16 @@ def test_teacher_without_entailment_label(files, tmp_path):
     from conftest import bert_tokenizer
 
     path = str(tmp_path / "sentiment")
-    config = BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                        num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=2,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
     BertForSequenceClassification(config).save_pretrained(path)
     bert_tokenizer().save_pretrained(path)
     assert_user_error(teacher_run(files, path), "no entailment label", "NEGATIVE, POSITIVE")
@@ -142,8 +183,16 @@ def test_teacher_path_that_does_not_exist(files, name):
 
 def test_hub_id_offline_says_what_failed(files):
     result = run_script(
-        "teacher_infer.py", "--data_file", files / "texts.txt", "--class_names_file", files / "classes.txt",
-        "--teacher_name_or_path", "someone/no-such-model-zsdistill", "--cache_dir", files / "cache", env={"HF_HUB_OFFLINE": "1"},
+        "teacher_infer.py",
+        "--data_file",
+        files / "texts.txt",
+        "--class_names_file",
+        files / "classes.txt",
+        "--teacher_name_or_path",
+        "someone/no-such-model-zsdistill",
+        "--cache_dir",
+        files / "cache",
+        env={"HF_HUB_OFFLINE": "1"},
     )
     assert_user_error(result, "fetching it from the Hugging Face hub failed")
 
@@ -157,14 +206,18 @@ def toy_cache(tmp_path):
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan", "warm"])
 def test_bad_temperature(toy_cache, tmp_path, value):
-    result = run_main("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out", "--temperature", value)
+    result = run_main(
+        "train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out", "--temperature", value
+    )
     assert_user_error(result, "--temperature")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("value", ["1", "1.5", "-0.1"])
 def test_bad_holdout_fraction(toy_cache, tmp_path, value):
-    result = run_main("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out", "--holdout_fraction", value)
+    result = run_main(
+        "train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "out", "--holdout_fraction", value
+    )
     assert_user_error(result, "--holdout_fraction", "[0, 1)")
 
 
@@ -213,8 +266,21 @@ def test_non_empty_output_dir(toy_cache, tmp_path):
     result = run_script("train_student.py", "--cache", toy_cache, "--output_dir", out, "--student_name_or_path", base)
     assert_user_error(result, "exists and is not empty", "--overwrite_output_dir")
     assert os.listdir(out) == ["notes.txt"]
-    result = run_script("train_student.py", "--cache", toy_cache, "--output_dir", out, "--student_name_or_path", base,
-                        "--overwrite_output_dir", "--max_steps", "1", "--use_cpu", "--save_strategy", "no")
+    result = run_script(
+        "train_student.py",
+        "--cache",
+        toy_cache,
+        "--output_dir",
+        out,
+        "--student_name_or_path",
+        base,
+        "--overwrite_output_dir",
+        "--max_steps",
+        "1",
+        "--use_cpu",
+        "--save_strategy",
+        "no",
+    )
     assert result.returncode == 0, result.stderr
     assert os.path.exists(out / "config.json") and os.path.exists(out / "distill_info.json")
 
@@ -224,12 +290,34 @@ def test_resume_from_checkpoint_found_in_output_dir(toy_cache, tmp_path):
 
     base = make_student_base(str(tmp_path / "base"))
     out = tmp_path / "out"
-    args = dict(cache=toy_cache, output_dir=str(out), student_name_or_path=base, use_cpu=True, per_device_train_batch_size=4, save_steps=2, disable_tqdm=True)
+    args = dict(
+        cache=toy_cache,
+        output_dir=str(out),
+        student_name_or_path=base,
+        use_cpu=True,
+        per_device_train_batch_size=4,
+        save_steps=2,
+        disable_tqdm=True,
+    )
     train_student.main(max_steps=2, **args)
     os.unlink(out / "distill_info.json")  # as if the run died after its checkpoint, before finishing
     os.unlink(out / "config.json")
-    result = run_script("train_student.py", "--cache", toy_cache, "--output_dir", out, "--student_name_or_path", base,
-                        "--max_steps", "4", "--use_cpu", "--per_device_train_batch_size", "4", "--save_steps", "2")
+    result = run_script(
+        "train_student.py",
+        "--cache",
+        toy_cache,
+        "--output_dir",
+        out,
+        "--student_name_or_path",
+        base,
+        "--max_steps",
+        "4",
+        "--use_cpu",
+        "--per_device_train_batch_size",
+        "4",
+        "--save_steps",
+        "2",
+    )
     assert result.returncode == 0, result.stderr
     assert "resuming from" in result.stderr and "checkpoint-2" in result.stderr
     assert json.load(open(out / "distill_info.json"))["metrics"]["train"]["epoch"] > 0
@@ -239,28 +327,59 @@ def test_resume_from_checkpoint_found_in_output_dir(toy_cache, tmp_path):
 def test_evaluate_bad_inputs(toy_cache, tmp_path, embedding_teacher):
     import train_student
 
-    student = train_student.main(cache=toy_cache, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")),
-                                 max_steps=1, use_cpu=True, save_strategy="no", disable_tqdm=True)
+    student = train_student.main(
+        cache=toy_cache,
+        output_dir=str(tmp_path / "student"),
+        student_name_or_path=make_student_base(str(tmp_path / "base")),
+        max_steps=1,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     no_label = tmp_path / "nolabel.jsonl"
     no_label.write_text(json.dumps({"text": "apple pie", "topic": "apple"}) + "\n")
-    assert_user_error(run_main("evaluate.py", "--model", student, "--test_file", no_label, "--output_dir", tmp_path / "r1"), "no key 'label'", "--label_column")
+    assert_user_error(
+        run_main("evaluate.py", "--model", student, "--test_file", no_label, "--output_dir", tmp_path / "r1"),
+        "no key 'label'",
+        "--label_column",
+    )
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"text": "apple pie", "label": "apple"}) + "\n")
-    assert_user_error(run_main("evaluate.py", "--model", embedding_teacher, "--test_file", good, "--output_dir", tmp_path / "r2"), "not a sequence classifier")
-    assert_user_error(run_main("evaluate.py", "--model", tmp_path / "nothing", "--test_file", good, "--output_dir", tmp_path / "r3"), "not a model directory")
+    assert_user_error(
+        run_main("evaluate.py", "--model", embedding_teacher, "--test_file", good, "--output_dir", tmp_path / "r2"),
+        "not a sequence classifier",
+    )
+    assert_user_error(
+        run_main("evaluate.py", "--model", tmp_path / "nothing", "--test_file", good, "--output_dir", tmp_path / "r3"),
+        "not a model directory",
+    )
     bracket = tmp_path / "bracket.csv"
     bracket.write_text('text,label\napple pie,"[apple"\n')
-    assert_user_error(run_main("evaluate.py", "--model", student, "--test_file", bracket, "--output_dir", tmp_path / "r4"), "bracket.csv, row 1", "not a JSON list")
+    assert_user_error(
+        run_main("evaluate.py", "--model", student, "--test_file", bracket, "--output_dir", tmp_path / "r4"),
+        "bracket.csv, row 1",
+        "not a JSON list",
+    )
     numbers = tmp_path / "numbers.csv"
     numbers.write_text('text,label\napple pie,"[1, 2]"\n')
-    assert_user_error(run_main("evaluate.py", "--model", student, "--test_file", numbers, "--output_dir", tmp_path / "r5"), "must hold class names")
+    assert_user_error(
+        run_main("evaluate.py", "--model", student, "--test_file", numbers, "--output_dir", tmp_path / "r5"),
+        "must hold class names",
+    )
     for report in ("r1", "r2", "r3", "r4", "r5"):
         assert not (tmp_path / report).exists()
 
 
 # 9. long lines and other scripts
 def test_long_lines_and_other_scripts(files, teachers, tmp_path):
-    texts = ["x" * 100_000, "word " * 20_000, "日本語のテキストです。東京は大きな都市です。", "emoji 😀🎉🚀 party", "שלום עולם, זה טקסט בעברית", "مرحبا بالعالم"]
+    texts = [
+        "x" * 100_000,
+        "word " * 20_000,
+        "日本語のテキストです。東京は大きな都市です。",
+        "emoji 😀🎉🚀 party",
+        "שלום עולם, זה טקסט בעברית",
+        "مرحبا بالعالم",
+    ]
     (files / "hard.txt").write_text("\n".join(texts) + "\n")
     for style in ("upper", "lower"):
         result = teacher_run(files, teachers[style], data="hard.txt")
@@ -269,8 +388,14 @@ def test_long_lines_and_other_scripts(files, teachers, tmp_path):
         assert table.column("text").to_pylist() == texts and manifest["max_length"] == 64
     import train_student
 
-    student = train_student.main(cache=result.stdout.strip().splitlines()[-1], output_dir=str(tmp_path / "student"),
-                                 student_name_or_path=make_student_base(str(tmp_path / "base")), max_steps=1, use_cpu=True, save_strategy="no")
+    student = train_student.main(
+        cache=result.stdout.strip().splitlines()[-1],
+        output_dir=str(tmp_path / "student"),
+        student_name_or_path=make_student_base(str(tmp_path / "base")),
+        max_steps=1,
+        use_cpu=True,
+        save_strategy="no",
+    )
     labeled = tmp_path / "hard.tsv"
     labeled.write_text("".join(f"{CLASS_NAMES[i % 6]}\t{t}\n" for i, t in enumerate(texts)))
     result = run_script("evaluate.py", "--model", student, "--test_file", labeled, "--output_dir", tmp_path / "report")
@@ -286,7 +411,9 @@ def test_remote_code_is_never_run_without_the_flag(files, tmp_path):
         f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PretrainedConfig\n"
         "class CustomConfig(PretrainedConfig):\n    model_type = 'zsdistill-custom'\n"
     )
-    (model / "config.json").write_text(json.dumps({"model_type": "zsdistill-custom", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}))
+    (model / "config.json").write_text(
+        json.dumps({"model_type": "zsdistill-custom", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}})
+    )
     result = teacher_run(files, str(model))
     assert_user_error(result, "--trust_remote_code")
     assert not marker.exists()
@@ -326,16 +453,28 @@ def test_full_disk_in_stage_1_is_one_line_and_the_rerun_completes_it(files, teac
     args = ("--shard_size", "3")
     clean = teacher_run(files, teachers["upper"], *args)
     clean_path = clean.stdout.strip().splitlines()[-1]
-    clean_shards = {s["file"]: s["sha256"] for s in json.load(open(os.path.join(clean_path, "manifest.json")))["shards"]}
+    clean_shards = {
+        s["file"]: s["sha256"] for s in json.load(open(os.path.join(clean_path, "manifest.json")))["shards"]
+    }
     os.rename(files / "cache", files / "clean")
 
     _full_disk_on(monkeypatch, cache, "write_shard", lambda path, index, *_: index == 1)
     result = teacher_run(files, teachers["upper"], *args)
-    assert_user_error(result, "cannot write the cache in", "No space left on device", "free space there or pass --cache_dir", "finished shards are kept")
+    assert_user_error(
+        result,
+        "cannot write the cache in",
+        "No space left on device",
+        "free space there or pass --cache_dir",
+        "finished shards are kept",
+    )
     path = os.path.join(files / "cache", os.path.basename(clean_path))
     assert path in result.stderr
     left = sorted(os.listdir(path))
-    assert "shard-00000.arrow" in left and "shard-00001.arrow" not in left and not any(n.startswith((".tmp", "partial")) for n in left), left
+    assert (
+        "shard-00000.arrow" in left
+        and "shard-00001.arrow" not in left
+        and not any(n.startswith((".tmp", "partial")) for n in left)
+    ), left
     assert not cache.is_complete(path)
 
     monkeypatch.undo()  # space freed: the same command completes it, computing only what is missing
@@ -351,9 +490,23 @@ def test_full_disk_in_stages_2_and_3_is_one_line_with_nothing_half_written(toy_c
 
     _full_disk_on(monkeypatch, train_student.card, "write", lambda *a: True)
     base = make_student_base(str(tmp_path / "base"))
-    result = run_main("train_student.py", "--cache", toy_cache, "--output_dir", tmp_path / "student", "--student_name_or_path", base,
-                      "--max_steps", "1", "--use_cpu", "--save_strategy", "no")
-    assert_user_error(result, f"cannot write the student in {tmp_path / 'student'}", "No space left on device", "another --output_dir")
+    result = run_main(
+        "train_student.py",
+        "--cache",
+        toy_cache,
+        "--output_dir",
+        tmp_path / "student",
+        "--student_name_or_path",
+        base,
+        "--max_steps",
+        "1",
+        "--use_cpu",
+        "--save_strategy",
+        "no",
+    )
+    assert_user_error(
+        result, f"cannot write the student in {tmp_path / 'student'}", "No space left on device", "another --output_dir"
+    )
     assert os.listdir(tmp_path / "student") == []  # no staging directory, no half a model
 
     _full_disk_on(monkeypatch, evaluate.cache_report, "write_plots", lambda *a: True)

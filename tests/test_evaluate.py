@@ -35,7 +35,9 @@ def test_ece_two_bins_by_hand():
 
 def test_multi_label_metrics_by_hand():
     true = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 1]])
-    probabilities = np.array([[0.9, 0.8, 0.1], [0.2, 0.3, 0.1], [0.7, 0.1, 0.6]])  # predicted: [1,1,0], [0,0,0], [1,0,1]
+    probabilities = np.array(
+        [[0.9, 0.8, 0.1], [0.2, 0.3, 0.1], [0.7, 0.1, 0.6]]
+    )  # predicted: [1,1,0], [0,0,0], [1,0,1]
     m = evaluate.multi_label_metrics(true, probabilities, ["a", "b", "c"])
     assert m["subset_accuracy"] == pytest.approx(2 / 3)
     # tp=4, fp=0, fn=1 -> micro P=1, R=0.8, F1=8/9
@@ -64,10 +66,20 @@ def labeled(tmp_path):
 def distil(teacher: str, labeled, tmp_path, max_steps: int) -> tuple[str, str]:
     """Stage 1 on the labeled texts, then a tiny student from that cache: (cache, student directory)."""
     test_file, classes_file = labeled
-    cache_path = teacher_infer.main(data_file=test_file, class_names_file=classes_file, teacher_name_or_path=teacher, cache_dir=str(tmp_path / "cache"))
+    cache_path = teacher_infer.main(
+        data_file=test_file,
+        class_names_file=classes_file,
+        teacher_name_or_path=teacher,
+        cache_dir=str(tmp_path / "cache"),
+    )
     student = train_student.main(
-        cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")),
-        max_steps=max_steps, use_cpu=True, save_strategy="no", disable_tqdm=True,
+        cache=cache_path,
+        output_dir=str(tmp_path / "student"),
+        student_name_or_path=make_student_base(str(tmp_path / "base")),
+        max_steps=max_steps,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
     )
     return cache_path, student
 
@@ -76,8 +88,21 @@ def test_end_to_end_report(teachers, labeled, tmp_path):
     test_file, _ = labeled
     cache_path, student = distil(teachers["upper"], labeled, tmp_path, max_steps=2)
     out = tmp_path / "report"
-    result = run_script("evaluate.py", "--model", student, "--test_file", test_file, "--teacher_cache", cache_path,
-                        "--output_dir", out, "--time_teacher", "--time_teacher_samples", "4", "--no_cuda")
+    result = run_script(
+        "evaluate.py",
+        "--model",
+        student,
+        "--test_file",
+        test_file,
+        "--teacher_cache",
+        cache_path,
+        "--output_dir",
+        out,
+        "--time_teacher",
+        "--time_teacher_samples",
+        "4",
+        "--no_cuda",
+    )
     assert result.returncode == 0, result.stderr
     report = json.load(open(out / "report.json"))
     for who in ("student", "teacher"):
@@ -94,7 +119,9 @@ def test_end_to_end_report(teachers, labeled, tmp_path):
     assert speed["student_examples_per_second"] > 0 and speed["teacher_examples_per_second"] > 0
     # The speedup is the student's rate over the timed teacher's, and the report says how many texts timed it.
     assert speed["teacher_timed_examples"] == 4 and speed["speedup"] > 0
-    assert f"Student speedup over the live zero-shot teacher: {speed['speedup']:.1f}x." in (out / "report.md").read_text()
+    assert (
+        f"Student speedup over the live zero-shot teacher: {speed['speedup']:.1f}x." in (out / "report.md").read_text()
+    )
     assert report["hardware"].endswith(" threads)")  # the CPU's model name and thread count (--no_cuda)
     markdown = (out / "report.md").read_text()
     assert "| metric | teacher | student |" in markdown and "| accuracy |" in markdown
@@ -102,7 +129,9 @@ def test_end_to_end_report(teachers, labeled, tmp_path):
     # The label-free report of the test cache follows, each of its warnings checked against the labels.
     assert "## Look before you train" in markdown and (out / "shares.png").exists()
     looked = report["cache_report"]
-    assert looked["num_examples"] == 16 and sum(c["predicted"] for c in looked["teacher_view"]["classes"].values()) == 16
+    assert (
+        looked["num_examples"] == 16 and sum(c["predicted"] for c in looked["teacher_view"]["classes"].values()) == 16
+    )
     assert all("labels" in w for w in looked["warnings"] if w["kind"] not in ("truncated", "flat_scores"))
 
 
@@ -125,13 +154,28 @@ def test_multi_label_end_to_end(tmp_path):
     texts, labels, columns = keyword_task(40, classes)
     cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
     student = train_student.main(
-        cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")),
-        multi_class=True, max_steps=2, use_cpu=True, save_strategy="no", disable_tqdm=True,
+        cache=cache_path,
+        output_dir=str(tmp_path / "student"),
+        student_name_or_path=make_student_base(str(tmp_path / "base")),
+        multi_class=True,
+        max_steps=2,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
     )
     test_file = tmp_path / "test.jsonl"
-    rows = [{"text": t, "label": [classes[l]] + (["river"] if i % 3 == 0 and classes[l] != "river" else [])} for i, (t, l) in enumerate(zip(texts, labels))]
+    rows = [
+        {"text": t, "label": [classes[y]] + (["river"] if i % 3 == 0 and classes[y] != "river" else [])}
+        for i, (t, y) in enumerate(zip(texts, labels))
+    ]
     test_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    report = evaluate.main(model=student, test_file=str(test_file), teacher_cache=cache_path, output_dir=str(tmp_path / "report"), no_cuda=True)
+    report = evaluate.main(
+        model=student,
+        test_file=str(test_file),
+        teacher_cache=cache_path,
+        output_dir=str(tmp_path / "report"),
+        no_cuda=True,
+    )
     assert report["multi_label"] is True
     for who in ("student", "teacher"):
         m = report[who]["metrics"]

@@ -20,11 +20,20 @@ CLASSES = ["apple", "river", "guitar"]
 def student_and_test(tmp_path):
     texts, labels, columns = keyword_task(120, CLASSES)
     cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, CLASSES, columns)
-    student = train_student.main(cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")),
-                                 temperature=2.0, **QUICK)
+    student = train_student.main(
+        cache=cache_path,
+        output_dir=str(tmp_path / "student"),
+        student_name_or_path=make_student_base(str(tmp_path / "base")),
+        temperature=2.0,
+        **QUICK,
+    )
     test = tmp_path / "test.jsonl"
-    test.write_text("".join(json.dumps({"text": t, "label": CLASSES[y]}) + "\n" for t, y in zip(texts[:40], labels[:40])))
-    test_cache = write_toy_cache(str(tmp_path / "cache" / "test"), texts[:40], CLASSES, {k: v[:40] for k, v in columns.items()})
+    test.write_text(
+        "".join(json.dumps({"text": t, "label": CLASSES[y]}) + "\n" for t, y in zip(texts[:40], labels[:40]))
+    )
+    test_cache = write_toy_cache(
+        str(tmp_path / "cache" / "test"), texts[:40], CLASSES, {k: v[:40] for k, v in columns.items()}
+    )
     return student, str(test), test_cache
 
 
@@ -38,9 +47,17 @@ def test_the_card_parses_and_carries_the_facts(student_and_test):
     assert "zero-shot-distillation" in data["tags"] and "base_model" not in data  # a local base has no hub id to link
     info = json.load(open(os.path.join(student, "distill_info.json")))
     text = model_card.text
-    for fact in ("`toy`", "`{}`", "`apple`, `river`, `guitar`", "| unlabeled texts | 120 |", "| temperature | 2.0 |", "single-label (softmax)",
-                 f"{info['metrics']['holdout']['agreement']:.4f} on {info['metrics']['holdout']['examples']} held-out texts",
-                 "the cache holds no text embeddings", 'pipeline("text-classification"'):
+    for fact in (
+        "`toy`",
+        "`{}`",
+        "`apple`, `river`, `guitar`",
+        "| unlabeled texts | 120 |",
+        "| temperature | 2.0 |",
+        "single-label (softmax)",
+        f"{info['metrics']['holdout']['agreement']:.4f} on {info['metrics']['holdout']['examples']} held-out texts",
+        "the cache holds no text embeddings",
+        'pipeline("text-classification"',
+    ):
         assert fact in text, fact
 
 
@@ -56,15 +73,23 @@ def test_evaluate_adds_its_results_to_the_card_and_touches_nothing_else(student_
     student, test, test_cache = student_and_test
 
     def others() -> dict:
-        return {name: hashlib.sha256(open(os.path.join(student, name), "rb").read()).hexdigest()
-                for name in os.listdir(student) if name != card.CARD_FILE and os.path.isfile(os.path.join(student, name))}
+        return {
+            name: hashlib.sha256(open(os.path.join(student, name), "rb").read()).hexdigest()
+            for name in os.listdir(student)
+            if name != card.CARD_FILE and os.path.isfile(os.path.join(student, name))
+        }
 
     before = others()
     for run in range(2):  # a second evaluation replaces the section, it does not add another
-        report = evaluate.main(model=student, test_file=test, teacher_cache=test_cache, output_dir=str(tmp_path / f"report{run}"))
+        report = evaluate.main(
+            model=student, test_file=test, teacher_cache=test_cache, output_dir=str(tmp_path / f"report{run}")
+        )
     text = ModelCard.load(os.path.join(student, card.CARD_FILE)).text
     assert text.count(card.EVALUATION_HEADING) == 1 and "`test.jsonl`" in text
-    assert f"| accuracy | {report['student']['metrics']['accuracy']:.4f} | {report['teacher']['metrics']['accuracy']:.4f} |" in text
+    assert (
+        f"| accuracy | {report['student']['metrics']['accuracy']:.4f} | "
+        f"{report['teacher']['metrics']['accuracy']:.4f} |" in text
+    )
     assert f"| ECE (15 bins) | {report['student']['metrics']['ece']:.4f} |" in text
     assert others() == before
 
@@ -73,7 +98,11 @@ def test_a_read_only_student_directory_is_left_alone(student_and_test, tmp_path,
     student, test, test_cache = student_and_test
     original = open(os.path.join(student, card.CARD_FILE)).read()
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).startswith(student) and mode & os.W_OK else real_access(path, mode))
+    monkeypatch.setattr(
+        os,
+        "access",
+        lambda path, mode: False if str(path).startswith(student) and mode & os.W_OK else real_access(path, mode),
+    )
     evaluate.main(model=student, test_file=test, teacher_cache=test_cache, output_dir=str(tmp_path / "report"))
     assert open(os.path.join(student, card.CARD_FILE)).read() == original
 
@@ -87,12 +116,17 @@ def test_the_report_links_a_reliability_diagram(student_and_test, tmp_path):
 
 
 def test_reliability_diagram_bins_match_the_ece(tmp_path, monkeypatch):
-    """The diagram's points are the ECE's bins: the per-bin accuracy and confidence it plots give back the reported ECE."""
+    """The diagram's points are the ECE's bins: the per-bin accuracy and confidence it plots give back the reported
+    ECE."""
     import matplotlib.axes
 
     plotted = []
     real_plot = matplotlib.axes.Axes.plot
-    monkeypatch.setattr(matplotlib.axes.Axes, "plot", lambda self, x, y, *a, **k: (plotted.append((np.asarray(x), np.asarray(y))), real_plot(self, x, y, *a, **k))[1])
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "plot",
+        lambda self, x, y, *a, **k: (plotted.append((np.asarray(x), np.asarray(y))), real_plot(self, x, y, *a, **k))[1],
+    )
     rng = np.random.default_rng(0)
     probabilities = rng.dirichlet(np.ones(4) * 0.5, size=400)
     true = rng.integers(4, size=400)

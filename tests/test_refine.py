@@ -38,8 +38,20 @@ def clustered_task(bias: bool, per_class: int = 150, width: int = 16, seed: int 
 
 def toy_cache(tmp_path, kind: str, bias: bool, name: str = "toy"):
     texts, labels, scores, embeddings = clustered_task(bias)
-    columns = {"similarity": scores * targets.SIMILARITY_SCALE} if kind == "embedding" else {"entailment": scores, "contradiction": -scores}
-    path = write_toy_cache(str(tmp_path / "cache" / name), texts, ["zero", "one", "two"], columns, kind=kind, shard_size=64, text_embeddings=embeddings)
+    columns = (
+        {"similarity": scores * targets.SIMILARITY_SCALE}
+        if kind == "embedding"
+        else {"entailment": scores, "contradiction": -scores}
+    )
+    path = write_toy_cache(
+        str(tmp_path / "cache" / name),
+        texts,
+        ["zero", "one", "two"],
+        columns,
+        kind=kind,
+        shard_size=64,
+        text_embeddings=embeddings,
+    )
     return path, labels
 
 
@@ -77,7 +89,9 @@ def test_refinement_is_deterministic(tmp_path):
 def test_norefine_gives_the_plain_targets_bit_identical(tmp_path, kind, multi_label):
     path, _ = toy_cache(tmp_path, kind, bias=True)
     manifest, table = cache.load_cache(path)
-    plain = targets.teacher_probabilities(cache.score_arrays(manifest, table), multi_label, 2.0)  # the pre-refinement code path
+    plain = targets.teacher_probabilities(
+        cache.score_arrays(manifest, table), multi_label, 2.0
+    )  # the pre-refinement code path
     off, refinement, info = train_student.build_targets(path, manifest, multi_label, 2.0, refine=False)
     assert refinement is None and info["method"] is None
     assert off.dtype == plain.dtype and np.array_equal(off, plain)
@@ -89,7 +103,9 @@ def test_temperature_applies_to_the_refined_targets(tmp_path):
     sharp, _, _ = train_student.build_targets(path, manifest, False, 1.0, refine=True)
     soft, _, _ = train_student.build_targets(path, manifest, False, 3.0, refine=True)
     assert np.array_equal(sharp.argmax(1), soft.argmax(1)) and soft.max(1).mean() < sharp.max(1).mean()
-    np.testing.assert_allclose(soft, targets._softmax(np.log(sharp.astype(np.float64)) / 3.0), atol=1e-4)  # log-odds / T
+    np.testing.assert_allclose(
+        soft, targets._softmax(np.log(sharp.astype(np.float64)) / 3.0), atol=1e-4
+    )  # log-odds / T
 
 
 def test_multi_label_targets_are_used_as_the_teacher_gives_them(tmp_path, capsys):
@@ -110,9 +126,16 @@ def test_stage_2_never_opens_a_labeled_file(tmp_path):
     manifest["data"]["path"] = str(labeled)
     cache.write_json_atomic(os.path.join(path, cache.MANIFEST), manifest)
     opened, recording = [], [True]
-    sys.addaudithook(lambda event, args: opened.append(str(args[0])) if recording[0] and event == "open" and args else None)
+    sys.addaudithook(
+        lambda event, args: opened.append(str(args[0])) if recording[0] and event == "open" and args else None
+    )
     try:
-        output = train_student.main(cache=path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")), **QUICK)
+        output = train_student.main(
+            cache=path,
+            output_dir=str(tmp_path / "student"),
+            student_name_or_path=make_student_base(str(tmp_path / "base")),
+            **QUICK,
+        )
     finally:
         recording[0] = False
     assert any(p.endswith(".arrow") for p in opened)  # the hook saw stage 2's reads
@@ -122,7 +145,8 @@ def test_stage_2_never_opens_a_labeled_file(tmp_path):
 
 
 def test_nli_cache_with_embedding_model_is_refined_and_evaluated(teachers, embedding_teacher, tmp_path):
-    """Stage 1 keeps text embeddings from --embedding_model; stage 2 refines with them; stage 3 shows the refined teacher."""
+    """Stage 1 keeps text embeddings from --embedding_model; stage 2 refines with them; stage 3 shows the refined
+    teacher."""
     from zsdistill import inference
     from zsdistill import teacher as zs_teacher
 
@@ -131,38 +155,77 @@ def test_nli_cache_with_embedding_model_is_refined_and_evaluated(teachers, embed
     classes = tmp_path / "classes.txt"
     classes.write_text("\n".join(CLASS_NAMES) + "\n")
     test = tmp_path / "test.jsonl"
-    test.write_text("".join(json.dumps({"text": t, "label": CLASS_NAMES[i % len(CLASS_NAMES)]}) + "\n" for i, t in enumerate(CORPUS)))
-    common = dict(class_names_file=str(classes), teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "cache"))
+    test.write_text(
+        "".join(
+            json.dumps({"text": t, "label": CLASS_NAMES[i % len(CLASS_NAMES)]}) + "\n" for i, t in enumerate(CORPUS)
+        )
+    )
+    common = dict(
+        class_names_file=str(classes), teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "cache")
+    )
     plain = teacher_infer.main(data_file=str(data), **common)
     with_embeddings = teacher_infer.main(data_file=str(data), embedding_model=embedding_teacher, **common)
     assert plain != with_embeddings  # the embedding model is part of the key; without it the key is as before
     manifest, table = cache.load_cache(with_embeddings)
     assert manifest["text_embedding_column"] == "text_embedding" and manifest["embedding_model"]["kind"] == "embedding"
     assert cache.read_manifest(plain)["text_embedding_column"] is None
-    model, tokenizer = zs_teacher.load_model(zs_teacher.resolve_teacher(embedding_teacher, kind="embedding"), torch.device("cpu"))
+    model, tokenizer = zs_teacher.load_model(
+        zs_teacher.resolve_teacher(embedding_teacher, kind="embedding"), torch.device("cpu")
+    )
     direct = inference.embed(model, tokenizer, CORPUS * 3, 64, 8, 4096)
     stored = cache.list_column_to_numpy(table.column("text_embedding"), direct.shape[1])
     np.testing.assert_allclose(stored, direct, atol=1e-5)
     # The NLI scores are the same as without the flag: the embedding model only adds a column.
-    np.testing.assert_allclose(cache.score_arrays(manifest, table)["entailment"], cache.score_arrays(*cache.load_cache(plain))["entailment"], atol=1e-6)
+    np.testing.assert_allclose(
+        cache.score_arrays(manifest, table)["entailment"],
+        cache.score_arrays(*cache.load_cache(plain))["entailment"],
+        atol=1e-6,
+    )
 
-    student = train_student.main(cache=with_embeddings, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")), **QUICK)
+    student = train_student.main(
+        cache=with_embeddings,
+        output_dir=str(tmp_path / "student"),
+        student_name_or_path=make_student_base(str(tmp_path / "base")),
+        **QUICK,
+    )
     info = json.load(open(os.path.join(student, "distill_info.json")))
     assert info["refinement"]["method"] == refine.METHOD
     test_cache = teacher_infer.main(data_file=str(test), embedding_model=embedding_teacher, **common)
-    report = evaluate.main(model=student, test_file=str(test), teacher_cache=test_cache, output_dir=str(tmp_path / "report"))
+    report = evaluate.main(
+        model=student, test_file=str(test), teacher_cache=test_cache, output_dir=str(tmp_path / "report")
+    )
     assert set(report["refined_teacher"]["metrics"]) >= {"accuracy", "macro_f1", "ece"}
     assert "refined teacher" in open(tmp_path / "report" / "report.md").read()
     # A test cache without embeddings from that model: the report says why the refined teacher is missing.
-    report = evaluate.main(model=student, test_file=str(test), teacher_cache=teacher_infer.main(data_file=str(test), **common), output_dir=str(tmp_path / "report2"))
+    report = evaluate.main(
+        model=student,
+        test_file=str(test),
+        teacher_cache=teacher_infer.main(data_file=str(test), **common),
+        output_dir=str(tmp_path / "report2"),
+    )
     assert "no text embeddings" in report["refined_teacher"]["note"]
 
 
 def test_embedding_model_with_an_embedding_teacher_is_a_user_error(embedding_teacher, corpus_files, tmp_path):
     data, classes = corpus_files
-    result = run_script("teacher_infer.py", "--data_file", data, "--class_names_file", classes, "--teacher_name_or_path", embedding_teacher,
-                        "--embedding_model", embedding_teacher, "--cache_dir", tmp_path / "cache")
-    assert result.returncode == 2 and "--embedding_model is for NLI teachers" in result.stderr and "Traceback" not in result.stderr
+    result = run_script(
+        "teacher_infer.py",
+        "--data_file",
+        data,
+        "--class_names_file",
+        classes,
+        "--teacher_name_or_path",
+        embedding_teacher,
+        "--embedding_model",
+        embedding_teacher,
+        "--cache_dir",
+        tmp_path / "cache",
+    )
+    assert (
+        result.returncode == 2
+        and "--embedding_model is for NLI teachers" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     assert not os.path.exists(tmp_path / "cache")
 
 
@@ -177,7 +240,9 @@ def test_calibration_finds_the_temperature_that_matches_the_targets(multi_label)
 def test_scale_classifier_multiplies_the_logits(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(make_student_base(str(tmp_path / "base")), num_labels=3).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        make_student_base(str(tmp_path / "base")), num_labels=3
+    ).eval()
     inputs = {"input_ids": torch.tensor([[101, 2023, 2003, 102]])}
     with torch.no_grad():
         before = model(**inputs).logits
@@ -187,7 +252,8 @@ def test_scale_classifier_multiplies_the_logits(tmp_path):
 
 
 def test_target_building_memory_is_the_targets_plus_a_shard(tmp_path):
-    """Stage 2's targets are one (N, K) float32 array, built shard by shard: never Python lists, never an (N, H) copy."""
+    """Stage 2's targets are one (N, K) float32 array, built shard by shard: never Python lists, never an (N, H)
+    copy."""
     import tracemalloc
 
     rng = np.random.default_rng(0)
@@ -195,8 +261,14 @@ def test_target_building_memory_is_the_targets_plus_a_shard(tmp_path):
     embeddings = rng.normal(size=(n, width)).astype(np.float32)
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     scores = rng.normal(size=(n, k)).astype(np.float32)
-    path = write_toy_cache(str(tmp_path / "cache" / "big"), [f"t{i}" for i in range(n)], ["a", "b", "c", "d"],
-                           {"entailment": scores, "contradiction": -scores}, shard_size=1000, text_embeddings=embeddings)
+    path = write_toy_cache(
+        str(tmp_path / "cache" / "big"),
+        [f"t{i}" for i in range(n)],
+        ["a", "b", "c", "d"],
+        {"entailment": scores, "contradiction": -scores},
+        shard_size=1000,
+        text_embeddings=embeddings,
+    )
     manifest, _ = cache.load_cache(path)
     targets_bytes, shard_bytes = n * k * 4, 1000 * (width + 2 * k) * 4
     for refine_flag in (False, True):
@@ -226,8 +298,14 @@ def half_aligned_task(per_class: int = 200, width: int = 16, seed: int = 0):
 
 def test_refinement_is_no_more_confident_than_it_is_right_where_texts_do_not_cluster(tmp_path, monkeypatch):
     labels, scores, embeddings = half_aligned_task()
-    path = write_toy_cache(str(tmp_path / "cache" / "half"), [f"text {i}" for i in range(len(labels))], ["zero", "one", "two"],
-                           {"entailment": scores, "contradiction": -scores}, shard_size=64, text_embeddings=embeddings)
+    path = write_toy_cache(
+        str(tmp_path / "cache" / "half"),
+        [f"text {i}" for i in range(len(labels))],
+        ["zero", "one", "two"],
+        {"entailment": scores, "contradiction": -scores},
+        shard_size=64,
+        text_embeddings=embeddings,
+    )
     manifest, _ = cache.load_cache(path)
 
     def overconfidence(refined):
@@ -250,13 +328,20 @@ def test_fitted_kappa_keeps_a_clean_task_confident(tmp_path):
     assert (refined.argmax(1) == labels).all() and refined.max(1).mean() >= 0.9, info
 
 
-def test_nli_cache_made_with_default_flags_keeps_text_embeddings_and_is_refined(teachers, embedding_teacher, corpus_files, tmp_path, monkeypatch, capsys):
+def test_nli_cache_made_with_default_flags_keeps_text_embeddings_and_is_refined(
+    teachers, embedding_teacher, corpus_files, tmp_path, monkeypatch, capsys
+):
     """NLI teachers' caches carry text embeddings by default (the default model named through the environment here,
     since tests are offline); --embedding_model none opts out; a cache made without them lends its NLI scores."""
     from conftest import count_forward_passes
 
     data, classes = corpus_files
-    common = dict(data_file=data, class_names_file=classes, teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "cache"))
+    common = dict(
+        data_file=data,
+        class_names_file=classes,
+        teacher_name_or_path=teachers["upper"],
+        cache_dir=str(tmp_path / "cache"),
+    )
     monkeypatch.setenv("ZSDISTILL_EMBEDDING_MODEL", embedding_teacher)
     without = teacher_infer.main(embedding_model="none", **common)
     assert cache.read_manifest(without)["text_embedding_column"] is None
@@ -265,24 +350,54 @@ def test_nli_cache_made_with_default_flags_keeps_text_embeddings_and_is_refined(
     path = teacher_infer.main(**common)  # default flags
     err = capsys.readouterr().err
     manifest, table = cache.load_cache(path)
-    assert path != without and manifest["text_embedding_column"] == "text_embedding" and manifest["embedding_model"]["name_or_path"] == embedding_teacher
-    assert f"text embeddings for refinement: {embedding_teacher}, one pass per text ({len(CORPUS)} texts)" in err and "of this process's scoring time" in err
+    assert (
+        path != without
+        and manifest["text_embedding_column"] == "text_embedding"
+        and manifest["embedding_model"]["name_or_path"] == embedding_teacher
+    )
+    assert (
+        f"text embeddings for refinement: {embedding_teacher}, one pass per text ({len(CORPUS)} texts)" in err
+        and "of this process's scoring time" in err
+    )
     # The NLI scores came from the cache made without embeddings: only the embedding model ran, once per text.
     assert counter == {"pairs": len(CORPUS), "loads": 1}
-    np.testing.assert_array_equal(cache.score_arrays(manifest, table)["entailment"], cache.score_arrays(*cache.load_cache(without))["entailment"])
+    np.testing.assert_array_equal(
+        cache.score_arrays(manifest, table)["entailment"], cache.score_arrays(*cache.load_cache(without))["entailment"]
+    )
 
-    student = train_student.main(cache=path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")), **QUICK)
+    student = train_student.main(
+        cache=path,
+        output_dir=str(tmp_path / "student"),
+        student_name_or_path=make_student_base(str(tmp_path / "base")),
+        **QUICK,
+    )
     info = json.load(open(os.path.join(student, "distill_info.json")))
-    assert info["refinement"]["method"] == refine.METHOD and info["cache_summary"]["embedding_model"] == embedding_teacher
+    assert (
+        info["refinement"]["method"] == refine.METHOD and info["cache_summary"]["embedding_model"] == embedding_teacher
+    )
     assert f"refinement: in the text-embedding space of {embedding_teacher}" in capsys.readouterr().err
 
 
 def test_default_embedding_model_that_cannot_be_loaded_says_how_to_opt_out(teachers, corpus_files, tmp_path):
     data, classes = corpus_files
-    result = run_script("teacher_infer.py", "--data_file", data, "--class_names_file", classes, "--teacher_name_or_path", teachers["upper"],
-                        "--cache_dir", tmp_path / "cache", env={"ZSDISTILL_EMBEDDING_MODEL": str(tmp_path / "no-such-model")})
+    result = run_script(
+        "teacher_infer.py",
+        "--data_file",
+        data,
+        "--class_names_file",
+        classes,
+        "--teacher_name_or_path",
+        teachers["upper"],
+        "--cache_dir",
+        tmp_path / "cache",
+        env={"ZSDISTILL_EMBEDDING_MODEL": str(tmp_path / "no-such-model")},
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "--embedding_model" in result.stderr and "--embedding_model none" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (
+        "--embedding_model" in result.stderr
+        and "--embedding_model none" in result.stderr
+        and len(result.stderr.strip().splitlines()) == 1
+    )
     assert not os.path.exists(tmp_path / "cache")
 
 
@@ -325,7 +440,8 @@ def recall(prediction: np.ndarray, labels: np.ndarray, k: int) -> float:
 
 
 def test_a_generic_class_does_not_sink_a_small_one():
-    """Before centring, the generic class's centroid drew every text; centred, each class keeps what the teacher found."""
+    """Before centring, the generic class's centroid drew every text; centred, each class keeps what the teacher
+    found."""
     embeddings, teacher, labels = sink_task()
     taught = teacher.argmax(1)
     before, _ = refine_arrays(teacher, embeddings, center=False, free_last_round=False)
@@ -349,25 +465,36 @@ def test_refinement_before_centring_is_reachable_and_unchanged(tmp_path):
     targets_, refinement = refine_arrays(teacher, embeddings, center=False, free_last_round=False)
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_before_centering.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
-        np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU in the last bits
+        np.testing.assert_allclose(
+            targets_, before["targets"], atol=1e-6
+        )  # matmul kernels differ by CPU in the last bits
         np.testing.assert_allclose(refinement.centroids, before["centroids"], atol=1e-6)
         assert abs(refinement.kappa - float(before["kappa"])) < 1e-4
-    assert refinement.center is None and refinement.settings()["center"] is False and refinement.settings()["free_last_round"] is False
+    assert (
+        refinement.center is None
+        and refinement.settings()["center"] is False
+        and refinement.settings()["free_last_round"] is False
+    )
     # Saved without a centre, it loads and scores as before; a centred one keeps its centre.
     refine.save(refinement, str(tmp_path / "old.npz"))
     assert "center" not in np.load(tmp_path / "old.npz").files
-    np.testing.assert_allclose(refine.load(str(tmp_path / "old.npz")).log_scores(embeddings), refinement.log_scores(embeddings), rtol=1e-6)
+    np.testing.assert_allclose(
+        refine.load(str(tmp_path / "old.npz")).log_scores(embeddings), refinement.log_scores(embeddings), rtol=1e-6
+    )
     _, centred = refine_arrays(teacher, embeddings)
     refine.save(centred, str(tmp_path / "new.npz"))
-    np.testing.assert_allclose(refine.load(str(tmp_path / "new.npz")).log_scores(embeddings), centred.log_scores(embeddings), rtol=1e-6)
+    np.testing.assert_allclose(
+        refine.load(str(tmp_path / "new.npz")).log_scores(embeddings), centred.log_scores(embeddings), rtol=1e-6
+    )
 
 
 def test_norefine_center_flag_reaches_the_refinement(tmp_path):
     path, _ = toy_cache(tmp_path, "embedding", bias=True)
     manifest, _ = cache.load_cache(path)
     centred, _, info = train_student.build_targets(path, manifest, False, 1.0, refine=True)
-    plain, _, plain_info = train_student.build_targets(path, manifest, False, 1.0, refine=True, refine_center=False,
-                                                       refine_free_last_round=False)
+    plain, _, plain_info = train_student.build_targets(
+        path, manifest, False, 1.0, refine=True, refine_center=False, refine_free_last_round=False
+    )
     assert info["center"] is True and plain_info["center"] is False and not np.array_equal(centred, plain)
     assert info["free_last_round"] is True and plain_info["free_last_round"] is False
 

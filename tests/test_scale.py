@@ -1,4 +1,5 @@
-"""Stage 1 at scale: torchrun across processes, crash-safe resume, corrupt shards, concurrent runs, incremental classes."""
+"""Stage 1 at scale: torchrun across processes, crash-safe resume, corrupt shards, concurrent runs, incremental
+classes."""
 
 import json
 import os
@@ -14,7 +15,11 @@ import teacher_infer
 from zsdistill import cache
 from zsdistill.errors import UserError
 
-TEXTS = [f"sentence {i}: " + " ".join(["sports", "money", "bread", "rain", "phone", "doctor"][j % 6] for j in range(i % 7 + 1)) for i in range(26)]
+TEXTS = [
+    f"sentence {i}: "
+    + " ".join(["sports", "money", "bread", "rain", "phone", "doctor"][j % 6] for j in range(i % 7 + 1))
+    for i in range(26)
+]
 
 
 @pytest.fixture
@@ -41,14 +46,41 @@ def assert_same_cache(a, b, atol=1e-6):
 def test_torchrun_two_processes_equals_one(corpus, teachers):
     # The last rows repeat the first ones: their shards (rank 0 and 1) copy from both ranks' earlier shards.
     (corpus / "texts.txt").write_text("\n".join(TEXTS + TEXTS[:6]) + "\n")
-    args = ["--data_file", corpus / "texts.txt", "--class_names_file", corpus / "classes.txt", "--teacher_name_or_path", teachers["upper"], "--shard_size", "4"]
-    one = teacher_infer.main(data_file=str(corpus / "texts.txt"), class_names_file=str(corpus / "classes.txt"), teacher_name_or_path=teachers["upper"],
-                             shard_size=4, cache_dir=str(corpus / "one"))
+    args = [
+        "--data_file",
+        corpus / "texts.txt",
+        "--class_names_file",
+        corpus / "classes.txt",
+        "--teacher_name_or_path",
+        teachers["upper"],
+        "--shard_size",
+        "4",
+    ]
+    one = teacher_infer.main(
+        data_file=str(corpus / "texts.txt"),
+        class_names_file=str(corpus / "classes.txt"),
+        teacher_name_or_path=teachers["upper"],
+        shard_size=4,
+        cache_dir=str(corpus / "one"),
+    )
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "teacher_infer.py"),
-         *map(str, args), "--cache_dir", str(corpus / "two")],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            os.path.join(ROOT, "teacher_infer.py"),
+            *map(str, args),
+            "--cache_dir",
+            str(corpus / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     two = result.stdout.strip().splitlines()[-1]
@@ -69,18 +101,42 @@ def test_torchrun_bad_input_stops_every_rank_with_the_one_line_error(corpus, tea
     (corpus / "texts.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:5]) + '{"text": ""}\n')
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "teacher_infer.py"),
-         "--data_file", str(corpus / "texts.jsonl"), "--class_names_file", str(corpus / "classes.txt"), "--teacher_name_or_path", teachers["upper"],
-         "--cache_dir", str(corpus / "cache")],
-        capture_output=True, text=True, env=env, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            os.path.join(ROOT, "teacher_infer.py"),
+            "--data_file",
+            str(corpus / "texts.jsonl"),
+            "--class_names_file",
+            str(corpus / "classes.txt"),
+            "--teacher_name_or_path",
+            teachers["upper"],
+            "--cache_dir",
+            str(corpus / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode != 0
-    assert result.stderr.count("texts.jsonl, line 6: column 'text' is empty or not a string") == 2, result.stderr[-3000:]
+    assert result.stderr.count("texts.jsonl, line 6: column 'text' is empty or not a string") == 2, result.stderr[
+        -3000:
+    ]
     assert not os.path.exists(corpus / "cache") or not os.listdir(corpus / "cache")
 
 
 def test_crash_after_first_shard_resumes_without_recomputing_it(corpus, teachers, monkeypatch, capsys):
-    kwargs = dict(data_file=str(corpus / "texts.txt"), class_names_file=str(corpus / "classes.txt"), teacher_name_or_path=teachers["upper"], shard_size=10)
+    kwargs = dict(
+        data_file=str(corpus / "texts.txt"),
+        class_names_file=str(corpus / "classes.txt"),
+        teacher_name_or_path=teachers["upper"],
+        shard_size=10,
+    )
     clean = teacher_infer.main(cache_dir=str(corpus / "clean"), **kwargs)
 
     real_write = cache.write_shard
@@ -110,25 +166,63 @@ def test_sigkill_mid_run_then_resume(corpus, teachers):
     """A real kill -9 while shards are being written: the rerun completes the cache and it equals a clean one."""
     many = corpus / "many.txt"
     many.write_text("\n".join(TEXTS * 20) + "\n")  # 520 examples, 52 shards
-    args = ["teacher_infer.py", "--data_file", many, "--class_names_file", corpus / "classes.txt", "--teacher_name_or_path", teachers["upper"], "--shard_size", "10"]
+    args = [
+        "teacher_infer.py",
+        "--data_file",
+        many,
+        "--class_names_file",
+        corpus / "classes.txt",
+        "--teacher_name_or_path",
+        teachers["upper"],
+        "--shard_size",
+        "10",
+    ]
     env = {**os.environ, "PYTHONPATH": ROOT}
-    process = subprocess.Popen([sys.executable, *map(str, args), "--cache_dir", corpus / "killed"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, *map(str, args), "--cache_dir", corpus / "killed"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = threading.Event()
     while not deadline.wait(0.05):
-        done = [f for d in (corpus / "killed").glob("*") for f in os.listdir(d) if f.endswith(".done.json")] if (corpus / "killed").exists() else []
+        done = (
+            [f for d in (corpus / "killed").glob("*") for f in os.listdir(d) if f.endswith(".done.json")]
+            if (corpus / "killed").exists()
+            else []
+        )
         if len(done) >= 2 or process.poll() is not None:
             break
     process.kill()
     process.wait()
-    rerun = subprocess.run([sys.executable, *map(str, args), "--cache_dir", corpus / "killed"], cwd=ROOT, env=env, capture_output=True, text=True)
+    rerun = subprocess.run(
+        [sys.executable, *map(str, args), "--cache_dir", corpus / "killed"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "already complete and reused" in rerun.stderr
-    clean = teacher_infer.main(data_file=str(many), class_names_file=str(corpus / "classes.txt"), teacher_name_or_path=teachers["upper"], shard_size=10, cache_dir=str(corpus / "clean"))
+    clean = teacher_infer.main(
+        data_file=str(many),
+        class_names_file=str(corpus / "classes.txt"),
+        teacher_name_or_path=teachers["upper"],
+        shard_size=10,
+        cache_dir=str(corpus / "clean"),
+    )
     assert_same_cache(clean, rerun.stdout.strip().splitlines()[-1])
 
 
 def test_truncated_shard_is_detected_and_recomputed(corpus, teachers, monkeypatch):
-    kwargs = dict(data_file=str(corpus / "texts.txt"), class_names_file=str(corpus / "classes.txt"), teacher_name_or_path=teachers["upper"], shard_size=10, cache_dir=str(corpus / "cache"))
+    kwargs = dict(
+        data_file=str(corpus / "texts.txt"),
+        class_names_file=str(corpus / "classes.txt"),
+        teacher_name_or_path=teachers["upper"],
+        shard_size=10,
+        cache_dir=str(corpus / "cache"),
+    )
     path = teacher_infer.main(**kwargs)
     reference = {name: values.copy() for name, values in table_of(path)[2].items()}
     shard = os.path.join(path, "shard-00001.arrow")
@@ -144,27 +238,60 @@ def test_truncated_shard_is_detected_and_recomputed(corpus, teachers, monkeypatc
 
 
 def test_two_runs_at_once_do_not_corrupt_the_cache(corpus, teachers):
-    args = ["teacher_infer.py", "--data_file", corpus / "texts.txt", "--class_names_file", corpus / "classes.txt", "--teacher_name_or_path", teachers["lower"],
-            "--shard_size", "3", "--cache_dir", corpus / "shared"]
+    args = [
+        "teacher_infer.py",
+        "--data_file",
+        corpus / "texts.txt",
+        "--class_names_file",
+        corpus / "classes.txt",
+        "--teacher_name_or_path",
+        teachers["lower"],
+        "--shard_size",
+        "3",
+        "--cache_dir",
+        corpus / "shared",
+    ]
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    processes = [subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, *map(str, args)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=300) for p in processes]
     assert all(p.returncode == 0 for p in processes), [o[1][-1500:] for o in outputs]
     paths = {o[0].strip().splitlines()[-1] for o in outputs}
     assert len(paths) == 1
-    clean = teacher_infer.main(data_file=str(corpus / "texts.txt"), class_names_file=str(corpus / "classes.txt"), teacher_name_or_path=teachers["lower"], shard_size=3, cache_dir=str(corpus / "clean"))
+    clean = teacher_infer.main(
+        data_file=str(corpus / "texts.txt"),
+        class_names_file=str(corpus / "classes.txt"),
+        teacher_name_or_path=teachers["lower"],
+        shard_size=3,
+        cache_dir=str(corpus / "clean"),
+    )
     assert_same_cache(clean, paths.pop())  # other thread count than this process: equal within 1e-6
 
 
 def test_adding_a_class_runs_only_its_pairs(corpus, teachers, monkeypatch):
     common = dict(data_file=str(corpus / "texts.txt"), teacher_name_or_path=teachers["upper"], shard_size=10)
     base = teacher_infer.main(class_names_file=str(corpus / "classes.txt"), cache_dir=str(corpus / "cache"), **common)
-    (corpus / "more.txt").write_text("\n".join(["politics"] + CLASS_NAMES[:3] + ["travel"] + CLASS_NAMES[3:]) + "\n")  # new order, two new
+    (corpus / "more.txt").write_text(
+        "\n".join(["politics"] + CLASS_NAMES[:3] + ["travel"] + CLASS_NAMES[3:]) + "\n"
+    )  # new order, two new
     counter = count_forward_passes(monkeypatch)
     grown = teacher_infer.main(class_names_file=str(corpus / "more.txt"), cache_dir=str(corpus / "cache"), **common)
     assert counter["pairs"] == len(TEXTS) * 2
     manifest = json.load(open(os.path.join(grown, "manifest.json")))
-    assert manifest["forward_passes"] == {"computed": len(TEXTS) * 2, "reused_pairs": len(TEXTS) * len(CLASS_NAMES), "saved_by_deduplication": 0}
+    assert manifest["forward_passes"] == {
+        "computed": len(TEXTS) * 2,
+        "reused_pairs": len(TEXTS) * len(CLASS_NAMES),
+        "saved_by_deduplication": 0,
+    }
     scratch = teacher_infer.main(class_names_file=str(corpus / "more.txt"), cache_dir=str(corpus / "scratch"), **common)
     assert_same_cache(scratch, grown)
     assert cache.load_cache(base)  # the old cache still works
@@ -180,7 +307,12 @@ def test_adding_a_class_runs_only_its_pairs(corpus, teachers, monkeypatch):
 
 
 def test_a_second_template_only_computes_its_own_hypotheses(corpus, teachers, monkeypatch):
-    common = dict(data_file=str(corpus / "texts.txt"), class_names_file=str(corpus / "classes.txt"), teacher_name_or_path=teachers["upper"], cache_dir=str(corpus / "cache"))
+    common = dict(
+        data_file=str(corpus / "texts.txt"),
+        class_names_file=str(corpus / "classes.txt"),
+        teacher_name_or_path=teachers["upper"],
+        cache_dir=str(corpus / "cache"),
+    )
     teacher_infer.main(**common)
     counter = count_forward_passes(monkeypatch)
     teacher_infer.main(hypothesis_template="This text is about {}.", **common)

@@ -33,7 +33,9 @@ def test_target_math_against_hand_computation():
     similarity = np.array([[0.1, 0.3]])
     s = [math.exp(0.1 / 0.05), math.exp(0.3 / 0.05)]
     np.testing.assert_allclose(targets.similarity_targets(similarity, 1.0), [[x / sum(s) for x in s]], rtol=1e-6)
-    probabilities = targets.teacher_probabilities({"entailment": entailment, "contradiction": contradiction}, multi_label=False, temperature=2.0)
+    probabilities = targets.teacher_probabilities(
+        {"entailment": entailment, "contradiction": contradiction}, multi_label=False, temperature=2.0
+    )
     np.testing.assert_allclose(probabilities, targets.single_label_targets(entailment, 2.0))
 
 
@@ -42,11 +44,25 @@ def test_two_students_from_one_cache_without_the_teacher(teachers, corpus_files,
 
     teacher_dir = shutil.copytree(teachers["upper"], tmp_path / "teacher")
     data_file, classes_file = corpus_files
-    cache_path = teacher_infer.main(data_file=data_file, class_names_file=classes_file, teacher_name_or_path=str(teacher_dir), cache_dir=str(tmp_path / "cache"))
+    cache_path = teacher_infer.main(
+        data_file=data_file,
+        class_names_file=classes_file,
+        teacher_name_or_path=str(teacher_dir),
+        cache_dir=str(tmp_path / "cache"),
+    )
     shutil.rmtree(teacher_dir)  # stage 2 must never need it
     base = make_student_base(str(tmp_path / "base"))
-    single = train_student.main(cache=cache_path, output_dir=str(tmp_path / "single"), student_name_or_path=base, temperature=1.0, **QUICK)
-    multi = train_student.main(cache=cache_path, output_dir=str(tmp_path / "multi"), student_name_or_path=base, temperature=2.0, multi_label=True, **QUICK)
+    single = train_student.main(
+        cache=cache_path, output_dir=str(tmp_path / "single"), student_name_or_path=base, temperature=1.0, **QUICK
+    )
+    multi = train_student.main(
+        cache=cache_path,
+        output_dir=str(tmp_path / "multi"),
+        student_name_or_path=base,
+        temperature=2.0,
+        multi_label=True,
+        **QUICK,
+    )
 
     text = CORPUS[0]
     for directory, multi_label in ((single, False), (multi, True)):
@@ -65,7 +81,9 @@ def test_two_students_from_one_cache_without_the_teacher(teachers, corpus_files,
         np.testing.assert_allclose([scores[c] for c in CLASS_NAMES], expected.numpy(), atol=1e-5)
         if not multi_label:
             assert abs(sum(scores.values()) - 1) < 1e-5
-        assert model.config.problem_type == ("multi_label_classification" if multi_label else "single_label_classification")
+        assert model.config.problem_type == (
+            "multi_label_classification" if multi_label else "single_label_classification"
+        )
 
 
 def test_tiny_student_learns_a_toy_teacher(tmp_path):
@@ -74,8 +92,17 @@ def test_tiny_student_learns_a_toy_teacher(tmp_path):
     cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
     base = make_student_base(str(tmp_path / "base"))
     output = train_student.main(
-        cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=base, holdout_fraction=0.2,
-        num_train_epochs=15, learning_rate=3e-3, per_device_train_batch_size=16, use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+        cache=cache_path,
+        output_dir=str(tmp_path / "student"),
+        student_name_or_path=base,
+        holdout_fraction=0.2,
+        num_train_epochs=15,
+        learning_rate=3e-3,
+        per_device_train_batch_size=16,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
     holdout = json.load(open(os.path.join(output, "distill_info.json")))["metrics"]["holdout"]
     assert holdout["examples"] == 80
@@ -97,11 +124,22 @@ def test_multi_label_student_learns_two_true_classes(tmp_path):
         truth.append(present)
     truth = np.array(truth)
     entailment = np.where(truth, 3.0, -3.0).astype(np.float32)
-    cache_path = write_toy_cache(str(tmp_path / "cache" / "multi"), texts, classes, {"entailment": entailment, "contradiction": -entailment})
+    cache_path = write_toy_cache(
+        str(tmp_path / "cache" / "multi"), texts, classes, {"entailment": entailment, "contradiction": -entailment}
+    )
     output = train_student.main(
-        cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")),
-        multi_label=True, holdout_fraction=0.2, num_train_epochs=60, learning_rate=1e-3, per_device_train_batch_size=16,
-        use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+        cache=cache_path,
+        output_dir=str(tmp_path / "student"),
+        student_name_or_path=make_student_base(str(tmp_path / "base")),
+        multi_label=True,
+        holdout_fraction=0.2,
+        num_train_epochs=60,
+        learning_rate=1e-3,
+        per_device_train_batch_size=16,
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
     )
     holdout = json.load(open(os.path.join(output, "distill_info.json")))["metrics"]["holdout"]
     assert holdout["agreement"] >= 0.75 and holdout["f1_vs_teacher"] >= 0.75, holdout  # chance: 0.5
@@ -125,7 +163,9 @@ def test_unknown_flag_is_an_error_naming_it(tmp_path):
     classes = ["apple", "river"]
     texts, _, columns = keyword_task(20, classes)
     cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
-    result = run_script("train_student.py", "--cache", cache_path, "--output_dir", tmp_path / "out", "--learning_rat", "1e-4")
+    result = run_script(
+        "train_student.py", "--cache", cache_path, "--output_dir", tmp_path / "out", "--learning_rat", "1e-4"
+    )
     assert result.returncode == 2
     assert "unknown flag --learning_rat" in result.stderr
     assert "Traceback" not in result.stderr
@@ -144,10 +184,34 @@ def test_torchrun_two_processes_trains_a_student(tmp_path):
     cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
     base = make_student_base(str(tmp_path / "base"))
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", os.path.join(ROOT, "train_student.py"),
-         "--cache", cache_path, "--output_dir", str(tmp_path / "student"), "--student_name_or_path", base, "--use_cpu",
-         "--max_steps", "2", "--per_device_train_batch_size", "4", "--save_strategy", "no", "--ddp_find_unused_parameters", "False"],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            os.path.join(ROOT, "train_student.py"),
+            "--cache",
+            cache_path,
+            "--output_dir",
+            str(tmp_path / "student"),
+            "--student_name_or_path",
+            base,
+            "--use_cpu",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--save_strategy",
+            "no",
+            "--ddp_find_unused_parameters",
+            "False",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.load(open(tmp_path / "student" / "distill_info.json"))
@@ -162,9 +226,16 @@ def test_read_only_cache_tokenizes_into_the_user_cache(tmp_path, monkeypatch):
     texts, _, columns = keyword_task(20, classes)
     cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).startswith(cache_path) else real_access(path, mode))
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if str(path).startswith(cache_path) else real_access(path, mode)
+    )
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    train_student.main(cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=make_student_base(str(tmp_path / "base")), **QUICK)
+    train_student.main(
+        cache=cache_path,
+        output_dir=str(tmp_path / "student"),
+        student_name_or_path=make_student_base(str(tmp_path / "base")),
+        **QUICK,
+    )
     assert os.listdir(tmp_path / "home" / ".cache" / "zsdistill" / "tokenized" / "toy")
 
 
@@ -177,7 +248,9 @@ def test_same_seed_same_student(tmp_path):
     base = make_student_base(str(tmp_path / "base"))
 
     def weights(name: str, seed: int) -> dict:
-        output = train_student.main(cache=cache_path, output_dir=str(tmp_path / name), student_name_or_path=base, seed=seed, **QUICK)
+        output = train_student.main(
+            cache=cache_path, output_dir=str(tmp_path / name), student_name_or_path=base, seed=seed, **QUICK
+        )
         return load_file(os.path.join(output, "model.safetensors"))
 
     first, again, other = weights("a", 7), weights("b", 7), weights("c", 8)
@@ -192,13 +265,16 @@ def test_student_counts_the_texts_it_cuts(tmp_path, capsys):
     columns = {"entailment": np.tile(np.array([[1.0, 0.0]], dtype=np.float32), (len(texts), 1))}
     cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, ["a", "b"], columns, shard_size=3)
     base = make_student_base(str(tmp_path / "base"))
-    output = train_student.main(cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=base, max_length=16, **QUICK)
+    output = train_student.main(
+        cache=cache_path, output_dir=str(tmp_path / "student"), student_name_or_path=base, max_length=16, **QUICK
+    )
     assert json.load(open(os.path.join(output, "distill_info.json")))["truncated_texts"] == 3
     assert "long texts: 3 of 8 (37.5%) are longer than the student's 16 tokens and were cut" in capsys.readouterr().err
 
 
 def _recorded_optimizer(tmp_path, name: str, **kwargs):
-    """Train a tiny student for QUICK steps; return its optimizer's param groups as (names, lr, weight decay) and the info."""
+    """Train a tiny student for QUICK steps; return its optimizer's param groups as (names, lr, weight decay) and the
+    info."""
     classes = ["apple", "river", "stone"]
     texts, _, columns = keyword_task(40, classes)
     cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
@@ -212,11 +288,22 @@ def _recorded_optimizer(tmp_path, name: str, **kwargs):
 
     original, train_student.DistillationTrainer = train_student.DistillationTrainer, Recording
     try:
-        output = train_student.main(cache=cache_path, output_dir=str(tmp_path / name), student_name_or_path=make_student_base(str(tmp_path / "base")),
-                                    learning_rate=1e-3, lr_scheduler_type="constant", seed=0, **kwargs, **QUICK)
+        output = train_student.main(
+            cache=cache_path,
+            output_dir=str(tmp_path / name),
+            student_name_or_path=make_student_base(str(tmp_path / "base")),
+            learning_rate=1e-3,
+            lr_scheduler_type="constant",
+            seed=0,
+            **kwargs,
+            **QUICK,
+        )
     finally:
         train_student.DistillationTrainer = original
-    groups = [(sorted(seen["names"][id(p)] for p in g["params"]), g["lr"], g["weight_decay"]) for g in seen["optimizer"].param_groups]
+    groups = [
+        (sorted(seen["names"][id(p)] for p in g["params"]), g["lr"], g["weight_decay"])
+        for g in seen["optimizer"].param_groups
+    ]
     return groups, json.load(open(os.path.join(output, "distill_info.json"))), output
 
 
@@ -225,7 +312,9 @@ def test_new_head_learns_at_the_factor_times_the_learning_rate(tmp_path):
     head = ["classifier.bias", "classifier.weight"]  # what the base checkpoint lacks: the new K-way layer
     assert info["head_learning_rate"] == {"factor": 10.0, "parameters": head}
     card = open(os.path.join(output, "README.md")).read()
-    assert "| learning rates | 10 x the learning rate for the new head (`classifier.bias`, `classifier.weight`) |" in card
+    assert (
+        "| learning rates | 10 x the learning rate for the new head (`classifier.bias`, `classifier.weight`) |" in card
+    )
     names = [n for group_names, _, _ in groups for n in group_names]
     assert len(names) == len(set(names)) and all(groups)  # every parameter in one group, no group empty
     for group_names, lr, weight_decay in groups:
@@ -233,7 +322,9 @@ def test_new_head_learns_at_the_factor_times_the_learning_rate(tmp_path):
         assert len(is_head) == 1, group_names  # the head never shares a group with the body
         assert lr == pytest.approx(1e-2 if is_head.pop() else 1e-3), group_names
     decay = {n: wd for group_names, _, wd in groups for n in group_names}
-    assert decay["classifier.weight"] == 0.01 and decay["classifier.bias"] == 0.0  # the Trainer's weight-decay split is kept
+    assert (
+        decay["classifier.weight"] == 0.01 and decay["classifier.bias"] == 0.0
+    )  # the Trainer's weight-decay split is kept
 
 
 def test_head_learning_rate_factor_1_is_the_trainers_own_optimizer(tmp_path):
@@ -250,7 +341,10 @@ def test_head_learning_rate_factor_1_is_the_trainers_own_optimizer(tmp_path):
         _, _, plain = _recorded_optimizer(tmp_path, "plain", head_learning_rate_factor=1)
     finally:
         train_student.DistillationTrainer.create_optimizer = hooked
-    first, second = load_file(os.path.join(output, "model.safetensors")), load_file(os.path.join(plain, "model.safetensors"))
+    first, second = (
+        load_file(os.path.join(output, "model.safetensors")),
+        load_file(os.path.join(plain, "model.safetensors")),
+    )
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
@@ -262,17 +356,37 @@ def test_a_low_learning_rate_learns_through_the_faster_head(tmp_path):
     labels = np.random.default_rng(0).integers(len(classes), size=240)
     entailment = np.full((240, len(classes)), -3.0, dtype=np.float32)
     entailment[np.arange(240), labels] = 3.0
-    cache_path = write_toy_cache(str(tmp_path / "cache" / "toy"), [classes[k] for k in labels], classes, {"entailment": entailment, "contradiction": -entailment})
+    cache_path = write_toy_cache(
+        str(tmp_path / "cache" / "toy"),
+        [classes[k] for k in labels],
+        classes,
+        {"entailment": entailment, "contradiction": -entailment},
+    )
     base = make_student_base(str(tmp_path / "base"), initializer_range=0.2)
     agreement = {}
     for factor in (1, train_student.HEAD_LEARNING_RATE_FACTOR):
         output = train_student.main(
-            cache=cache_path, output_dir=str(tmp_path / f"student-{factor}"), student_name_or_path=base, head_learning_rate_factor=factor,
-            refine=False, calibrate=False, holdout_fraction=0.25, num_train_epochs=4, learning_rate=1e-4, per_device_train_batch_size=16,
-            use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
+            cache=cache_path,
+            output_dir=str(tmp_path / f"student-{factor}"),
+            student_name_or_path=base,
+            head_learning_rate_factor=factor,
+            refine=False,
+            calibrate=False,
+            holdout_fraction=0.25,
+            num_train_epochs=4,
+            learning_rate=1e-4,
+            per_device_train_batch_size=16,
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=0,
         )
-        agreement[factor] = json.load(open(os.path.join(output, "distill_info.json")))["metrics"]["holdout"]["agreement"]
-    assert agreement[1] <= 0.5 and agreement[train_student.HEAD_LEARNING_RATE_FACTOR] >= 0.9, agreement  # chance is 0.25
+        agreement[factor] = json.load(open(os.path.join(output, "distill_info.json")))["metrics"]["holdout"][
+            "agreement"
+        ]
+    assert agreement[1] <= 0.5 and agreement[train_student.HEAD_LEARNING_RATE_FACTOR] >= 0.9, (
+        agreement
+    )  # chance is 0.25
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "lots"])
@@ -282,6 +396,10 @@ def test_bad_head_learning_rate_factor_is_a_one_line_error(tmp_path, value):
     classes = ["apple", "river"]
     texts, _, columns = keyword_task(20, classes)
     path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, classes, columns)
-    result = run_main("train_student.py", "--cache", path, "--output_dir", tmp_path / "out", "--head_learning_rate_factor", value)
-    assert result.returncode == 2 and "--head_learning_rate_factor must be a positive number" in result.stderr, result.stderr
+    result = run_main(
+        "train_student.py", "--cache", path, "--output_dir", tmp_path / "out", "--head_learning_rate_factor", value
+    )
+    assert result.returncode == 2 and "--head_learning_rate_factor must be a positive number" in result.stderr, (
+        result.stderr
+    )
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -32,8 +32,11 @@ def test_schema_and_row_order_across_shards(teachers, tmp_path):
     (tmp_path / "texts.txt").write_text("\n\n".join(texts) + "\n\n")  # blank lines are skipped
     (tmp_path / "classes.txt").write_text("\n".join(CLASS_NAMES) + "\n")
     path = teacher_infer.main(
-        data_file=str(tmp_path / "texts.txt"), class_names_file=str(tmp_path / "classes.txt"), teacher_name_or_path=teachers["upper"],
-        cache_dir=str(tmp_path / "cache"), shard_size=5,
+        data_file=str(tmp_path / "texts.txt"),
+        class_names_file=str(tmp_path / "classes.txt"),
+        teacher_name_or_path=teachers["upper"],
+        cache_dir=str(tmp_path / "cache"),
+        shard_size=5,
     )
     manifest = json.load(open(os.path.join(path, "manifest.json")))
     assert manifest["complete"] and manifest["format_version"] == cache.FORMAT_VERSION
@@ -69,15 +72,22 @@ def test_cached_logits_reproduce_zero_shot_pipeline(teachers, tmp_path, style):
     (tmp_path / "classes.txt").write_text("\n".join(CLASS_NAMES))
     template = "The topic is {}."
     path = teacher_infer.main(
-        data_file=str(tmp_path / "texts.jsonl"), class_names_file=str(tmp_path / "classes.txt"), teacher_name_or_path=teachers[style],
-        hypothesis_template=template, cache_dir=str(tmp_path / "cache"), shard_size=4, teacher_batch_size=7,
+        data_file=str(tmp_path / "texts.jsonl"),
+        class_names_file=str(tmp_path / "classes.txt"),
+        teacher_name_or_path=teachers[style],
+        hypothesis_template=template,
+        cache_dir=str(tmp_path / "cache"),
+        shard_size=4,
+        teacher_batch_size=7,
     )
     manifest, table = cache.load_cache(path)
     columns = cache.score_arrays(manifest, table)
     classifier = pipeline("zero-shot-classification", model=teachers[style], device="cpu")
     for multi_label in (False, True):
         ours = targets.teacher_probabilities(columns, multi_label=multi_label)
-        results = classifier(texts, candidate_labels=CLASS_NAMES, hypothesis_template=template, multi_label=multi_label, batch_size=5)
+        results = classifier(
+            texts, candidate_labels=CLASS_NAMES, hypothesis_template=template, multi_label=multi_label, batch_size=5
+        )
         theirs = np.array([[dict(zip(r["labels"], r["scores"]))[c] for c in CLASS_NAMES] for r in results])
         np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
     # The long text was truncated (to the teacher's 64 tokens), not crashed: its scores equal the pipeline's above.
@@ -107,7 +117,9 @@ def test_key_changes_with_classes_and_template(teachers, corpus_files, tmp_path)
     more = tmp_path / "more.txt"
     more.write_text("\n".join(CLASS_NAMES + ["politics"]))
     with_more = teacher_infer.main(data_file=data_file, class_names_file=str(more), **kwargs)
-    other_template = teacher_infer.main(data_file=data_file, class_names_file=classes_file, hypothesis_template="It is about {}.", **kwargs)
+    other_template = teacher_infer.main(
+        data_file=data_file, class_names_file=classes_file, hypothesis_template="It is about {}.", **kwargs
+    )
     assert len({base, with_more, other_template}) == 3
 
 
@@ -129,7 +141,10 @@ def test_input_formats_give_the_same_cache(teachers, tmp_path, fmt):
         pq.write_table(table, str(data_file))
     (tmp_path / "classes.txt").write_text("\n".join(CLASS_NAMES))
     path = teacher_infer.main(
-        data_file=str(data_file), class_names_file=str(tmp_path / "classes.txt"), teacher_name_or_path=teachers["two"], text_column="body",
+        data_file=str(data_file),
+        class_names_file=str(tmp_path / "classes.txt"),
+        teacher_name_or_path=teachers["two"],
+        text_column="body",
         cache_dir=str(tmp_path / "cache"),
     )
     manifest, table = cache.load_cache(path)
@@ -138,20 +153,42 @@ def test_input_formats_give_the_same_cache(teachers, tmp_path, fmt):
     # The data fingerprint hashes the texts, not the file: every format lands on the same key.
     (tmp_path / "ref.txt").write_text("\n".join(texts))
     reference = teacher_infer.main(
-        data_file=str(tmp_path / "ref.txt"), class_names_file=str(tmp_path / "classes.txt"), teacher_name_or_path=teachers["two"], cache_dir=str(tmp_path / "cache")
+        data_file=str(tmp_path / "ref.txt"),
+        class_names_file=str(tmp_path / "classes.txt"),
+        teacher_name_or_path=teachers["two"],
+        cache_dir=str(tmp_path / "cache"),
     )
     assert reference == path
 
 
 def test_cli_help_and_last_stdout_line(teachers, corpus_files, tmp_path):
     help_text = run_script("teacher_infer.py", "--help")
-    for flag in ("--data_file", "--class_names_file", "--teacher_name_or_path", "--hypothesis_template", "--teacher_batch_size",
-                 "--cache_dir", "--max_length", "--text_column", "--shard_size", "--fp16", "--bf16", "--no_cuda"):
+    for flag in (
+        "--data_file",
+        "--class_names_file",
+        "--teacher_name_or_path",
+        "--hypothesis_template",
+        "--teacher_batch_size",
+        "--cache_dir",
+        "--max_length",
+        "--text_column",
+        "--shard_size",
+        "--fp16",
+        "--bf16",
+        "--no_cuda",
+    ):
         assert flag in help_text.stdout + help_text.stderr, flag
     data_file, classes_file = corpus_files
     result = run_script(
-        "teacher_infer.py", "--data_file", data_file, "--class_names_file", classes_file,
-        "--teacher_name_or_path", teachers["lower"], "--cache_dir", str(tmp_path / "cache"),
+        "teacher_infer.py",
+        "--data_file",
+        data_file,
+        "--class_names_file",
+        classes_file,
+        "--teacher_name_or_path",
+        teachers["lower"],
+        "--cache_dir",
+        str(tmp_path / "cache"),
     )
     assert result.returncode == 0, result.stderr
     last = result.stdout.strip().splitlines()[-1]
@@ -198,7 +235,9 @@ def test_batch_defaults_follow_the_device_and_flags_override_them(teachers, corp
     default_path = teacher_infer.main(**common, cache_dir=str(tmp_path / "a"))
     assert set(seen) == {inference.BATCH_DEFAULTS["cpu"]}
     seen.clear()
-    explicit_path = teacher_infer.main(**common, cache_dir=str(tmp_path / "b"), teacher_batch_size=3, max_batch_tokens=64)
+    explicit_path = teacher_infer.main(
+        **common, cache_dir=str(tmp_path / "b"), teacher_batch_size=3, max_batch_tokens=64
+    )
     assert set(seen) == {(3, 64)}
     # Batch shape is not part of the key: both runs made the same cache, with the same scores.
     assert os.path.basename(default_path) == os.path.basename(explicit_path)
@@ -219,7 +258,10 @@ def test_gpu_out_of_memory_names_the_flag_to_lower(teachers, corpus_files, tmp_p
     monkeypatch.setattr(inference, "nli_logits", out_of_memory)
     with pytest.raises(UserError, match=r"out of GPU memory .* lower --max_batch_tokens \(e\.g\. to 2048\)"):
         teacher_infer.main(
-            data_file=data_file, class_names_file=classes_file, teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "c")
+            data_file=data_file,
+            class_names_file=classes_file,
+            teacher_name_or_path=teachers["upper"],
+            cache_dir=str(tmp_path / "c"),
         )
     (cache_path,) = [os.path.join(tmp_path / "c", d) for d in os.listdir(tmp_path / "c")]
     assert not cache.is_complete(cache_path)
@@ -232,13 +274,18 @@ def test_bf16_autocast_path_stays_close_to_fp32(teachers):
     teacher = zs_teacher.resolve_teacher(teachers["upper"])
     model, tokenizer = zs_teacher.load_model(teacher, torch.device("cpu"))
     encoder = inference.PairEncoder(tokenizer, 64)
-    premises, hypotheses = encoder.tokenize(CORPUS + [LONG_TEXT]), encoder.tokenize([f"This example is {c}." for c in CLASS_NAMES])
+    premises, hypotheses = (
+        encoder.tokenize(CORPUS + [LONG_TEXT]),
+        encoder.tokenize([f"This example is {c}." for c in CLASS_NAMES]),
+    )
     logits = {p: inference.nli_logits(model, encoder, premises, hypotheses, 8, 512, p) for p in ("fp32", "bf16")}
     assert logits["bf16"].dtype == np.float32
     assert 0 < np.abs(logits["bf16"] - logits["fp32"]).max()  # it did run in lower precision
     for multi_label in (False, True):
         probabilities = {
-            p: targets.teacher_probabilities({name: logits[p][:, :, i] for name, i in teacher.label_columns.items()}, multi_label)
+            p: targets.teacher_probabilities(
+                {name: logits[p][:, :, i] for name, i in teacher.label_columns.items()}, multi_label
+            )
             for p in logits
         }
         np.testing.assert_allclose(probabilities["bf16"], probabilities["fp32"], atol=0.02, rtol=0)
@@ -249,7 +296,12 @@ def test_cache_files_get_the_umask_permissions(teachers, corpus_files, tmp_path)
     data_file, classes_file = corpus_files
     old_umask = os.umask(0o022)
     try:
-        path = teacher_infer.main(data_file=data_file, class_names_file=classes_file, teacher_name_or_path=teachers["upper"], cache_dir=str(tmp_path / "c"))
+        path = teacher_infer.main(
+            data_file=data_file,
+            class_names_file=classes_file,
+            teacher_name_or_path=teachers["upper"],
+            cache_dir=str(tmp_path / "c"),
+        )
     finally:
         os.umask(old_umask)
     for name in (cache.MANIFEST, cache.shard_file(0), cache.done_file(0)):
@@ -262,18 +314,28 @@ def test_truncated_texts_are_counted_for_both_teacher_kinds(teachers, embedding_
     tokenizer = zs_teacher.load_tokenizer(zs_teacher.resolve_teacher(teachers["upper"]))[0]
     assert tokenizer("cat", add_special_tokens=False)["input_ids"].__len__() == 1
     (tmp_path / "classes.txt").write_text("sports\nfinance stock market\n")
-    assert [len(tokenizer(f"This example is {c}.", add_special_tokens=False)["input_ids"]) for c in ("sports", "finance stock market")] == [5, 7]
+    assert [
+        len(tokenizer(f"This example is {c}.", add_special_tokens=False)["input_ids"])
+        for c in ("sports", "finance stock market")
+    ] == [5, 7]
     for kind, teacher, fits, cut in (("nli", teachers["upper"], 54, 55), ("embedding", embedding_teacher, 62, 63)):
         lengths = [3, fits, cut, 400, fits, 10, cut + 1]
         (tmp_path / f"{kind}.txt").write_text("".join(" ".join(["cat"] * n) + "\n" for n in lengths))
         capsys.readouterr()
-        path = teacher_infer.main(data_file=str(tmp_path / f"{kind}.txt"), class_names_file=str(tmp_path / "classes.txt"),
-                                  teacher_name_or_path=teacher, cache_dir=str(tmp_path / "cache"), shard_size=3)
+        path = teacher_infer.main(
+            data_file=str(tmp_path / f"{kind}.txt"),
+            class_names_file=str(tmp_path / "classes.txt"),
+            teacher_name_or_path=teacher,
+            cache_dir=str(tmp_path / "cache"),
+            shard_size=3,
+        )
         manifest = cache.load_cache(path)[0]
         assert manifest["truncated_texts"] == 3, kind
         assert [s["truncated_texts"] for s in manifest["shards"]] == [1, 1, 1], kind
         assert manifest["max_length"] == 64
-        assert "long texts: 3 of 7 (42.9%) are longer than the teacher's 64 tokens and were cut" in capsys.readouterr().err
+        assert (
+            "long texts: 3 of 7 (42.9%) are longer than the teacher's 64 tokens and were cut" in capsys.readouterr().err
+        )
 
 
 def test_directory_glob_and_saved_dataset_give_the_one_file_cache(teachers, tmp_path):
@@ -295,21 +357,36 @@ def test_directory_glob_and_saved_dataset_give_the_one_file_cache(teachers, tmp_
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
 
     def scores(data_file, **kwargs):
-        path = teacher_infer.main(data_file=data_file, class_names_file=str(tmp_path / "classes.txt"), teacher_name_or_path=teachers["upper"],
-                                  cache_dir=str(tmp_path / "cache"), shard_size=5, **kwargs)
+        path = teacher_infer.main(
+            data_file=data_file,
+            class_names_file=str(tmp_path / "classes.txt"),
+            teacher_name_or_path=teachers["upper"],
+            cache_dir=str(tmp_path / "cache"),
+            shard_size=5,
+            **kwargs,
+        )
         manifest, table = cache.load_cache(path)
         return path, manifest, {n: table.column(n).to_pylist() for n in ["text", *manifest["score_columns"]]}
 
     reference_path, _, reference = scores(str(tmp_path / "one.txt"))
-    for data_file, kwargs in ((str(tmp_path / "parquet"), {}), (str(tmp_path / "jsonl" / "shard-*.jsonl"), {"text_column": "body"}),
-                              (str(tmp_path / "saved"), {})):
-        shutil.rmtree(tmp_path / "cache")  # each input computes its own cache (the key is content-based: it would be a hit)
+    for data_file, kwargs in (
+        (str(tmp_path / "parquet"), {}),
+        (str(tmp_path / "jsonl" / "shard-*.jsonl"), {"text_column": "body"}),
+        (str(tmp_path / "saved"), {}),
+    ):
+        shutil.rmtree(
+            tmp_path / "cache"
+        )  # each input computes its own cache (the key is content-based: it would be a hit)
         path, manifest, got = scores(data_file, **kwargs)
         assert os.path.basename(path) == os.path.basename(reference_path) and got == reference, data_file
         assert manifest["data"]["path"] == os.path.abspath(data_file)
     shutil.rmtree(tmp_path / "cache")
     path, manifest, got = scores(None, dataset=str(tmp_path / "parquet" / "year=2026"), dataset_split="train")
-    assert got["text"] == parts[3] and manifest["data"]["dataset"].endswith("year=2026") and manifest["data"]["split"] == "train"
+    assert (
+        got["text"] == parts[3]
+        and manifest["data"]["dataset"].endswith("year=2026")
+        and manifest["data"]["split"] == "train"
+    )
 
 
 def test_reading_some_rows_skips_files_and_row_groups_it_does_not_need(tmp_path, monkeypatch):
@@ -320,7 +397,9 @@ def test_reading_some_rows_skips_files_and_row_groups_it_does_not_need(tmp_path,
 
     texts = [f"text number {i}" for i in range(40)]
     (tmp_path / "mixed").mkdir()
-    pq.write_table(pa.table({"text": texts[:12]}), tmp_path / "mixed" / "a.parquet", row_group_size=4)  # row groups 0-3, 4-7, 8-11
+    pq.write_table(
+        pa.table({"text": texts[:12]}), tmp_path / "mixed" / "a.parquet", row_group_size=4
+    )  # row groups 0-3, 4-7, 8-11
     (tmp_path / "mixed" / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[12:25]))
     (tmp_path / "mixed" / "c.txt").write_text("\n".join(texts[25:]) + "\n")
     datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"), max_shard_size="1KB")
@@ -328,26 +407,40 @@ def test_reading_some_rows_skips_files_and_row_groups_it_does_not_need(tmp_path,
     assert data.scan_texts(str(tmp_path / "mixed"), file_rows=file_rows)[0] == 40 and file_rows == [12, 13, 15]
     groups_read = []
     real_iter_batches = pq.ParquetFile.iter_batches
-    monkeypatch.setattr(pq.ParquetFile, "iter_batches", lambda self, **kw: groups_read.extend(kw["row_groups"]) or real_iter_batches(self, **kw))
+    monkeypatch.setattr(
+        pq.ParquetFile,
+        "iter_batches",
+        lambda self, **kw: groups_read.extend(kw["row_groups"]) or real_iter_batches(self, **kw),
+    )
     for rows in ([(0, 40)], [(4, 8)], [(5, 6), (10, 14), (30, 35)], [(26, 40)], [(8, 12), (12, 13)], []):
         want = [t for i, t in enumerate(texts) if any(a <= i < b for a, b in rows)]
         groups_read.clear()
         assert list(data.iter_texts(str(tmp_path / "mixed"), rows=rows, file_rows=file_rows)) == want, rows
-        assert groups_read == sorted({i // 4 for a, b in rows for i in range(a, min(b, 12))}), rows  # only row groups with wanted rows
+        assert groups_read == sorted({i // 4 for a, b in rows for i in range(a, min(b, 12))}), (
+            rows
+        )  # only row groups with wanted rows
         assert list(data.iter_texts(str(tmp_path / "saved"), rows=rows)) == want, rows
     # Files holding no wanted row are not opened: a damaged one is not even noticed.
     (tmp_path / "mixed" / "b.jsonl").write_text("not json\n")
-    assert list(data.iter_texts(str(tmp_path / "mixed"), rows=[(0, 3), (30, 32)], file_rows=file_rows)) == texts[0:3] + texts[30:32]
+    assert (
+        list(data.iter_texts(str(tmp_path / "mixed"), rows=[(0, 3), (30, 32)], file_rows=file_rows))
+        == texts[0:3] + texts[30:32]
+    )
     with pytest.raises(UserError, match="b.jsonl, line 1: not valid JSON"):
-        list(data.iter_texts(str(tmp_path / "mixed"), rows=[(0, 3), (30, 32)]))  # without file_rows it must read through b
+        list(
+            data.iter_texts(str(tmp_path / "mixed"), rows=[(0, 3), (30, 32)])
+        )  # without file_rows it must read through b
 
 
-@pytest.mark.parametrize("args, words", [
-    ((), ["give the texts with --data_file", "or with --dataset"]),
-    (("--data_file", "{tmp}/none-*.jsonl"), ["matches no file", "quote it"]),
-    (("--data_file", "{tmp}/empty"), ["holds no .txt/.csv/.jsonl/.json/.parquet file"]),
-    (("--dataset", "{tmp}/ds"), ["has splits 'train'", "--dataset_split"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        ((), ["give the texts with --data_file", "or with --dataset"]),
+        (("--data_file", "{tmp}/none-*.jsonl"), ["matches no file", "quote it"]),
+        (("--data_file", "{tmp}/empty"), ["holds no .txt/.csv/.jsonl/.json/.parquet file"]),
+        (("--dataset", "{tmp}/ds"), ["has splits 'train'", "--dataset_split"]),
+    ],
+)
 def test_bad_input_forms_are_one_line_errors(teachers, tmp_path, args, words):
     from conftest import run_main
 
@@ -356,15 +449,25 @@ def test_bad_input_forms_are_one_line_errors(teachers, tmp_path, args, words):
     (tmp_path / "empty" / "notes.md").write_text("not a corpus")
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "train.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
-    result = run_main("teacher_infer.py", *[a.format(tmp=tmp_path) for a in args], "--class_names_file", tmp_path / "classes.txt",
-                      "--teacher_name_or_path", teachers["upper"], "--cache_dir", tmp_path / "cache")
+    result = run_main(
+        "teacher_infer.py",
+        *[a.format(tmp=tmp_path) for a in args],
+        "--class_names_file",
+        tmp_path / "classes.txt",
+        "--teacher_name_or_path",
+        teachers["upper"],
+        "--cache_dir",
+        tmp_path / "cache",
+    )
     assert result.returncode == 2, result.stderr[-1500:]
     error = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(error) == 1 and all(w in error[0] for w in words), result.stderr[-1500:]
 
 
 @pytest.mark.parametrize("kind", ["nli", "embedding"])
-def test_duplicates_are_scored_once_and_every_copy_gets_the_same_scores(teachers, embedding_teacher, tmp_path, monkeypatch, kind):
+def test_duplicates_are_scored_once_and_every_copy_gets_the_same_scores(
+    teachers, embedding_teacher, tmp_path, monkeypatch, kind
+):
     # 30 distinct texts; 13 rows repeat one (30% of 43), inside a shard and across shards.
     distinct = [f"{CORPUS[i % len(CORPUS)]} number {i}" for i in range(30)]
     rng = np.random.default_rng(0)
@@ -376,10 +479,23 @@ def test_duplicates_are_scored_once_and_every_copy_gets_the_same_scores(teachers
     calls = count_forward_passes(monkeypatch) if kind == "nli" else None
 
     def run(cache_dir, **kwargs):
-        path = teacher_infer.main(data_file=str(tmp_path / "texts.txt"), class_names_file=str(tmp_path / "classes.txt"), teacher_name_or_path=teacher,
-                                  cache_dir=str(tmp_path / cache_dir), shard_size=8, teacher_batch_size=5, **kwargs)
+        path = teacher_infer.main(
+            data_file=str(tmp_path / "texts.txt"),
+            class_names_file=str(tmp_path / "classes.txt"),
+            teacher_name_or_path=teacher,
+            cache_dir=str(tmp_path / cache_dir),
+            shard_size=8,
+            teacher_batch_size=5,
+            **kwargs,
+        )
         manifest, table = cache.load_cache(path)
-        return manifest, {name: np.array(table.column(name).to_pylist()) for name in [*manifest["score_columns"], *([manifest["text_embedding_column"]] if manifest["text_embedding_column"] else [])]}
+        return manifest, {
+            name: np.array(table.column(name).to_pylist())
+            for name in [
+                *manifest["score_columns"],
+                *([manifest["text_embedding_column"]] if manifest["text_embedding_column"] else []),
+            ]
+        }
 
     manifest, deduplicated = run("dedup")
     if calls is not None:
@@ -387,7 +503,9 @@ def test_duplicates_are_scored_once_and_every_copy_gets_the_same_scores(teachers
         calls.update(pairs=0)
     per_text = len(CLASS_NAMES) if kind == "nli" else 1
     assert manifest["duplicate_rows"] == 13 and manifest["forward_passes"]["saved_by_deduplication"] == 13 * per_text
-    assert manifest["forward_passes"]["computed"] == 30 * per_text + (len(CLASS_NAMES) if kind == "embedding" else 0)  # + the hypotheses
+    assert manifest["forward_passes"]["computed"] == 30 * per_text + (
+        len(CLASS_NAMES) if kind == "embedding" else 0
+    )  # + the hypotheses
     plain_manifest, plain = run("plain", deduplicate=False)
     if calls is not None:
         assert calls["pairs"] == 43 * len(CLASS_NAMES)
@@ -416,14 +534,24 @@ def test_chunked_long_texts_aggregate_their_windows_by_the_documented_rule(teach
     parts = inference.windows(ids, size)
     assert len(parts) == (4 if kind == "nli" else 3) and parts[-1][-1] == ids[-1] and all(len(p) == size for p in parts)
     window_texts = [tokenizer.decode(p) for p in parts]
-    assert [tokenizer(t, add_special_tokens=False)["input_ids"] for t in window_texts] == parts  # each window re-reads as itself
+    assert [
+        tokenizer(t, add_special_tokens=False)["input_ids"] for t in window_texts
+    ] == parts  # each window re-reads as itself
     (tmp_path / "windows.txt").write_text("\n".join(short + window_texts) + "\n")
 
     def run(data, **kwargs):
-        path = teacher_infer.main(data_file=str(tmp_path / data), class_names_file=str(tmp_path / "classes.txt"), teacher_name_or_path=teacher,
-                                  cache_dir=str(tmp_path / "cache"), **kwargs)
+        path = teacher_infer.main(
+            data_file=str(tmp_path / data),
+            class_names_file=str(tmp_path / "classes.txt"),
+            teacher_name_or_path=teacher,
+            cache_dir=str(tmp_path / "cache"),
+            **kwargs,
+        )
         manifest, table = cache.load_cache(path)
-        names = [*manifest["score_columns"], *([manifest["text_embedding_column"]] if manifest["text_embedding_column"] else [])]
+        names = [
+            *manifest["score_columns"],
+            *([manifest["text_embedding_column"]] if manifest["text_embedding_column"] else []),
+        ]
         return path, manifest, {name: np.array(table.column(name).to_pylist()) for name in names}
 
     chunked_path, manifest, chunked = run("texts.txt", chunk_long_texts=True)
@@ -441,4 +569,6 @@ def test_chunked_long_texts_aggregate_their_windows_by_the_documented_rule(teach
     else:
         total = windowed["text_embedding"][3:].sum(0)
         np.testing.assert_allclose(chunked["text_embedding"][3], total / np.linalg.norm(total), atol=1e-5)
-        np.testing.assert_allclose(chunked["similarity"][3], windowed["similarity"][3:].sum(0) / np.linalg.norm(total), atol=1e-5)
+        np.testing.assert_allclose(
+            chunked["similarity"][3], windowed["similarity"][3:].sum(0) / np.linalg.norm(total), atol=1e-5
+        )

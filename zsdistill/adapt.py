@@ -59,14 +59,24 @@ class AdaptSettings:
 
     def key(self, cache_key: str, embedding_fingerprint: str, rounds: int) -> str:
         """The cache key of these settings' first `rounds` rounds."""
-        fields = {**asdict(self), "rounds": rounds, "cache": cache_key, "embedding_model": embedding_fingerprint, "version": 1}
+        fields = {
+            **asdict(self),
+            "rounds": rounds,
+            "cache": cache_key,
+            "embedding_model": embedding_fingerprint,
+            "version": 1,
+        }
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def class_name_pattern(class_names: list[str]) -> re.Pattern:
     """Matches any word of any class name, whole words, any case (e.g. 'operating system' -> operating, system)."""
-    words = sorted({w for name in class_names for w in re.findall(r"\w+", name.lower()) if len(w) > 1}, key=len, reverse=True)
-    return re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE) if words else re.compile(r"(?!x)x")
+    words = sorted(
+        {w for name in class_names for w in re.findall(r"\w+", name.lower()) if len(w) > 1}, key=len, reverse=True
+    )
+    return (
+        re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE) if words else re.compile(r"(?!x)x")
+    )
 
 
 def mask_class_names(texts: list[str], class_names: list[str]) -> list[str]:
@@ -87,8 +97,16 @@ def surest_rows(posteriors: np.ndarray, fraction: float) -> np.ndarray:
     return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
 
 
-def fine_tune(model, tokenizer, texts: list[str], labels: np.ndarray, hypotheses: list[str], settings: AdaptSettings, pooling: str,
-              log: Callable[[str], None]) -> float:
+def fine_tune(
+    model,
+    tokenizer,
+    texts: list[str],
+    labels: np.ndarray,
+    hypotheses: list[str],
+    settings: AdaptSettings,
+    pooling: str,
+    log: Callable[[str], None],
+) -> float:
     """settings.epochs over (text, class) pairs with the zero-shot loss; returns the last epoch's mean loss."""
     import torch
 
@@ -98,7 +116,9 @@ def fine_tune(model, tokenizer, texts: list[str], labels: np.ndarray, hypotheses
     order_rng = np.random.default_rng(settings.seed)
     device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate)
-    hypothesis_batch = tokenizer(hypotheses, padding=True, truncation=True, max_length=settings.max_length, return_tensors="pt").to(device)
+    hypothesis_batch = tokenizer(
+        hypotheses, padding=True, truncation=True, max_length=settings.max_length, return_tensors="pt"
+    ).to(device)
     model.train()
     mean_loss = float("nan")
     for epoch in range(settings.epochs):
@@ -106,10 +126,18 @@ def fine_tune(model, tokenizer, texts: list[str], labels: np.ndarray, hypotheses
         order = order_rng.permutation(len(texts))
         for start in range(0, len(texts), settings.batch_size):
             rows = order[start : start + settings.batch_size]
-            batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=settings.max_length,
-                              return_tensors="pt").to(device)
+            batch = tokenizer(
+                [texts[i] for i in rows],
+                padding=True,
+                truncation=True,
+                max_length=settings.max_length,
+                return_tensors="pt",
+            ).to(device)
             texts_embedded = pool(model(**batch).last_hidden_state, batch["attention_mask"], pooling)
-            similarity = texts_embedded @ pool(model(**hypothesis_batch).last_hidden_state, hypothesis_batch["attention_mask"], pooling).T
+            similarity = (
+                texts_embedded
+                @ pool(model(**hypothesis_batch).last_hidden_state, hypothesis_batch["attention_mask"], pooling).T
+            )
             loss = torch.nn.functional.cross_entropy(KAPPA * similarity, torch.as_tensor(labels[rows], device=device))
             optimizer.zero_grad()
             loss.backward()
@@ -122,7 +150,11 @@ def fine_tune(model, tokenizer, texts: list[str], labels: np.ndarray, hypotheses
 
 
 def read_texts(cache_path: str, manifest: dict) -> list[str]:
-    return [text for _, table in cache.iter_shards(cache_path, manifest, ["text"]) for text in table.column("text").to_pylist()]
+    return [
+        text
+        for _, table in cache.iter_shards(cache_path, manifest, ["text"])
+        for text in table.column("text").to_pylist()
+    ]
 
 
 def adapted_embeddings(
@@ -168,25 +200,50 @@ def adapted_embeddings(
     if done:
         embeddings = np.load(os.path.join(root, round_key(done), EMBEDDINGS))
     else:
-        embeddings = np.concatenate([chunk for _, chunk in refine.embedding_chunks(cache_path, manifest)()]).astype(np.float32)
+        embeddings = np.concatenate([chunk for _, chunk in refine.embedding_chunks(cache_path, manifest)()]).astype(
+            np.float32
+        )
     max_length = models.resolve_max_length(tokenizer, model, None)
     for round_number in range(done + 1, settings.rounds + 1):
         started = time.time()
-        posteriors, _ = refine.refine(teacher_chunks, lambda: iter([(0, embeddings)]), n, len(class_names), center=settings.refine_center,
-                                      free_last_round=settings.refine_free_last_round)
+        posteriors, _ = refine.refine(
+            teacher_chunks,
+            lambda: iter([(0, embeddings)]),
+            n,
+            len(class_names),
+            center=settings.refine_center,
+            free_last_round=settings.refine_free_last_round,
+        )
         rows = surest_rows(posteriors, settings.fraction)
         chosen = [texts[i] for i in rows]
         if settings.mask_class_names:
             chosen = mask_class_names(chosen, class_names)
-        loss = fine_tune(model, tokenizer, chosen, posteriors.argmax(1)[rows], manifest["hypotheses"], settings, pooling, log)
+        loss = fine_tune(
+            model, tokenizer, chosen, posteriors.argmax(1)[rows], manifest["hypotheses"], settings, pooling, log
+        )
         embeddings = inference.embed(model, tokenizer, texts, max_length, 64, 16384, pooling)
-        record = {"round": round_number, "texts_trained_on": int(len(rows)), "loss": round(loss, 6),
-                  "seconds": round(time.time() - started, 3), "cached": False}
+        record = {
+            "round": round_number,
+            "texts_trained_on": int(len(rows)),
+            "loss": round(loss, 6),
+            "seconds": round(time.time() - started, 3),
+            "cached": False,
+        }
         records.append(record)
-        _publish(root, round_key(round_number), embeddings, model, tokenizer,
-                 {"settings": asdict(settings), "rounds": records, "cache": manifest["key"], "embedding_model": fingerprint})
-        log(f"adaptation round {round_number}: fine-tuned on {len(rows)} texts ({settings.fraction:.0%} surest of each refined "
-            f"class{', class names masked' if settings.mask_class_names else ''}), re-embedded {n} texts in {record['seconds']:.1f}s")
+        _publish(
+            root,
+            round_key(round_number),
+            embeddings,
+            model,
+            tokenizer,
+            {"settings": asdict(settings), "rounds": records, "cache": manifest["key"], "embedding_model": fingerprint},
+        )
+        log(
+            f"adaptation round {round_number}: fine-tuned on {len(rows)} texts ({settings.fraction:.0%} surest of "
+            f"each refined "
+            f"class{', class names masked' if settings.mask_class_names else ''}), re-embedded {n} texts in "
+            f"{record['seconds']:.1f}s"
+        )
     return embeddings, {"rounds": records}
 
 

@@ -131,11 +131,24 @@ def new_manifest(key: str, key_fields: dict, bounds: list[tuple[int, int]], **fi
     `fields`: teacher, hypothesis_template, class_names, hypotheses, score_columns, text_embedding_column,
     embedding_model, precision, data, num_examples, shard_size, command, versions (docs/cache_format.md).
     """
-    order = ["teacher", "hypothesis_template", "class_names", "hypotheses", "score_columns", "text_embedding_column", "embedding_model",
-             "precision", "data", "num_examples", "shard_size"]
+    order = [
+        "teacher",
+        "hypothesis_template",
+        "class_names",
+        "hypotheses",
+        "score_columns",
+        "text_embedding_column",
+        "embedding_model",
+        "precision",
+        "data",
+        "num_examples",
+        "shard_size",
+    ]
     manifest = {"format_version": FORMAT_VERSION, "key": key, "complete": False, "key_fields": key_fields}
     manifest.update({name: fields[name] for name in order})
-    manifest["shards"] = [{"file": shard_file(i), "start": a, "stop": b, "rows": b - a} for i, (a, b) in enumerate(bounds)]
+    manifest["shards"] = [
+        {"file": shard_file(i), "start": a, "stop": b, "rows": b - a} for i, (a, b) in enumerate(bounds)
+    ]
     manifest.update(command=fields["command"], versions=fields["versions"])
     return manifest
 
@@ -168,11 +181,16 @@ def seal(cache_path: str, manifest: dict, max_length: int | None) -> dict | None
             "complete": True,
             "max_length": max(lengths) if lengths else max_length,
             "shards": records,
-            "forward_passes": {"computed": sum(r["forward_passes"] for r in records), "reused_pairs": sum(r["reused_pairs"] for r in records),
-                               "saved_by_deduplication": sum(r.get("passes_saved_by_deduplication", 0) for r in records)},
+            "forward_passes": {
+                "computed": sum(r["forward_passes"] for r in records),
+                "reused_pairs": sum(r["reused_pairs"] for r in records),
+                "saved_by_deduplication": sum(r.get("passes_saved_by_deduplication", 0) for r in records),
+            },
             "duplicate_rows": sum(r.get("duplicate_rows", 0) for r in records),
             # None when a shard was written before zsdistill counted them (such shards are kept, not recomputed).
-            "truncated_texts": sum(r["truncated_texts"] for r in records) if all("truncated_texts" in r for r in records) else None,
+            "truncated_texts": sum(r["truncated_texts"] for r in records)
+            if all("truncated_texts" in r for r in records)
+            else None,
             "chunked_texts": sum(r.get("chunked_texts", 0) for r in records),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -228,14 +246,19 @@ def is_complete(cache_path: str, expected: dict | None = None, verify: bool = Fa
     try:
         manifest = read_manifest(cache_path)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{os.path.join(cache_path, MANIFEST)} is not valid JSON; delete {cache_path} and rerun to rebuild it") from None
+        raise UserError(
+            f"{os.path.join(cache_path, MANIFEST)} is not valid JSON; delete {cache_path} and rerun to rebuild it"
+        ) from None
     if not isinstance(manifest, dict) or not manifest.get("complete"):
         return False
     validate_manifest(cache_path, manifest)
     for name, value in (expected or {}).items():
         if manifest.get(name) != value:
-            raise UserError(f"cache {cache_path}: {MANIFEST} does not match the cache's key (its {name} differ); it was not written by "
-                            f"this command or was damaged: delete {cache_path} and rerun to rebuild it")
+            raise UserError(
+                f"cache {cache_path}: {MANIFEST} does not match the cache's key (its {name} differ); it was not "
+                f"written by "
+                f"this command or was damaged: delete {cache_path} and rerun to rebuild it"
+            )
     return not any(shard_problem(cache_path, shard, verify) for shard in manifest["shards"])
 
 
@@ -244,28 +267,45 @@ def validate_manifest(cache_path: str, manifest: dict) -> None:
 
     A violation is a one-line UserError that names only the cache directory (never a path the manifest gives).
     """
+
     def refuse(problem: str):
-        raise UserError(f"cache {cache_path}: {MANIFEST} is invalid ({problem}); it was not written by teacher_infer.py or was "
-                        f"damaged: delete {cache_path} and rerun the teacher command to rebuild it")
+        raise UserError(
+            f"cache {cache_path}: {MANIFEST} is invalid ({problem}); it was not written by teacher_infer.py or was "
+            f"damaged: delete {cache_path} and rerun the teacher command to rebuild it"
+        )
 
     def is_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
     if not isinstance(manifest, dict):
         refuse("not a JSON object")
-    expected = {"format_version": int, "class_names": list, "hypotheses": list, "score_columns": list, "num_examples": int,
-                "shards": list, "teacher": dict, "complete": bool}
+    expected = {
+        "format_version": int,
+        "class_names": list,
+        "hypotheses": list,
+        "score_columns": list,
+        "num_examples": int,
+        "shards": list,
+        "teacher": dict,
+        "complete": bool,
+    }
     for name, kind in expected.items():
         if name not in manifest:
             refuse(f"no field {name!r}")
         if not isinstance(manifest[name], kind) or (kind is int and isinstance(manifest[name], bool)):
             refuse(f"field {name!r} is not a {kind.__name__}")
     class_names, num_examples = manifest["class_names"], manifest["num_examples"]
-    if not class_names or not all(isinstance(c, str) and c for c in class_names) or len(set(class_names)) != len(class_names):
+    if (
+        not class_names
+        or not all(isinstance(c, str) and c for c in class_names)
+        or len(set(class_names)) != len(class_names)
+    ):
         refuse("class_names must be distinct non-empty strings")
     if len(manifest["hypotheses"]) != len(class_names) or not all(isinstance(h, str) for h in manifest["hypotheses"]):
         refuse(f"{len(manifest['hypotheses'])} hypotheses for {len(class_names)} classes")
-    if not manifest["score_columns"] or not all(isinstance(c, str) and c.isidentifier() for c in manifest["score_columns"]):
+    if not manifest["score_columns"] or not all(
+        isinstance(c, str) and c.isidentifier() for c in manifest["score_columns"]
+    ):
         refuse("score_columns must be column names")
     embedding_column = manifest.get("text_embedding_column")
     if embedding_column is not None and not (isinstance(embedding_column, str) and embedding_column.isidentifier()):
@@ -287,7 +327,9 @@ def validate_manifest(cache_path: str, manifest: dict) -> None:
         start, stop, rows = counts
         if start != expected_start or stop <= start or rows != stop - start:
             refuse(f"shard {index}: rows {start}-{stop} ({rows}) do not follow the previous shard")
-        if manifest["complete"] and (not is_int(shard.get("bytes")) or shard["bytes"] < 0 or not isinstance(shard.get("sha256"), str)):
+        if manifest["complete"] and (
+            not is_int(shard.get("bytes")) or shard["bytes"] < 0 or not isinstance(shard.get("sha256"), str)
+        ):
             refuse(f"shard {index}: bytes and sha256 are missing or invalid")
         expected_start = stop
     if expected_start != num_examples:
@@ -296,23 +338,32 @@ def validate_manifest(cache_path: str, manifest: dict) -> None:
 
 def check_widths(cache_path: str, manifest: dict, table: pa.Table) -> None:
     """Every score column holds one value per class, every text embedding the same number of values."""
-    for name in manifest["score_columns"] + ([manifest["text_embedding_column"]] if manifest.get("text_embedding_column") else []):
+    for name in manifest["score_columns"] + (
+        [manifest["text_embedding_column"]] if manifest.get("text_embedding_column") else []
+    ):
         if name not in table.column_names:
-            raise UserError(f"cache {cache_path}: the shards have no column {name!r} that {MANIFEST} names; delete {cache_path} and rerun the teacher command")
+            raise UserError(
+                f"cache {cache_path}: the shards have no column {name!r} that {MANIFEST} names; delete {cache_path} "
+                f"and rerun the teacher command"
+            )
         if table.num_rows == 0:
             continue
         lengths = pc.min_max(pc.list_value_length(table.column(name))).as_py()
         width = len(manifest["class_names"]) if name in manifest["score_columns"] else lengths["max"]
         if lengths["min"] != width or lengths["max"] != width:
             raise UserError(
-                f"cache {cache_path}: column {name!r} holds {lengths['min']}-{lengths['max']} values per row, expected {width} "
-                f"({'one per class' if name in manifest['score_columns'] else 'the same for every text'}); delete {cache_path} and rerun the teacher command"
+                f"cache {cache_path}: column {name!r} holds {lengths['min']}-{lengths['max']} values per row, "
+                f"expected {width} "
+                f"({'one per class' if name in manifest['score_columns'] else 'the same for every text'}); delete "
+                f"{cache_path} and rerun the teacher command"
             )
 
 
 def open_table(cache_path: str, manifest: dict) -> pa.Table:
     """The whole cache as one Arrow table, memory-mapped (no copy into RAM)."""
-    tables = [ipc.open_stream(pa.memory_map(os.path.join(cache_path, s["file"]))).read_all() for s in manifest["shards"]]
+    tables = [
+        ipc.open_stream(pa.memory_map(os.path.join(cache_path, s["file"]))).read_all() for s in manifest["shards"]
+    ]
     return pa.concat_tables(tables)
 
 
@@ -323,7 +374,9 @@ def load_cache(cache_path: str, verify: bool = True) -> tuple[dict, pa.Table]:
     try:
         manifest = read_manifest(cache_path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{os.path.join(cache_path, MANIFEST)} is not valid JSON ({e}); rerun teacher_infer.py to rebuild it") from None
+        raise UserError(
+            f"{os.path.join(cache_path, MANIFEST)} is not valid JSON ({e}); rerun teacher_infer.py to rebuild it"
+        ) from None
     if manifest is None:
         raise UserError(
             f"{cache_path!r} is not a teacher cache (no {MANIFEST}); pass the directory that teacher_infer.py printed, "
@@ -348,7 +401,11 @@ def load_cache(cache_path: str, verify: bool = True) -> tuple[dict, pa.Table]:
             f"cache {cache_path} is incomplete: {len(missing)} of {len(manifest['shards'])} shards missing "
             f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); complete it by rerunning: {command}"
         )
-    bad = [f"{shard['file']} ({problem})" for shard in manifest["shards"] if (problem := shard_problem(cache_path, shard, verify))]
+    bad = [
+        f"{shard['file']} ({problem})"
+        for shard in manifest["shards"]
+        if (problem := shard_problem(cache_path, shard, verify))
+    ]
     if bad:
         raise UserError(
             f"cache {cache_path} is corrupt: {', '.join(bad)}; delete those files and their .done.json records, "
@@ -357,9 +414,15 @@ def load_cache(cache_path: str, verify: bool = True) -> tuple[dict, pa.Table]:
     try:
         table = open_table(cache_path, manifest)
     except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f"cache {cache_path}: a shard is not a readable Arrow stream ({str(e).splitlines()[0][:200]}); delete {cache_path} and rerun: {command}") from None
+        raise UserError(
+            f"cache {cache_path}: a shard is not a readable Arrow stream ({str(e).splitlines()[0][:200]}); delete "
+            f"{cache_path} and rerun: {command}"
+        ) from None
     if table.num_rows != manifest["num_examples"]:
-        raise UserError(f"cache {cache_path}: shards hold {table.num_rows} rows, manifest says {manifest['num_examples']}; rerun: {command}")
+        raise UserError(
+            f"cache {cache_path}: shards hold {table.num_rows} rows, manifest says {manifest['num_examples']}; rerun: "
+            f"{command}"
+        )
     check_widths(cache_path, manifest, table)
     return manifest, table
 

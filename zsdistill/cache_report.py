@@ -38,7 +38,9 @@ DOMINANT_FLOOR = 0.25  # with many classes, three uniform shares is a plausible 
 # A class refinement grows is "spread thin" when the length of its texts' mean centred embedding is under this
 # fraction of the teacher's median class's: measured, sink classes 0.47-0.49, classes that grew rightly 0.67 and over.
 SPREAD_THIN = 0.6
-DISAGREEMENT = 1.5  # refinement gives a class 1.5x (or 1/1.5) the teacher's share, and at least half a uniform share more (less)
+DISAGREEMENT = (
+    1.5  # refinement gives a class 1.5x (or 1/1.5) the teacher's share, and at least half a uniform share more (less)
+)
 SIMILAR_CORRELATION = 0.95  # two classes' scores, each text's mean removed, move together this closely
 MIN_TEXTS = 20  # runner-up patterns need this many texts of each class to mean anything
 TRUNCATED_SHARE = 0.01  # warn when this share of the texts were cut
@@ -56,7 +58,9 @@ class View:
     histogram: np.ndarray = None  # (K, CONFIDENCE_BINS) top probability of texts predicted k
     runner_up: np.ndarray = None  # (K, K) [top class, second class] counts
     confident: list = field(default_factory=list)  # per class: [(confidence, row)], best first
-    borderline: list = field(default_factory=list)  # per class: [(margin, row, runner-up, confidence, runner-up probability)]
+    borderline: list = field(
+        default_factory=list
+    )  # per class: [(margin, row, runner-up, confidence, runner-up probability)]
     prediction: np.ndarray | None = None  # (N,) int16 when kept (the teacher's, to compare with the refined view)
 
     def __post_init__(self):
@@ -83,10 +87,22 @@ class View:
         for c in np.unique(top):
             mine = np.flatnonzero(top == c)
             best = mine[np.argsort(-confidence[mine], kind="stable")[:EXAMPLES]]
-            self.confident[c] = sorted(self.confident[c] + [(float(confidence[i]), start + int(i)) for i in best], key=lambda t: (-t[0], t[1]))[:EXAMPLES]
+            self.confident[c] = sorted(
+                self.confident[c] + [(float(confidence[i]), start + int(i)) for i in best], key=lambda t: (-t[0], t[1])
+            )[:EXAMPLES]
             close = mine[np.argsort(margin[mine], kind="stable")[:EXAMPLES]]
             self.borderline[c] = sorted(
-                self.borderline[c] + [(float(margin[i]), start + int(i), int(second[i]), float(confidence[i]), float(runner_probability[i])) for i in close],
+                self.borderline[c]
+                + [
+                    (
+                        float(margin[i]),
+                        start + int(i),
+                        int(second[i]),
+                        float(confidence[i]),
+                        float(runner_probability[i]),
+                    )
+                    for i in close
+                ],
                 key=lambda t: (t[0], t[1]),
             )[:EXAMPLES]
         if self.prediction is not None:
@@ -104,10 +120,20 @@ class View:
                 "soft_share": float(self.probability_sum[c] / n),
                 "mean_confidence": float(self.confidence_sum[c] / predicted) if predicted else None,
                 "confidence_histogram": self.histogram[c].tolist(),
-                "usual_runner_up": class_names[int(second_place.argmax())] if predicted and len(class_names) > 1 else None,
-                "most_confident": [{"row": r, "confidence": round(p, 4), "text": texts[r]} for p, r in self.confident[c]],
+                "usual_runner_up": class_names[int(second_place.argmax())]
+                if predicted and len(class_names) > 1
+                else None,
+                "most_confident": [
+                    {"row": r, "confidence": round(p, 4), "text": texts[r]} for p, r in self.confident[c]
+                ],
                 "most_borderline": [
-                    {"row": r, "confidence": round(p, 4), "runner_up": class_names[s], "runner_up_probability": round(q, 4), "text": texts[r]}
+                    {
+                        "row": r,
+                        "confidence": round(p, 4),
+                        "runner_up": class_names[s],
+                        "runner_up_probability": round(q, 4),
+                        "text": texts[r],
+                    }
                     for _, r, s, p, q in self.borderline[c]
                 ],
             }
@@ -164,7 +190,9 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
         step = max(1, math.ceil(n / REFINE_SAMPLE))
         teacher_chunks = lambda: targets.cache_probability_chunks(cache_path, manifest, False)  # noqa: E731
         embedding_chunks = refine.embedding_chunks(cache_path, manifest)
-        _, refinement = refine.refine(_sampled(teacher_chunks, step), _sampled(embedding_chunks, step), math.ceil(n / step), k, log=log)
+        _, refinement = refine.refine(
+            _sampled(teacher_chunks, step), _sampled(embedding_chunks, step), math.ceil(n / step), k, log=log
+        )
         refined, moved = View(k), np.zeros((k, k), np.int64)
         # How spread each class's texts are: the length of their mean embedding, centred on the corpus mean (1: all
         # alike, near 0: texts of every topic), for the refined classes and for the teacher's.
@@ -178,8 +206,12 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
             centred = refine.centered(chunk, center)
             np.add.at(refined_sums, top, centred)
             np.add.at(teacher_sums, taught, centred)
-        refinement_info = {**refinement.settings(), "fitted_on": math.ceil(n / step),
-                           "cohesion": _cohesion(refined_sums, refined.count), "teacher_cohesion": _cohesion(teacher_sums, teacher.count)}
+        refinement_info = {
+            **refinement.settings(),
+            "fitted_on": math.ceil(n / step),
+            "cohesion": _cohesion(refined_sums, refined.count),
+            "teacher_cohesion": _cohesion(teacher_sums, teacher.count),
+        }
 
     texts = _texts(cache_path, manifest, teacher.rows_shown() | (refined.rows_shown() if refined else set()))
     mean = centered_sum / max(n, 1)
@@ -230,62 +262,107 @@ def warnings(report: dict) -> list[dict]:
             # Which class takes its texts: the one most often first where this class is second.
             takers = runner_up[:, c].copy()
             takers[c] = 0
-            taker = f"; its texts go to '{names[int(takers.argmax())]}' (first on {int(takers.max())} of the {int(takers.sum())} texts where '{name}' comes second)" if takers.sum() else ""
+            taker = (
+                f"; its texts go to '{names[int(takers.argmax())]}' (first on {int(takers.max())} of the "
+                f"{int(takers.sum())} texts where '{name}' comes second)"
+                if takers.sum()
+                else ""
+            )
             moved = ""
             if refined:
                 gained = np.array(report["moved_by_refinement"])[:, c]
                 gained[c] = 0
-                moved = (f"; refinement gives it {_share(refined['classes'][name]['share'])}"
-                         + (f", most of it from '{names[int(gained.argmax())]}'" if gained.sum() else ""))
-            warn("rarely_predicted", [name],
-                 f"'{name}' is {'never' if count[c] == 0 else 'almost never'} the teacher's top class: {count[c]} texts ({_share(share)}, "
-                 f"uniform {_share(uniform)}){taker}{moved}. Try another wording of the class name (a more common word, or a short "
-                 f"description) or another template; if the class really is this rare in the corpus, ignore this.")
+                moved = f"; refinement gives it {_share(refined['classes'][name]['share'])}" + (
+                    f", most of it from '{names[int(gained.argmax())]}'" if gained.sum() else ""
+                )
+            warn(
+                "rarely_predicted",
+                [name],
+                f"'{name}' is {'never' if count[c] == 0 else 'almost never'} the teacher's top class: {count[c]} "
+                f"texts ({_share(share)}, "
+                f"uniform {_share(uniform)}){taker}{moved}. Try another wording of the class name (a more common "
+                f"word, or a short "
+                f"description) or another template; if the class really is this rare in the corpus, ignore this.",
+            )
         elif share > max(DOMINANT_FLOOR, min(COMMON_SHARE * uniform, 0.8)):
-            warn("dominant", [name],
-                 f"'{name}' takes {_share(share)} of the corpus (uniform {_share(uniform)}): a broad or generic name attracts texts of other "
-                 f"classes. Try a more specific name or a description; if the corpus really is mostly '{name}', ignore this.")
+            warn(
+                "dominant",
+                [name],
+                f"'{name}' takes {_share(share)} of the corpus (uniform {_share(uniform)}): a broad or generic name "
+                f"attracts texts of other "
+                f"classes. Try a more specific name or a description; if the corpus really is mostly '{name}', ignore "
+                f"this.",
+            )
     if refined:
         moved = np.array(report["moved_by_refinement"])  # [teacher's class, refined class]
         refinement = report.get("refinement") or {}
-        cohesion, teacher_cohesion = refinement.get("cohesion"), [c for c in refinement.get("teacher_cohesion") or [] if c is not None]
+        cohesion, teacher_cohesion = (
+            refinement.get("cohesion"),
+            [c for c in refinement.get("teacher_cohesion") or [] if c is not None],
+        )
         typical = float(np.median(teacher_cohesion)) if cohesion and teacher_cohesion else None
         for c, name in enumerate(names):
             before, after = view["classes"][name]["share"], refined["classes"][name]["share"]
-            if before < RARE_SHARE * uniform or abs(after - before) < 0.5 * uniform or not (after >= DISAGREEMENT * before or before >= DISAGREEMENT * after):
+            if (
+                before < RARE_SHARE * uniform
+                or abs(after - before) < 0.5 * uniform
+                or not (after >= DISAGREEMENT * before or before >= DISAGREEMENT * after)
+            ):
                 continue
             if after > before:
                 sources = moved[:, c].copy()
                 sources[c] = 0
-                where = ", ".join(f"'{names[i]}' ({sources[i]})" for i in np.argsort(-sources, kind="stable")[:3] if sources[i])
+                where = ", ".join(
+                    f"'{names[i]}' ({sources[i]})" for i in np.argsort(-sources, kind="stable")[:3] if sources[i]
+                )
                 if typical and cohesion[c] is not None and cohesion[c] < SPREAD_THIN * typical:
                     # A class that grows with texts spread thin is how a generic class draws other classes' texts.
-                    warn("refinement_grows_a_spread_class", [name],
-                         f"refinement grows '{name}' from the teacher's {_share(before)} of the texts to {_share(after)} (from {where}), "
-                         f"but its texts are spread thin (the length of their mean centred embedding is {cohesion[c]:.2f}, the "
-                         f"teacher's median class's {typical:.2f}): "
-                         f"'{name}' may be a generic class drawing other classes' texts rather than one the teacher "
-                         f"under-predicts. Read a sample of its texts in the refined view; a more specific name, or "
-                         f"--norefine, keeps the other classes' texts with them.")
+                    warn(
+                        "refinement_grows_a_spread_class",
+                        [name],
+                        f"refinement grows '{name}' from the teacher's {_share(before)} of the texts to "
+                        f"{_share(after)} (from {where}), "
+                        f"but its texts are spread thin (the length of their mean centred embedding is "
+                        f"{cohesion[c]:.2f}, the "
+                        f"teacher's median class's {typical:.2f}): "
+                        f"'{name}' may be a generic class drawing other classes' texts rather than one the teacher "
+                        f"under-predicts. Read a sample of its texts in the refined view; a more specific name, or "
+                        f"--norefine, keeps the other classes' texts with them.",
+                    )
                     continue
-                message = (f"the teacher predicts '{name}' for {_share(before)} of the texts, but {_share(after)} sit closer to its surest texts "
-                           f"than to any other class's (refinement moves texts to it from {where}): the teacher likely under-predicts "
-                           f"'{name}' and those classes take its texts; try another wording of '{name}'.")
+                message = (
+                    f"the teacher predicts '{name}' for {_share(before)} of the texts, but {_share(after)} sit closer "
+                    f"to its surest texts "
+                    f"than to any other class's (refinement moves texts to it from {where}): the teacher likely "
+                    f"under-predicts "
+                    f"'{name}' and those classes take its texts; try another wording of '{name}'."
+                )
             else:
                 targets_ = moved[c].copy()
                 targets_[c] = 0
-                where = ", ".join(f"'{names[i]}' ({targets_[i]})" for i in np.argsort(-targets_, kind="stable")[:3] if targets_[i])
-                message = (f"the teacher predicts '{name}' for {_share(before)} of the texts, but only {_share(after)} sit closer to its surest "
-                           f"texts than to any other class's (refinement moves texts from it to {where}): the teacher likely over-predicts "
-                           f"'{name}'. Try a narrower wording of '{name}'.")
+                where = ", ".join(
+                    f"'{names[i]}' ({targets_[i]})" for i in np.argsort(-targets_, kind="stable")[:3] if targets_[i]
+                )
+                message = (
+                    f"the teacher predicts '{name}' for {_share(before)} of the texts, but only {_share(after)} sit "
+                    f"closer to its surest "
+                    f"texts than to any other class's (refinement moves texts from it to {where}): the teacher likely "
+                    f"over-predicts "
+                    f"'{name}'. Try a narrower wording of '{name}'."
+                )
             warn("teacher_and_refinement_disagree", [name], message)
     correlation = np.array(report["score_correlation"])
     for a in range(k):
         for b in range(a + 1, k):
             if correlation[a, b] >= SIMILAR_CORRELATION:
-                warn("indistinct", [names[a], names[b]],
-                     f"'{names[a]}' and '{names[b]}' score nearly the same on every text (correlation {correlation[a, b]:.3f} of their scores, "
-                     f"each text's mean removed): the teacher cannot tell them apart. Merge them, or reword one so the two hypotheses differ.")
+                warn(
+                    "indistinct",
+                    [names[a], names[b]],
+                    f"'{names[a]}' and '{names[b]}' score nearly the same on every text (correlation "
+                    f"{correlation[a, b]:.3f} of their scores, "
+                    f"each text's mean removed): the teacher cannot tell them apart. Merge them, or reword one so the "
+                    f"two hypotheses differ.",
+                )
     if k > 2:
         # Each other's runner-up more than halfway from chance (1/(K-1)) to always, both ways.
         threshold = 0.5 + 0.5 / (k - 1)
@@ -296,18 +373,33 @@ def warnings(report: dict) -> list[dict]:
                     continue
                 ab, ba = runner_up[a, b] / count[a], runner_up[b, a] / count[b]
                 if ab >= threshold and ba >= threshold:
-                    warn("confused_pair", [names[a], names[b]],
-                         f"'{names[a]}' and '{names[b]}' are each other's runner-up ({_share(ab)} of '{names[a]}' texts, {_share(ba)} of "
-                         f"'{names[b]}' texts): the teacher hesitates between them. Make the names more distinct, or merge them.")
+                    warn(
+                        "confused_pair",
+                        [names[a], names[b]],
+                        f"'{names[a]}' and '{names[b]}' are each other's runner-up ({_share(ab)} of '{names[a]}' "
+                        f"texts, {_share(ba)} of "
+                        f"'{names[b]}' texts): the teacher hesitates between them. Make the names more distinct, or "
+                        f"merge them.",
+                    )
     truncated, n = report.get("truncated_texts"), report["num_examples"]
     if truncated and truncated >= TRUNCATED_SHARE * n:
-        warn("truncated", [],
-             f"{truncated} texts ({_share(truncated / n)}) are longer than the teacher's {report['max_length']} tokens and were cut: it read "
-             f"only their beginning. If what decides their class comes later, split long texts into passages before stage 1.")
+        warn(
+            "truncated",
+            [],
+            f"{truncated} texts ({_share(truncated / n)}) are longer than the teacher's {report['max_length']} tokens "
+            f"and were cut: it read "
+            f"only their beginning. If what decides their class comes later, split long texts into passages before "
+            f"stage 1.",
+        )
     if view["mean_confidence"] < FLAT_CONFIDENCE * uniform:
-        warn("flat_scores", [],
-             f"the teacher barely prefers any class: its mean top probability is {view['mean_confidence']:.3f} (uniform {uniform:.3f}). "
-             f"Try another template or more distinct class names; stage 2's --temperature below 1 sharpens targets, but not what the teacher knows.")
+        warn(
+            "flat_scores",
+            [],
+            f"the teacher barely prefers any class: its mean top probability is {view['mean_confidence']:.3f} "
+            f"(uniform {uniform:.3f}). "
+            f"Try another template or more distinct class names; stage 2's --temperature below 1 sharpens targets, "
+            f"but not what the teacher knows.",
+        )
     return out
 
 
@@ -321,34 +413,50 @@ def confirm_with_labels(report: dict, true: np.ndarray, teacher_prediction: np.n
             c = classes[0]
             support = int((true == c).sum())
             recall = float((teacher_prediction[true == c] == c).mean()) if support else None
-            warning["labels"] = {"evidence": f"teacher recall of '{names[c]}' {recall:.2f} on {support} labeled texts" if support else f"no labeled text is '{names[c]}'",
-                                 "confirmed": bool(support and recall < 0.5)}
+            warning["labels"] = {
+                "evidence": f"teacher recall of '{names[c]}' {recall:.2f} on {support} labeled texts"
+                if support
+                else f"no labeled text is '{names[c]}'",
+                "confirmed": bool(support and recall < 0.5),
+            }
         elif warning["kind"] == "dominant":
             c = classes[0]
             predicted = int((teacher_prediction == c).sum())
             precision = float((true[teacher_prediction == c] == c).mean()) if predicted else 0.0
-            warning["labels"] = {"evidence": f"teacher precision of '{names[c]}' {precision:.2f}; true share {(true == c).mean():.1%}",
-                                 "confirmed": precision < 0.5}
+            warning["labels"] = {
+                "evidence": f"teacher precision of '{names[c]}' {precision:.2f}; true share {(true == c).mean():.1%}",
+                "confirmed": precision < 0.5,
+            }
         elif warning["kind"] == "refinement_grows_a_spread_class":
             c = classes[0]
             true_share = float((true == c).mean())
             refined_share = report["refined_view"]["classes"][names[c]]["share"]
-            warning["labels"] = {"evidence": f"true share of '{names[c]}' {true_share:.1%} against the refined {refined_share:.1%}",
-                                 "confirmed": refined_share > 1.25 * true_share}
+            warning["labels"] = {
+                "evidence": f"true share of '{names[c]}' {true_share:.1%} against the refined {refined_share:.1%}",
+                "confirmed": refined_share > 1.25 * true_share,
+            }
         elif warning["kind"] == "teacher_and_refinement_disagree":
             c = classes[0]
             true_share, predicted_share = float((true == c).mean()), float((teacher_prediction == c).mean())
             recall = float((teacher_prediction[true == c] == c).mean()) if (true == c).any() else 0.0
             under = report["refined_view"]["classes"][names[c]]["share"] > predicted_share
-            warning["labels"] = {"evidence": f"true share of '{names[c]}' {true_share:.1%} against the teacher's {predicted_share:.1%}, teacher recall {recall:.2f}",
-                                 "confirmed": true_share > 1.25 * predicted_share if under else true_share * 1.25 < predicted_share}
+            warning["labels"] = {
+                "evidence": f"true share of '{names[c]}' {true_share:.1%} against the teacher's "
+                f"{predicted_share:.1%}, teacher recall {recall:.2f}",
+                "confirmed": true_share > 1.25 * predicted_share if under else true_share * 1.25 < predicted_share,
+            }
         elif warning["kind"] in ("indistinct", "confused_pair"):
             a, b = classes
             pair = (true == a) | (true == b)
-            crossed = int(((true == a) & (teacher_prediction == b)).sum() + ((true == b) & (teacher_prediction == a)).sum())
+            crossed = int(
+                ((true == a) & (teacher_prediction == b)).sum() + ((true == b) & (teacher_prediction == a)).sum()
+            )
             rate = crossed / max(int(pair.sum()), 1)
-            warning["labels"] = {"evidence": f"{crossed} of the {int(pair.sum())} labeled '{names[a]}'/'{names[b]}' texts go to the other one ({rate:.0%})",
-                                 "confirmed": rate >= 0.25}
+            warning["labels"] = {
+                "evidence": f"{crossed} of the {int(pair.sum())} labeled '{names[a]}'/'{names[b]}' texts go to the "
+                f"other one ({rate:.0%})",
+                "confirmed": rate >= 0.25,
+            }
 
 
 # ---------------------------------------------------------------- plots and markdown
@@ -364,7 +472,9 @@ def _pyplot():
 
 
 def _views(report: dict) -> list[tuple[str, dict]]:
-    return [("teacher", report["teacher_view"])] + ([("refined", report["refined_view"])] if report.get("refined_view") else [])
+    return [("teacher", report["teacher_view"])] + (
+        [("refined", report["refined_view"])] if report.get("refined_view") else []
+    )
 
 
 def shares_png(path: str, report: dict) -> None:
@@ -375,8 +485,13 @@ def shares_png(path: str, report: dict) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 1.4 + 0.32 * k * (1 + 0.4 * (len(views) - 1))))
     height = 0.8 / len(views)
     for i, (who, view) in enumerate(views):
-        ax.barh(np.arange(k) + (i - (len(views) - 1) / 2) * height, [view["classes"][c]["share"] for c in names], height=height, label=who,
-                color=("tab:blue", "tab:orange")[i])
+        ax.barh(
+            np.arange(k) + (i - (len(views) - 1) / 2) * height,
+            [view["classes"][c]["share"] for c in names],
+            height=height,
+            label=who,
+            color=("tab:blue", "tab:orange")[i],
+        )
     ax.axvline(1 / k, color="gray", linestyle="--", linewidth=1, label=f"uniform ({1 / k:.1%})")
     warned = {c for w in report.get("warnings", []) for c in w["classes"]}
     ax.set_yticks(range(k), [f"(!) {c}" if c in warned else c for c in names], fontsize=9 if k <= 30 else 7)
@@ -406,8 +521,14 @@ def confidence_png(path: str, report: dict) -> None:
         histogram = np.array([view["classes"][c]["confidence_histogram"] for c in names], dtype=float)
         shares = histogram / np.clip(histogram.sum(1, keepdims=True), 1, None)
         image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=max(shares.max(), 1e-9))
-        ax.set_xticks(np.arange(CONFIDENCE_BINS + 1) - 0.5, [f"{b / CONFIDENCE_BINS:.1f}" for b in range(CONFIDENCE_BINS + 1)], fontsize=8)
-        ax.set_yticks(range(k), [f"{c} ({view['classes'][c]['predicted']})" for c in names], fontsize=9 if k <= 30 else 7)
+        ax.set_xticks(
+            np.arange(CONFIDENCE_BINS + 1) - 0.5,
+            [f"{b / CONFIDENCE_BINS:.1f}" for b in range(CONFIDENCE_BINS + 1)],
+            fontsize=8,
+        )
+        ax.set_yticks(
+            range(k), [f"{c} ({view['classes'][c]['predicted']})" for c in names], fontsize=9 if k <= 30 else 7
+        )
         ax.set_xlabel("top probability")
         ax.set_title(f"{who}: confidence of each class's texts", fontsize=10)
         fig.colorbar(image, ax=ax, fraction=0.04, label="share of the class's texts")
@@ -425,7 +546,9 @@ def runner_up_png(path: str, report: dict) -> None:
     shares = matrix / np.clip(matrix.sum(1, keepdims=True), 1, None)
     size = max(4.5, 0.32 * k + 2.5)
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    image = ax.imshow(shares, cmap="Oranges", vmin=0, vmax=max(shares.max(), 1e-9))  # many classes: small shares must still show
+    image = ax.imshow(
+        shares, cmap="Oranges", vmin=0, vmax=max(shares.max(), 1e-9)
+    )  # many classes: small shares must still show
     ax.set_xticks(range(k), names, rotation=60, ha="right", fontsize=9 if k <= 30 else 7)
     ax.set_yticks(range(k), names, fontsize=9 if k <= 30 else 7)
     ax.set_xlabel("runner-up class")
@@ -434,7 +557,15 @@ def runner_up_png(path: str, report: dict) -> None:
     if k <= 15:
         for (i, j), value in np.ndenumerate(shares):
             if value >= 0.05:
-                ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=7, color="white" if value > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{value:.0%}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value > 0.5 else "black",
+                )
     fig.colorbar(image, ax=ax, fraction=0.04, label="share of the top class's texts")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -463,10 +594,16 @@ def markdown(report: dict, heading: str = "#") -> str:
     lines = [
         f"{heading} Look before you train: what the teacher sees, without labels",
         "",
-        f"Cache `{report['cache']}`: {n} texts, {k} classes, teacher `{report['teacher']}` ({report['teacher_kind']}), template "
-        f"`{report['hypothesis_template']}`. " + (
-            f"Refined: the targets stage 2's label-free refinement would train on (fitted on {report['refinement']['fitted_on']} texts, "
-            f"κ {report['refinement']['kappa']:.1f})." if refined else "No text embeddings in the cache, so no refined view."),
+        f"Cache `{report['cache']}`: {n} texts, {k} classes, teacher `{report['teacher']}` "
+        f"({report['teacher_kind']}), template "
+        f"`{report['hypothesis_template']}`. "
+        + (
+            f"Refined: the targets stage 2's label-free refinement would train on (fitted on "
+            f"{report['refinement']['fitted_on']} texts, "
+            f"κ {report['refinement']['kappa']:.1f})."
+            if refined
+            else "No text embeddings in the cache, so no refined view."
+        ),
         "",
         f"{sub} Warnings",
         "",
@@ -474,19 +611,41 @@ def markdown(report: dict, heading: str = "#") -> str:
     for w in report["warnings"]:
         label = ""
         if "labels" in w:
-            label = f" *Labels: {w['labels']['evidence']}: {'confirmed' if w['labels']['confirmed'] else 'not confirmed'}.*"
+            label = (
+                f" *Labels: {w['labels']['evidence']}: {'confirmed' if w['labels']['confirmed'] else 'not confirmed'}.*"
+            )
         lines.append(f"- **{w['kind'].replace('_', ' ')}**: {w['message']}{label}")
     if any(w["kind"] == "teacher_and_refinement_disagree" for w in report["warnings"]):
-        lines.append("- Where the teacher and refinement disagree, either can be wrong: refinement trusts how texts cluster, which on tasks "
-                     "whose texts do not cluster by class misleads it. Read the class's texts below before rewording.")
+        lines.append(
+            "- Where the teacher and refinement disagree, either can be wrong: refinement trusts how texts cluster, "
+            "which on tasks "
+            "whose texts do not cluster by class misleads it. Read the class's texts below before rewording."
+        )
     if not report["warnings"]:
-        lines.append("None: every class gets a plausible share, no two classes look alike to the teacher, and no text was cut.")
+        lines.append(
+            "None: every class gets a plausible share, no two classes look alike to the teacher, and no text was cut."
+        )
     truncated = report.get("truncated_texts")
-    lines += ["", f"Texts cut at the teacher's maximum length ({report['max_length']} tokens): {truncated} ({truncated / max(n, 1):.1%})."
-              if truncated is not None else "Texts cut at the teacher's maximum length: not recorded (a cache from before zsdistill counted them)."]
-    lines += ["", f"{sub} Class shares and confidence", "", "![class shares](shares.png)", "",
-              "| class | teacher share | " + ("refined share | " if refined else "") + "teacher mean confidence | " + ("refined mean confidence | " if refined else "") + "usual runner-up |",
-              "| --- | --- | " + ("--- | " if refined else "") + "--- | " + ("--- | " if refined else "") + "--- |"]
+    lines += [
+        "",
+        f"Texts cut at the teacher's maximum length ({report['max_length']} tokens): {truncated} "
+        f"({truncated / max(n, 1):.1%})."
+        if truncated is not None
+        else "Texts cut at the teacher's maximum length: not recorded (a cache from before zsdistill counted them).",
+    ]
+    lines += [
+        "",
+        f"{sub} Class shares and confidence",
+        "",
+        "![class shares](shares.png)",
+        "",
+        "| class | teacher share | "
+        + ("refined share | " if refined else "")
+        + "teacher mean confidence | "
+        + ("refined mean confidence | " if refined else "")
+        + "usual runner-up |",
+        "| --- | --- | " + ("--- | " if refined else "") + "--- | " + ("--- | " if refined else "") + "--- |",
+    ]
     for c in names:
         t = teacher["classes"][c]
         cells = [f"{t['share']:.1%}"] + ([f"{refined['classes'][c]['share']:.1%}"] if refined else [])
@@ -495,18 +654,38 @@ def markdown(report: dict, heading: str = "#") -> str:
             r = refined["classes"][c]
             cells += [f"{r['mean_confidence']:.2f}" if r["mean_confidence"] is not None else "-"]
         lines.append(f"| {c} | " + " | ".join(cells) + f" | {t['usual_runner_up'] or '-'} |")
-    lines += ["", f"Uniform share: {1 / k:.1%}. Mean top probability: teacher {teacher['mean_confidence']:.2f}"
-              + (f", refined {refined['mean_confidence']:.2f}" if refined else "") + ".", "", "![confidence per class](confidence.png)", ""]
+    lines += [
+        "",
+        f"Uniform share: {1 / k:.1%}. Mean top probability: teacher {teacher['mean_confidence']:.2f}"
+        + (f", refined {refined['mean_confidence']:.2f}" if refined else "")
+        + ".",
+        "",
+        "![confidence per class](confidence.png)",
+        "",
+    ]
     runner_up = np.array(teacher["runner_up"])
-    pairs = sorted(((runner_up[a, b] + runner_up[b, a], a, b) for a in range(k) for b in range(a + 1, k)), reverse=True)[:10]
-    lines += [f"{sub} Classes the teacher hesitates between", "",
-              "Pairs where one is the other's runner-up most often (a confusion picture without labels):", "",
-              "| pair | texts | as a share of both classes' texts |", "| --- | --- | --- |"]
+    pairs = sorted(
+        ((runner_up[a, b] + runner_up[b, a], a, b) for a in range(k) for b in range(a + 1, k)), reverse=True
+    )[:10]
+    lines += [
+        f"{sub} Classes the teacher hesitates between",
+        "",
+        "Pairs where one is the other's runner-up most often (a confusion picture without labels):",
+        "",
+        "| pair | texts | as a share of both classes' texts |",
+        "| --- | --- | --- |",
+    ]
     count = np.array([teacher["classes"][c]["predicted"] for c in names])
     for total, a, b in pairs:
         if total:
             lines.append(f"| {names[a]} / {names[b]} | {total} | {total / max(count[a] + count[b], 1):.0%} |")
-    lines += ["", "![runner-up matrix](runner_up.png)", "", f"{sub} Per class: most confident and most borderline texts (teacher)", ""]
+    lines += [
+        "",
+        "![runner-up matrix](runner_up.png)",
+        "",
+        f"{sub} Per class: most confident and most borderline texts (teacher)",
+        "",
+    ]
     for c in names:
         t = teacher["classes"][c]
         lines.append(f"**{c}** ({t['predicted']} texts)")
@@ -514,7 +693,10 @@ def markdown(report: dict, heading: str = "#") -> str:
         for e in t["most_confident"][:SHOWN]:
             lines.append(f"- sure ({e['confidence']:.2f}): {_clip(e['text'])}")
         for e in t["most_borderline"][:SHOWN]:
-            lines.append(f"- borderline ({e['confidence']:.2f} vs '{e['runner_up']}' {e['runner_up_probability']:.2f}): {_clip(e['text'])}")
+            lines.append(
+                f"- borderline ({e['confidence']:.2f} vs '{e['runner_up']}' {e['runner_up_probability']:.2f}): "
+                f"{_clip(e['text'])}"
+            )
         if not t["predicted"]:
             lines.append("- no text has it as its top class")
         lines.append("")

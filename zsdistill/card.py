@@ -11,7 +11,9 @@ import re
 from zsdistill.cache import atomic_file
 
 CARD_FILE = "README.md"
-INFO_FILE = "distill_info.json"  # every setting and metric of the run; written last, so a student without it is not finished
+INFO_FILE = (
+    "distill_info.json"  # every setting and metric of the run; written last, so a student without it is not finished
+)
 EVALUATION_HEADING = "## Evaluation"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
@@ -34,29 +36,52 @@ def render(info: dict, evaluations: str = "") -> str:
     summary = info["cache_summary"]
     refinement = info.get("refinement") or {}
     holdout = info.get("metrics", {}).get("holdout", {})
-    agreement = f"{holdout['agreement']:.4f} on {holdout['examples']} held-out texts" if "agreement" in holdout else "not measured (no held-out rows)"
+    agreement = (
+        f"{holdout['agreement']:.4f} on {holdout['examples']} held-out texts"
+        if "agreement" in holdout
+        else "not measured (no held-out rows)"
+    )
     if refinement.get("method"):
-        refined = (f"label-free refinement of the teacher's targets (`{refinement['method']}`, {refinement['rounds']} rounds; "
-                   f"the refined labels agree with the teacher's on {refinement['agreement_with_teacher']:.1%} of the texts"
-                   + (f"; confidence fitted to the teacher's labels, kappa {refinement['kappa']:.1f}" if "rounds_kappa" in refinement else "")
-                   + ("; embeddings centred on the corpus mean" if refinement.get("center") else "") + ")")
+        refined = (
+            f"label-free refinement of the teacher's targets (`{refinement['method']}`, {refinement['rounds']} rounds; "
+            f"the refined labels agree with the teacher's on {refinement['agreement_with_teacher']:.1%} of the texts"
+            + (
+                f"; confidence fitted to the teacher's labels, kappa {refinement['kappa']:.1f}"
+                if "rounds_kappa" in refinement
+                else ""
+            )
+            + ("; embeddings centred on the corpus mean" if refinement.get("center") else "")
+            + ")"
+        )
     else:
         refined = f"none ({refinement.get('reason', 'not recorded')})"
     balance = info.get("balance") or {}
     balanced = "none: every row once an epoch"
     if balance.get("applied"):
         power = balance.get("power", 1.0)
-        balanced = f"{balance['method']} (" + ("every class of the targets drawn equally often" if power == 1 else f"class shares by class size to the power {1 - power:g}") + ")"
+        balanced = (
+            f"{balance['method']} ("
+            + (
+                "every class of the targets drawn equally often"
+                if power == 1
+                else f"class shares by class size to the power {1 - power:g}"
+            )
+            + ")"
+        )
     head = info.get("head_learning_rate") or {}
-    head_rate = (f"{head['factor']:g} x the learning rate for the new head ({', '.join(f'`{p}`' for p in head['parameters'])})"
-                 if head.get("parameters") and head.get("factor", 1) != 1 else "the learning rate for every parameter")
+    head_rate = (
+        f"{head['factor']:g} x the learning rate for the new head ({', '.join(f'`{p}`' for p in head['parameters'])})"
+        if head.get("parameters") and head.get("factor", 1) != 1
+        else "the learning rate for every parameter"
+    )
     classes = ", ".join(f"`{name}`" for name in summary["class_names"])
     lines = [
         "# A zero-shot classifier, distilled",
         "",
         f"A {'multi' if info['multi_label'] else 'single'}-label text classifier distilled with "
         f"zsdistill from the zero-shot teacher `{summary['teacher']}` "
-        f"({summary['teacher_kind']}), without labeled data: the teacher scored {summary['num_examples']:,} unlabeled texts "
+        f"({summary['teacher_kind']}), without labeled data: the teacher scored {summary['num_examples']:,} unlabeled "
+        f"texts "
         f"once, and this student learned its scores. It classifies a text in one forward pass.",
         "",
         "| | |",
@@ -94,13 +119,17 @@ def _serving_lines(export: dict | None) -> list[str]:
     if not export:
         return []
     files = export["files"]
-    rows = [f"| `{f['file']}` | {precision} | {f['size_mb']} MB | {f['agreement']:.4f} | {f['max_probability_difference']:.4f} |"
-            for precision, f in files.items()]
+    rows = [
+        f"| `{f['file']}` | {precision} | {f['size_mb']} MB | {f['agreement']:.4f} | "
+        f"{f['max_probability_difference']:.4f} |"
+        for precision, f in files.items()
+    ]
     return [
         "## Serving with ONNX Runtime",
         "",
         f"Exported with onnxruntime {export['versions']['onnxruntime']} (opset {export['versions']['opset']}); "
-        f"{export['quantization']}. Parity with the PyTorch student on {export['parity_texts']} {export['parity_source']}:",
+        f"{export['quantization']}. Parity with the PyTorch student on {export['parity_texts']} "
+        f"{export['parity_source']}:",
         "",
         "| file | precision | size | agreement | largest probability difference |",
         "| --- | --- | --- | --- | --- |",
@@ -112,10 +141,12 @@ def _serving_lines(export: dict | None) -> list[str]:
         "",
         'tokenizer = transformers.AutoTokenizer.from_pretrained("<this model\'s directory>")',
         'session = onnxruntime.InferenceSession("<this model\'s directory>/onnx/model_quantized.onnx")',
-        'logits = session.run(["logits"], dict(tokenizer(["Your text here."], padding=True, truncation=True, return_tensors="np")))[0]',
+        'logits = session.run(["logits"], dict(tokenizer(["Your text here."], padding=True, truncation=True, '
+        'return_tensors="np")))[0]',
         "```",
         "",
-        f"The logits are the PyTorch student's, calibration included: their {export['probabilities']} gives its probabilities.",
+        f"The logits are the PyTorch student's, calibration included: their {export['probabilities']} gives its "
+        f"probabilities.",
         "",
     ]
 
@@ -138,7 +169,9 @@ def write(directory: str, info: dict) -> None:
         f.write(render(info))
 
 
-def add_evaluation(directory: str, test_set: str, metrics: dict, multi_label: bool, refined_teacher: dict | None, teacher: dict | None) -> bool:
+def add_evaluation(
+    directory: str, test_set: str, metrics: dict, multi_label: bool, refined_teacher: dict | None, teacher: dict | None
+) -> bool:
     """Add (or replace) the card's evaluation section with one test set's results. Touches nothing else in the
     directory. Returns False when there is no card to extend or the directory is not writable."""
     path = os.path.join(directory, CARD_FILE)
@@ -146,9 +179,17 @@ def add_evaluation(directory: str, test_set: str, metrics: dict, multi_label: bo
         return False
     with open(path) as f:
         text = f.read()
-    keys = [("subset accuracy", "subset_accuracy"), ("micro-F1", "micro_f1")] if multi_label else [("accuracy", "accuracy")]
+    keys = (
+        [("subset accuracy", "subset_accuracy"), ("micro-F1", "micro_f1")]
+        if multi_label
+        else [("accuracy", "accuracy")]
+    )
     keys += [("macro-F1", "macro_f1"), ("ECE (15 bins)", "ece")]
-    columns = [("student", metrics)] + ([("zero-shot teacher", teacher)] if teacher else []) + ([("refined teacher", refined_teacher)] if refined_teacher else [])
+    columns = (
+        [("student", metrics)]
+        + ([("zero-shot teacher", teacher)] if teacher else [])
+        + ([("refined teacher", refined_teacher)] if refined_teacher else [])
+    )
     section = [
         EVALUATION_HEADING,
         "",

@@ -2,7 +2,8 @@
 
 Supported inputs: `.txt` (one example per line, blank lines skipped), `.csv`, `.jsonl`/`.json` (one
 object per line), `.parquet`; labeled sets also `.tsv` (`label<TAB>text`). Unlabeled texts also come from a
-directory or glob of such files, a `datasets` save_to_disk directory, or `datasets.load_dataset` (streaming). Every problem is raised as a
+directory or glob of such files, a `datasets` save_to_disk directory, or `datasets.load_dataset` (streaming). Every
+problem is raised as a
 UserError naming the file and line/row.
 """
 
@@ -51,7 +52,8 @@ def _decode(raw: bytes, path: str, line_number: int, errors: str) -> str:
 def _table_column(table_path: str, columns: list[str], column: str, flag: str) -> None:
     if column not in columns:
         raise UserError(
-            f"{table_path} has no column {column!r} (it has: {', '.join(map(repr, columns))}); pass {flag} with one of them"
+            f"{table_path} has no column {column!r} (it has: {', '.join(map(repr, columns))}); pass {flag} with one "
+            f"of them"
         )
 
 
@@ -96,9 +98,13 @@ def _iter_tabular_rows(path: str, suffix: str, columns: list[str], encoding_erro
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise UserError(f"{path}, line {line_number}: not valid JSON ({e.msg}); expected one object per line") from None
+                    raise UserError(
+                        f"{path}, line {line_number}: not valid JSON ({e.msg}); expected one object per line"
+                    ) from None
                 if not isinstance(row, dict):
-                    raise UserError(f"{path}, line {line_number}: expected a JSON object per line, got {type(row).__name__}")
+                    raise UserError(
+                        f"{path}, line {line_number}: expected a JSON object per line, got {type(row).__name__}"
+                    )
                 for column in columns:
                     if column not in row:
                         raise UserError(
@@ -121,7 +127,10 @@ def data_files(path: str) -> list[str]:
     if not os.path.exists(path) and glob.has_magic(path):
         matches = sorted(m for m in glob.glob(path, recursive=True) if os.path.isfile(m))
         if not matches:
-            raise UserError(f"data file pattern {path!r} matches no file: check the pattern (quote it so the shell leaves it to zsdistill)")
+            raise UserError(
+                f"data file pattern {path!r} matches no file: check the pattern (quote it so the shell leaves it to "
+                f"zsdistill)"
+            )
         for match in matches:
             _suffix(match, TEXT_FORMATS, "data file")
         return matches
@@ -129,9 +138,16 @@ def data_files(path: str) -> list[str]:
         found = []
         for root, directories, names in os.walk(path):
             directories[:] = sorted(d for d in directories if not d.startswith((".", "_")))
-            found += [os.path.join(root, n) for n in names if not n.startswith((".", "_")) and os.path.splitext(n)[1].lower() in TEXT_FORMATS]
+            found += [
+                os.path.join(root, n)
+                for n in names
+                if not n.startswith((".", "_")) and os.path.splitext(n)[1].lower() in TEXT_FORMATS
+            ]
         if not found:
-            raise UserError(f"data directory {path!r} holds no {'/'.join(TEXT_FORMATS)} file; give a file, a directory of them, or a glob")
+            raise UserError(
+                f"data directory {path!r} holds no {'/'.join(TEXT_FORMATS)} file; give a file, a directory of them, "
+                f"or a glob"
+            )
         return sorted(found, key=lambda f: os.path.relpath(f, path).split(os.sep))
     return [path]
 
@@ -151,7 +167,12 @@ def _saved_dataset_blocks(path: str, text_column: str) -> Iterator[tuple[int, Ca
             reader = ipc.open_stream(f)
             _table_column(path, reader.schema.names, text_column, "--text_column")
             for batch in reader:
-                yield batch.num_rows, lambda batch=batch, first_row=first_row: _checked(batch.column(text_column).to_pylist(), path, text_column, first_row)
+                yield (
+                    batch.num_rows,
+                    lambda batch=batch, first_row=first_row: _checked(
+                        batch.column(text_column).to_pylist(), path, text_column, first_row
+                    ),
+                )
                 first_row += batch.num_rows
 
 
@@ -159,11 +180,16 @@ def _checked(texts: list, path: str, text_column: str, first_row: int) -> list[s
     """`texts`, rows first_row + 1... of `path`, once each is a non-empty string."""
     for index, text in enumerate(texts):
         if not isinstance(text, str) or not text.strip():
-            raise UserError(f"{path}, row {first_row + index + 1}: column {text_column!r} is empty or not a string; every row must hold a text")
+            raise UserError(
+                f"{path}, row {first_row + index + 1}: column {text_column!r} is empty or not a string; every row "
+                f"must hold a text"
+            )
     return texts
 
 
-def iter_dataset(name: str, config: str | None, split: str | None, text_column: str, rows: list[tuple[int, int]] | None = None) -> Iterator[str]:
+def iter_dataset(
+    name: str, config: str | None, split: str | None, text_column: str, rows: list[tuple[int, int]] | None = None
+) -> Iterator[str]:
     """The text column of `datasets.load_dataset(name, config, split=split, streaming=True)`: hub ids for users with
     the hub, and whatever else load_dataset reads (local data directories, a builder such as 'parquet' with files).
     With `rows` (as iter_texts), only those rows are yielded (a stream is read through, but the others are skipped)."""
@@ -172,18 +198,29 @@ def iter_dataset(name: str, config: str | None, split: str | None, text_column: 
     try:
         loaded = datasets.load_dataset(name, config, split=split, streaming=True)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as e:
-        raise UserError(f"--dataset {name!r}: cannot load it ({str(e).splitlines()[0][:300]}); check the name, --dataset_config and --dataset_split") from None
+        raise UserError(
+            f"--dataset {name!r}: cannot load it ({str(e).splitlines()[0][:300]}); check the name, --dataset_config "
+            f"and --dataset_split"
+        ) from None
     if isinstance(loaded, (datasets.IterableDatasetDict, datasets.DatasetDict)):
-        raise UserError(f"--dataset {name!r} has splits {', '.join(map(repr, loaded))}: pass --dataset_split with one of them")
+        raise UserError(
+            f"--dataset {name!r} has splits {', '.join(map(repr, loaded))}: pass --dataset_split with one of them"
+        )
     wanted = row_filter(rows)
     for index, row in enumerate(loaded):
         if not wanted(index, index + 1):
             continue
         if text_column not in row:
-            raise UserError(f"--dataset {name!r} has no column {text_column!r} (it has: {', '.join(map(repr, row))}); pass --text_column with one of them")
+            raise UserError(
+                f"--dataset {name!r} has no column {text_column!r} (it has: {', '.join(map(repr, row))}); pass "
+                f"--text_column with one of them"
+            )
         text = row[text_column]
         if not isinstance(text, str) or not text.strip():
-            raise UserError(f"--dataset {name!r}: a row of column {text_column!r} is empty or not a string; every row must hold a text")
+            raise UserError(
+                f"--dataset {name!r}: a row of column {text_column!r} is empty or not a string; every row must hold a "
+                f"text"
+            )
         yield text
 
 
@@ -203,11 +240,17 @@ def row_filter(rows: list[tuple[int, int]] | None) -> Callable[[int, int], bool]
     def wanted(start: int, stop: int) -> bool:
         i = bisect.bisect_left(starts, stop) - 1
         return i >= 0 and ends[i] > start
+
     return wanted
 
 
-def iter_texts(path: str, text_column: str = "text", encoding_errors: str = "strict", rows: list[tuple[int, int]] | None = None,
-               file_rows: list[int] | None = None) -> Iterator[str]:
+def iter_texts(
+    path: str,
+    text_column: str = "text",
+    encoding_errors: str = "strict",
+    rows: list[tuple[int, int]] | None = None,
+    file_rows: list[int] | None = None,
+) -> Iterator[str]:
     """Yield the examples' texts in reading order, one at a time: a file, every file of a directory or glob in
     sorted order (see data_files), or a save_to_disk dataset.
 
@@ -226,11 +269,15 @@ def iter_texts(path: str, text_column: str = "text", encoding_errors: str = "str
         for count, read in _text_blocks(file, text_column, encoding_errors):
             if wanted(position, position + count):
                 texts = read()
-                yield from (texts if rows is None else (t for row, t in enumerate(texts, position) if wanted(row, row + 1)))
+                yield from (
+                    texts if rows is None else (t for row, t in enumerate(texts, position) if wanted(row, row + 1))
+                )
             position += count
 
 
-def _text_blocks(path: str, text_column: str, encoding_errors: str) -> Iterator[tuple[int, Callable[[], Iterable[str]]]]:
+def _text_blocks(
+    path: str, text_column: str, encoding_errors: str
+) -> Iterator[tuple[int, Callable[[], Iterable[str]]]]:
     """One input's texts as blocks: (rows in the block, a function returning them). A parquet row group is read only
     when its function is called (a batch at a time); other formats are read as they go, a block of lines at a time."""
     if os.path.isdir(path):
@@ -244,7 +291,9 @@ def _text_blocks(path: str, text_column: str, encoding_errors: str) -> Iterator[
             raise UserError(f"{path}: not a readable parquet file ({e})") from None
         _table_column(path, parquet.schema_arrow.names, text_column, "--text_column")
 
-        def read_group(group: int, first_row: int) -> Iterator[str]:  # a batch at a time: row groups can hold a million rows
+        def read_group(
+            group: int, first_row: int
+        ) -> Iterator[str]:  # a batch at a time: row groups can hold a million rows
             for batch in parquet.iter_batches(row_groups=[group], columns=[text_column], batch_size=4096):
                 texts = batch.column(0).to_pylist()
                 yield from _checked(texts, path, text_column, first_row)
@@ -278,12 +327,20 @@ def _iter_file_texts(path: str, suffix: str, text_column: str, encoding_errors: 
         text = row[text_column]
         where = f"line {row['_line']}" if "_line" in row else f"row {index + 1}"
         if not isinstance(text, str) or not text.strip():
-            raise UserError(f"{path}, {where}: column {text_column!r} is empty or not a string; every row must hold a text")
+            raise UserError(
+                f"{path}, {where}: column {text_column!r} is empty or not a string; every row must hold a text"
+            )
         yield text
 
 
-def scan_texts(path: str, text_column: str = "text", encoding_errors: str = "strict", texts: Iterator[str] | None = None,
-               text_hashes: "array.array | None" = None, file_rows: list[int] | None = None) -> tuple[int, str]:
+def scan_texts(
+    path: str,
+    text_column: str = "text",
+    encoding_errors: str = "strict",
+    texts: Iterator[str] | None = None,
+    text_hashes: "array.array | None" = None,
+    file_rows: list[int] | None = None,
+) -> tuple[int, str]:
     """One streaming pass: validate every row, count them, and fingerprint the texts (of `path`, or of `texts`).
 
     The fingerprint hashes the texts themselves (length-prefixed), so the same texts in another file
@@ -293,7 +350,9 @@ def scan_texts(path: str, text_column: str = "text", encoding_errors: str = "str
     """
     digest = hashlib.sha256()
     count = 0
-    sources = [texts] if texts is not None else (iter_texts(file, text_column, encoding_errors) for file in data_files(path))
+    sources = (
+        [texts] if texts is not None else (iter_texts(file, text_column, encoding_errors) for file in data_files(path))
+    )
     for source in sources:
         rows_before = count
         for text in source:
@@ -301,7 +360,9 @@ def scan_texts(path: str, text_column: str = "text", encoding_errors: str = "str
             digest.update(len(encoded).to_bytes(8, "little"))
             digest.update(encoded)
             if text_hashes is not None:
-                text_hashes.append(int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little", signed=True))
+                text_hashes.append(
+                    int.from_bytes(hashlib.blake2b(encoded, digest_size=8).digest(), "little", signed=True)
+                )
             count += 1
         if file_rows is not None and texts is None:
             file_rows.append(count - rows_before)
@@ -340,7 +401,9 @@ def read_class_names(path: str) -> list[str]:
         if not name:
             raise UserError(f"{path}, line {line_number}: blank class name; remove the empty line")
         if name in seen:
-            raise UserError(f"{path}, line {line_number}: duplicate class name {name!r} (also on line {seen[name]}); remove one")
+            raise UserError(
+                f"{path}, line {line_number}: duplicate class name {name!r} (also on line {seen[name]}); remove one"
+            )
         seen[name] = line_number
     return lines
 
@@ -350,11 +413,14 @@ def check_template(template: str) -> None:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
-        raise UserError(f"--hypothesis_template {template!r} is not a valid format string ({e}); use one {{}} for the class name") from None
+        raise UserError(
+            f"--hypothesis_template {template!r} is not a valid format string ({e}); use one {{}} for the class name"
+        ) from None
     if len(fields) != 1 or fields[0] != "":
         raise UserError(
             f"--hypothesis_template {template!r} must contain exactly one '{{}}' placeholder for the class name "
-            f"(found {len(fields)}{': ' + ', '.join(repr('{' + f + '}') for f in fields) if fields else ''}), e.g. 'This example is {{}}.'"
+            f"(found {len(fields)}{': ' + ', '.join(repr('{' + f + '}') for f in fields) if fields else ''}), e.g. "
+            f"'This example is {{}}.'"
         )
 
 
@@ -385,7 +451,8 @@ def read_labeled(path: str, text_column: str = "text", label_column: str = "labe
                     label = json.loads(label)  # a list stored as JSON text in a CSV cell
                 except json.JSONDecodeError:
                     raise UserError(
-                        f"{path}, {where}: label {label[:60]!r} starts with '[' but is not a JSON list; write several labels "
+                        f"{path}, {where}: label {label[:60]!r} starts with '[' but is not a JSON list; write several "
+                        f"labels "
                         f'as ["a", "b"], or quote a single label that starts with a bracket differently'
                     ) from None
             if isinstance(label, list) and not all(isinstance(name, str) for name in label):

@@ -30,7 +30,9 @@ def writing_to(directory: str, what: str, advice: str) -> Iterator[None]:
     except OSError as e:
         if e.errno not in WRITE_ERRNOS:
             raise
-        raise UserError(f"cannot write {what} in {os.path.abspath(directory)}: {os.strerror(e.errno)}; {advice}") from None
+        raise UserError(
+            f"cannot write {what} in {os.path.abspath(directory)}: {os.strerror(e.errno)}; {advice}"
+        ) from None
 
 
 def run_cli(main: Callable[..., Any]) -> None:

@@ -69,7 +69,11 @@ class PairEncoder:
         premise = premise[: self.premise_budget(len(hypothesis))]
         ids = self.prefix + premise + self.middle + hypothesis + self.suffix
         types = (
-            self.prefix_types + [self.first_type] * len(premise) + self.middle_types + [self.second_type] * len(hypothesis) + self.suffix_types
+            self.prefix_types
+            + [self.first_type] * len(premise)
+            + self.middle_types
+            + [self.second_type] * len(hypothesis)
+            + self.suffix_types
         )
         return ids, types
 
@@ -154,7 +158,9 @@ def nli_logits(
     hypothesis_lengths = np.array([len(h) for h in hypothesis_ids])
     budgets = np.array([encoder.premise_budget(length) for length in hypothesis_lengths])
     premise_lengths = np.array([len(p) for p in premise_ids])
-    pair_lengths = (np.minimum(premise_lengths[:, None], budgets[None, :]) + hypothesis_lengths[None, :] + encoder.num_special).reshape(-1)
+    pair_lengths = (
+        np.minimum(premise_lengths[:, None], budgets[None, :]) + hypothesis_lengths[None, :] + encoder.num_special
+    ).reshape(-1)
     out = np.empty((n * k, model.config.num_labels), dtype=np.float32)
     # Logits stay on the device until the end: copying each batch back would make the CPU wait for the GPU,
     # where now it builds and queues the next batch while the GPU computes this one.
@@ -191,7 +197,9 @@ def embed(
 ) -> np.ndarray:
     """L2-normalised sentence embeddings (n, hidden), float32, pooled as sentence-transformers does."""
     ids = tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False)["input_ids"]
-    return embed_ids(model, ids, tokenizer.pad_token_id or 0, max_items, max_tokens, pooling, precision, stats, on_batch)
+    return embed_ids(
+        model, ids, tokenizer.pad_token_id or 0, max_items, max_tokens, pooling, precision, stats, on_batch
+    )
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "mean") -> torch.Tensor:
@@ -237,9 +245,12 @@ def embed_ids(
     return out
 
 
-# ---------------------------------------------------------------- long texts as overlapping windows (--chunk_long_texts)
+# ---------------------------------------------------------------- long texts as overlapping windows
+# (--chunk_long_texts)
 
-WINDOW_OVERLAP = 0.25  # each window repeats the last quarter of the one before: a sentence cut by one is whole in the next
+WINDOW_OVERLAP = (
+    0.25  # each window repeats the last quarter of the one before: a sentence cut by one is whole in the next
+)
 
 
 def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
@@ -269,7 +280,9 @@ def windows_of(texts_ids: list[list[int]], size: int) -> tuple[list[list[int]], 
     return flat, np.array(owners, dtype=np.int64)
 
 
-def aggregate_nli(logits: np.ndarray, owners: np.ndarray, num_texts: int, entailment: int, contradiction: int) -> np.ndarray:
+def aggregate_nli(
+    logits: np.ndarray, owners: np.ndarray, num_texts: int, entailment: int, contradiction: int
+) -> np.ndarray:
     """(windows, K, labels) -> (texts, K, labels): per text and class, every label's logits from the window that
     entails the class most (the largest entailment - contradiction margin). One rule serves single-label targets
     (a class is as supported as its best passage) and multi-label ones (each class judged on its best passage)."""

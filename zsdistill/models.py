@@ -33,6 +33,10 @@ def resolve_max_length(tokenizer, model, max_length: int | None) -> int:
     positions = getattr(config, "max_position_embeddings", None)
     if positions:
         # RoBERTa-style models offset positions by padding_idx + 1.
-        offset = (getattr(config, "pad_token_id", 0) or 0) + 1 if config.model_type in ("roberta", "xlm-roberta", "camembert") else 0
+        offset = (
+            (getattr(config, "pad_token_id", 0) or 0) + 1
+            if config.model_type in ("roberta", "xlm-roberta", "camembert")
+            else 0
+        )
         limit = min(limit, positions - offset)
     return min(int(max_length), limit) if max_length else limit

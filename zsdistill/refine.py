@@ -14,8 +14,9 @@ Gera et al. 2022):
                      of their own, which unanchored rounds do on hard tasks)
         centroid_k = normalised mean embedding of the kept rows; prior_k = mean of P[:, k]
         P = softmax_k(KAPPA * <x, centroid_k> + log prior_k)
-    then, once: kappa = the value in [MIN_KAPPA(_CENTERED), KAPPA] under which softmax_k(kappa * <x, centroid_k> + log prior_k)
-                gives the teacher's own labels the highest likelihood; the targets are made with it
+    then, once: kappa = the value in [MIN_KAPPA(_CENTERED), KAPPA] under which
+                softmax_k(kappa * <x, centroid_k> + log prior_k) gives the teacher's own labels the highest
+                likelihood; the targets are made with it
 
 Centring keeps generic classes from becoming sinks. Sentence embeddings share a large common direction (every
 text's cosine to the corpus mean is high). The centroid of a class whose texts are spread over many topics (a
@@ -67,7 +68,8 @@ MAX_ROUNDS = 5  # self-training drifts on tasks whose texts do not cluster by cl
 MIN_CHANGE = 0.001
 FILE = "refinement.npz"  # in the student directory: lets evaluate.py show the refined teacher on a test cache
 
-# () -> iterator of (start row, float32 array (rows, H) of L2-normalised embeddings, or of (rows, K) posteriors), in row order.
+# () -> iterator of (start row, float32 array (rows, H) of L2-normalised embeddings, or of (rows, K) posteriors), in
+# row order.
 Chunks = Callable[[], Iterator[tuple[int, np.ndarray]]]
 
 
@@ -94,7 +96,9 @@ class Refinement:
         """Unnormalised log posteriors (rows, K) of texts with these embeddings."""
         return (self.kappa * (self.space(embeddings) @ self.centroids.T) + self.log_priors).astype(np.float32)
 
-    def posterior_chunks(self, embedding_chunks: "Chunks", temperature: float = 1.0) -> Iterator[tuple[int, np.ndarray]]:
+    def posterior_chunks(
+        self, embedding_chunks: "Chunks", temperature: float = 1.0
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, softmax(log scores / T)) chunk by chunk."""
         for start, chunk in embedding_chunks():
             yield start, softmax_rows(self.log_scores(chunk) / temperature)
@@ -144,7 +148,9 @@ def softmax_rows(scores: np.ndarray) -> np.ndarray:
     return scores
 
 
-def _kept_rows(prediction: np.ndarray, confidence: np.ndarray, teacher_prediction: np.ndarray | None, num_classes: int) -> np.ndarray:
+def _kept_rows(
+    prediction: np.ndarray, confidence: np.ndarray, teacher_prediction: np.ndarray | None, num_classes: int
+) -> np.ndarray:
     """Per predicted class, its most confident KEEP_FRACTION rows that the teacher also puts in that class (with
     teacher_prediction None: whatever the teacher says)."""
     kept = np.zeros(len(prediction), dtype=bool)
@@ -160,7 +166,9 @@ def _kept_rows(prediction: np.ndarray, confidence: np.ndarray, teacher_predictio
     return kept
 
 
-def _summaries(chunks: Iterator[tuple[int, np.ndarray]], num_rows: int, num_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _summaries(
+    chunks: Iterator[tuple[int, np.ndarray]], num_rows: int, num_classes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(predicted class, confidence, mean posterior) of posteriors given chunk by chunk: O(N) memory, not O(N*K)."""
     prediction, confidence = np.empty(num_rows, dtype=np.int32), np.empty(num_rows, dtype=np.float32)
     total = np.zeros(num_classes, dtype=np.float64)
@@ -206,14 +214,24 @@ def refine(
         # A class with no kept rows keeps a zero centroid: its score is then its prior alone.
         centroids = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
         log_priors = np.log(np.clip(prior, 1e-12, None)).astype(np.float32)
-        refinement = Refinement(centroids.astype(np.float32, copy=False), log_priors, center=mean, rounds=round_number,
-                                changed=refinement.changed if refinement else [], free_last_round=free)
-        new_prediction, confidence, prior = _summaries(refinement.posterior_chunks(embedding_chunks), num_rows, num_classes)
+        refinement = Refinement(
+            centroids.astype(np.float32, copy=False),
+            log_priors,
+            center=mean,
+            rounds=round_number,
+            changed=refinement.changed if refinement else [],
+            free_last_round=free,
+        )
+        new_prediction, confidence, prior = _summaries(
+            refinement.posterior_chunks(embedding_chunks), num_rows, num_classes
+        )
         changed = float((new_prediction != prediction).mean())
         prediction = new_prediction
         refinement.changed.append(changed)
-        log(f"refinement round {round_number}: {kept.sum()} anchor rows{' (without the anchor)' if free else ''}, "
-            f"{changed:.2%} of predictions moved")
+        log(
+            f"refinement round {round_number}: {kept.sum()} anchor rows{' (without the anchor)' if free else ''}, "
+            f"{changed:.2%} of predictions moved"
+        )
         if free or (changed < MIN_CHANGE and not free_last_round):
             break
         settled = changed < MIN_CHANGE
@@ -222,16 +240,24 @@ def refine(
     similarity = np.empty((num_rows, num_classes), dtype=np.float32)
     for start, chunk in embedding_chunks():
         similarity[start : start + len(chunk)] = refinement.space(chunk) @ refinement.centroids.T
-    refinement.kappa = fit_kappa(similarity, refinement.log_priors, teacher_prediction, MIN_KAPPA if mean is None else MIN_KAPPA_CENTERED)
-    log(f"refinement confidence: kappa {refinement.kappa:.2f}, the most likely for the teacher's own labels "
-        f"(at most {KAPPA:g}: the targets are never more confident than their scores predict the teacher)")
-    for start in range(0, num_rows, 65_536):  # what Refinement.posteriors computes, without reading the embeddings again
+    refinement.kappa = fit_kappa(
+        similarity, refinement.log_priors, teacher_prediction, MIN_KAPPA if mean is None else MIN_KAPPA_CENTERED
+    )
+    log(
+        f"refinement confidence: kappa {refinement.kappa:.2f}, the most likely for the teacher's own labels "
+        f"(at most {KAPPA:g}: the targets are never more confident than their scores predict the teacher)"
+    )
+    for start in range(
+        0, num_rows, 65_536
+    ):  # what Refinement.posteriors computes, without reading the embeddings again
         block = similarity[start : start + 65_536]
         block[:] = softmax_rows((refinement.kappa * block + refinement.log_priors).astype(np.float32) / temperature)
     return similarity, refinement
 
 
-def fit_kappa(similarity: np.ndarray, log_priors: np.ndarray, teacher_prediction: np.ndarray, lowest: float = MIN_KAPPA) -> float:
+def fit_kappa(
+    similarity: np.ndarray, log_priors: np.ndarray, teacher_prediction: np.ndarray, lowest: float = MIN_KAPPA
+) -> float:
     """The kappa in [lowest, KAPPA] that maximises the likelihood of the teacher's predicted labels under
     softmax(kappa * similarity + log prior), similarity being each text's (N, K) cosines to the centroids: how
     sharp the centroid scores may be and still predict the teacher as well as they can."""
@@ -245,7 +271,9 @@ def fit_kappa(similarity: np.ndarray, log_priors: np.ndarray, teacher_prediction
             total += float((np.logaddexp.reduce(scores, axis=1) - scores[np.arange(len(scores)), labels]).sum())
         return total / max(len(similarity), 1)
 
-    best = minimize_scalar(negative_log_likelihood, bounds=(np.log(lowest), np.log(KAPPA)), method="bounded", options={"xatol": 1e-4})
+    best = minimize_scalar(
+        negative_log_likelihood, bounds=(np.log(lowest), np.log(KAPPA)), method="bounded", options={"xatol": 1e-4}
+    )
     return float(np.exp(best.x))
 
 
@@ -267,10 +295,18 @@ def embedding_chunks(cache_path: str, manifest: dict) -> Chunks:
 
 def save(refinement: Refinement, path: str) -> None:
     centring = {} if refinement.center is None else {"center": refinement.center}
-    np.savez(path, centroids=refinement.centroids, log_priors=refinement.log_priors, kappa=np.float32(refinement.kappa), **centring)
+    np.savez(
+        path,
+        centroids=refinement.centroids,
+        log_priors=refinement.log_priors,
+        kappa=np.float32(refinement.kappa),
+        **centring,
+    )
 
 
 def load(path: str) -> Refinement:
     """A saved refinement; files written before centring have no `center` and score as they did."""
     with np.load(path) as f:
-        return Refinement(f["centroids"], f["log_priors"], kappa=float(f["kappa"]), center=f["center"] if "center" in f else None)
+        return Refinement(
+            f["centroids"], f["log_priors"], kappa=float(f["kappa"]), center=f["center"] if "center" in f else None
+        )

@@ -111,7 +111,8 @@ class OnnxClassifier:
 def predict(
     classifier: Callable, tokenizer, texts: list[str], batch_size: int, max_length: int, multi_label: bool
 ) -> tuple[np.ndarray, float]:
-    """Class probabilities and texts/second (tokenization included), length-sorted batches, one warm-up batch untimed."""
+    """Class probabilities and texts/second (tokenization included), length-sorted batches, one warm-up batch
+    untimed."""
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
     lengths = np.array([len(ids) for ids in encoded["input_ids"]])
     batches = inference.length_sorted_batches(lengths, batch_size, batch_size * max_length)
@@ -238,11 +239,13 @@ def export_student(model_dir: str, parity_texts: list[str], parity_source: str, 
             if measured["agreement"] < MIN_AGREEMENT[precision]:
                 warnings.append(
                     f"{precision} ONNX agrees with the PyTorch student on {measured['agreement']:.2%} of "
-                    f"{len(texts)} {parity_source}, below {MIN_AGREEMENT[precision]:.1%}: check its accuracy before serving it"
+                    f"{len(texts)} {parity_source}, below {MIN_AGREEMENT[precision]:.1%}: check its accuracy before "
+                    f"serving it"
                 )
             log(
                 f"{precision}: {files[precision]['file']} ({files[precision]['size_mb']} MB), agreement with PyTorch "
-                f"{measured['agreement']:.4f}, largest probability difference {measured['max_probability_difference']:.4f}"
+                f"{measured['agreement']:.4f}, largest probability difference "
+                f"{measured['max_probability_difference']:.4f}"
             )
         for warning in warnings:
             log(f"warning: {warning}")

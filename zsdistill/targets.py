@@ -49,7 +49,8 @@ def similarity_targets(similarity: np.ndarray, temperature: float = 1.0, scale: 
 
 
 def teacher_probabilities(columns: dict[str, np.ndarray], multi_label: bool, temperature: float = 1.0) -> np.ndarray:
-    """Targets from a cache's logit columns: NLI caches hold `entailment`/`contradiction`, embedding caches `similarity`."""
+    """Targets from a cache's logit columns: NLI caches hold `entailment`/`contradiction`, embedding caches
+    `similarity`."""
     if "similarity" in columns:
         if multi_label:
             raise UserError(
@@ -62,14 +63,29 @@ def teacher_probabilities(columns: dict[str, np.ndarray], multi_label: bool, tem
     return single_label_targets(columns["entailment"], temperature)
 
 
-def cache_probability_chunks(cache_path: str, manifest: dict, multi_label: bool, temperature: float = 1.0) -> Iterator[tuple[int, np.ndarray]]:
+def cache_probability_chunks(
+    cache_path: str, manifest: dict, multi_label: bool, temperature: float = 1.0
+) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, teacher_probabilities) for each shard of a cache, reading only the columns the targets need."""
     from zsdistill import cache
 
     width = len(manifest["class_names"])
-    needed = ["similarity"] if "similarity" in manifest["score_columns"] else ["entailment", "contradiction"] if multi_label else ["entailment"]
+    needed = (
+        ["similarity"]
+        if "similarity" in manifest["score_columns"]
+        else ["entailment", "contradiction"]
+        if multi_label
+        else ["entailment"]
+    )
     for start, table in cache.iter_shards(cache_path, manifest, needed):
-        yield start, teacher_probabilities({name: cache.list_column_to_numpy(table.column(name), width) for name in needed}, multi_label, temperature)
+        yield (
+            start,
+            teacher_probabilities(
+                {name: cache.list_column_to_numpy(table.column(name), width) for name in needed},
+                multi_label,
+                temperature,
+            ),
+        )
 
 
 def cache_probabilities(cache_path: str, manifest: dict, multi_label: bool, temperature: float = 1.0) -> np.ndarray:

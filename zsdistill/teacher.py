@@ -22,7 +22,16 @@ from zsdistill.errors import UserError
 
 # A hub id is `name` or `org/name`; anything else that does not exist locally is a wrong path.
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-WEIGHT_FILES = ("config.json", "*.safetensors", "*.bin", "tokenizer.json", "vocab.txt", "vocab.json", "merges.txt", "*.model")
+WEIGHT_FILES = (
+    "config.json",
+    "*.safetensors",
+    "*.bin",
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "*.model",
+)
 
 
 @dataclass
@@ -66,7 +75,19 @@ def _fetch_from_hub(name: str, revision: str | None) -> tuple[str, str]:
     """Download (or find in the local hub cache) a hub model; return its directory and commit."""
     import huggingface_hub
 
-    ignore = ["*.h5", "*.msgpack", "*.onnx", "*.ot", "*.tflite", "onnx/*", "openvino/*", "coreml/*", "flax_*", "tf_*", "rust_*"]
+    ignore = [
+        "*.h5",
+        "*.msgpack",
+        "*.onnx",
+        "*.ot",
+        "*.tflite",
+        "onnx/*",
+        "openvino/*",
+        "coreml/*",
+        "flax_*",
+        "tf_*",
+        "rust_*",
+    ]
     try:
         files = huggingface_hub.list_repo_files(name, revision=revision)
         if any(f.endswith(".safetensors") for f in files):
@@ -78,7 +99,8 @@ def _fetch_from_hub(name: str, revision: str | None) -> tuple[str, str]:
     except Exception as e:
         raise UserError(
             f"teacher {name!r} is not a local directory, and fetching it from the Hugging Face hub failed "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the name, your network, or pass a local path"
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check the name, your network, or pass "
+            f"a local path"
         ) from None
     return path, "hub:" + name + "@" + os.path.basename(os.path.normpath(path))
 
@@ -94,7 +116,9 @@ def _column_name(label: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", label.lower()).strip("_") or "label"
 
 
-def resolve_teacher(name_or_path: str, revision: str | None = None, kind: str | None = None, trust_remote_code: bool = False) -> Teacher:
+def resolve_teacher(
+    name_or_path: str, revision: str | None = None, kind: str | None = None, trust_remote_code: bool = False
+) -> Teacher:
     """Find the teacher, fingerprint it and work out its kind and labels, from its config alone (no weights)."""
     from transformers import AutoConfig
 
@@ -116,7 +140,9 @@ def resolve_teacher(name_or_path: str, revision: str | None = None, kind: str | 
         config = AutoConfig.from_pretrained(local_path, trust_remote_code=trust_remote_code)
     except Exception as e:
         hint = " (pass --trust_remote_code if you trust its code)" if "trust_remote_code" in str(e) else ""
-        raise UserError(f"teacher {name_or_path!r}: cannot read its config.json ({str(e).splitlines()[0]}){hint}") from None
+        raise UserError(
+            f"teacher {name_or_path!r}: cannot read its config.json ({str(e).splitlines()[0]}){hint}"
+        ) from None
 
     labels = {int(k): v for k, v in (config.id2label or {}).items()}
     entailment = _find_label(labels, "entail")
@@ -181,7 +207,9 @@ def load_model(teacher: Teacher, device: torch.device, trust_remote_code: bool =
     model_class = AutoModelForSequenceClassification if teacher.kind == "nli" else AutoModel
     try:
         tokenizer = AutoTokenizer.from_pretrained(teacher.local_path, trust_remote_code=trust_remote_code)
-        model = model_class.from_pretrained(teacher.local_path, trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+        model = model_class.from_pretrained(
+            teacher.local_path, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+        )
     except (OSError, ValueError) as e:
         raise UserError(f"teacher {teacher.name_or_path!r}: cannot load it ({str(e).splitlines()[0]})") from None
     model.eval().to(device)
@@ -193,7 +221,11 @@ def load_tokenizer(teacher: Teacher, trust_remote_code: bool = False):
     from transformers import AutoConfig, AutoTokenizer
 
     try:
-        return (AutoTokenizer.from_pretrained(teacher.local_path, trust_remote_code=trust_remote_code),
-                AutoConfig.from_pretrained(teacher.local_path, trust_remote_code=trust_remote_code))
+        return (
+            AutoTokenizer.from_pretrained(teacher.local_path, trust_remote_code=trust_remote_code),
+            AutoConfig.from_pretrained(teacher.local_path, trust_remote_code=trust_remote_code),
+        )
     except (OSError, ValueError) as e:
-        raise UserError(f"teacher {teacher.name_or_path!r}: cannot load its tokenizer ({str(e).splitlines()[0]})") from None
+        raise UserError(
+            f"teacher {teacher.name_or_path!r}: cannot load its tokenizer ({str(e).splitlines()[0]})"
+        ) from None
