@@ -26,6 +26,7 @@ from zsdistill import __version__, adapt, card, serving, targets
 from zsdistill import refine as refine_mod  # `refine` is the CLI flag
 from zsdistill import cache as teacher_cache  # `cache` is the CLI flag
 from zsdistill.errors import UserError, run_cli, writing_to
+from zsdistill.options import cli, option, whole_number
 from zsdistill.models import resolve_max_length
 from zsdistill.targets import holdout_split
 
@@ -35,6 +36,145 @@ MIN_BALANCED_PRIOR = 0.1  # balanced distillation upweights a class at most as i
 # The new head starts from random values and the body from pretrained ones: at the body's usual rates (5e-5) the head
 # barely moves in 2 epochs and the student under-fits its targets, the rarer classes first (benchmarks/README.md).
 HEAD_LEARNING_RATE_FACTOR = 100.0
+
+
+@dataclasses.dataclass
+class StudentOptions:
+    """train_student.py's flags, checked once; every transformers.TrainingArguments field passes through beside them."""
+
+    cache: str = option(help="a cache directory printed by teacher_infer.py.")
+    output_dir: str = option(help="where the student (a standard Hugging Face classifier) is saved.")
+    student_name_or_path: str = option("distilbert-base-uncased", "the student's base model (hub id or directory).")
+    temperature: float = option(1.0, "softens (T>1) or sharpens (T<1) the teacher's distribution before training.")
+    multi_label: bool = option(
+        False, "multi-label targets: each class independently (entailment vs contradiction), BCE loss."
+    )
+    multi_class: bool | None = option(None, "the reference script's name for --multi_label (an alias).")
+    refine: bool = option(
+        True,
+        "refine the teacher's targets without labels in the cache's text-embedding space (default; see "
+        "zsdistill/refine.py); --norefine (or --refine False) trains on the teacher's targets as they are.",
+    )
+    refine_center: bool = option(
+        True,
+        "refine with the corpus mean embedding removed (default), so a generic class's centroid does not draw every "
+        "text to it. --norefine_center --norefine_free_last_round give the previous release's refinement.",
+    )
+    refine_free_last_round: bool = option(
+        True,
+        "the last refinement round without the teacher anchor (default), so a class's centroid also takes in its "
+        "surest texts that the teacher put elsewhere; --norefine_free_last_round anchors every round.",
+    )
+    adapt_rounds: int = option(
+        0,
+        "rounds of adaptation before refining (default 0: none): fine-tune the cache's embedding model on "
+        "refinement's surest texts with the zero-shot loss, re-embed the texts, refine there (zsdistill/adapt.py). "
+        "Cached beside the teacher cache, so a second run with the same settings trains nothing. Off by default, as it "
+        'helps some tasks and hurts others (benchmarks/README.md, "Adaptation").',
+    )
+    adapt_fraction: float = option(
+        adapt.AdaptSettings.fraction, "each refined class's surest share of texts that adaptation trains on."
+    )
+    adapt_mask_class_names: bool = option(
+        adapt.AdaptSettings.mask_class_names,
+        "remove the class names' words from those texts (Gera et al.'s token masking).",
+    )
+    balance: bool | float = option(
+        True,
+        "balanced distillation (default): draw training rows as often as their classes are rare in the targets, so "
+        "the student learns every class they teach whatever the learning rate; each row keeps its own soft target, "
+        "so confidence is unchanged. --nobalance (or --balance False) draws every row once an epoch. A number in "
+        "(0, 1] sets the balancing power (1, the same as True, gives every class an equal share and 0.5 shares in "
+        "proportion to the square root of each class's rows).",
+    )
+    head_learning_rate_factor: float = option(
+        HEAD_LEARNING_RATE_FACTOR,
+        "the new head's learning rate as a multiple of --learning_rate (1: the head learns at the body's rate).",
+    )
+    calibrate: bool | None = option(
+        None,
+        "after training, rescale the student's logits so its confidence matches its targets on the held-out rows "
+        "(one temperature folded into the classifier head; needs --holdout_fraction > 0). Default: on when "
+        "refining, so --norefine alone gives the plain distillation of the reference script.",
+    )
+    holdout_fraction: float = option(
+        0.05, "fraction of the cache held out (deterministically) to measure student-teacher agreement."
+    )
+    max_holdout_examples: int = option(
+        10_000, "at most this many held-out rows (10,000 measure agreement to about +-1%; more only cost time)."
+    )
+    max_length: int | None = option(
+        None, "truncate student inputs to this many tokens (default: the student's maximum)."
+    )
+    overwrite_output_dir: bool = option(False, "replace a non-empty output_dir instead of refusing.")
+    trust_remote_code: bool = option(False, "allow models whose code lives in their hub repository.")
+    export: str | None = option(
+        None,
+        "`onnx`: after saving, also export the student for ONNX Runtime (onnx/model.onnx fp32 and "
+        "onnx/model_quantized.onnx int8), parity-checked against it on the held-out rows (export_student.py does the "
+        "same for a student trained earlier; needs pip install 'zsdistill[onnx]').",
+    )
+
+    def __post_init__(self):
+        self.cache, self.output_dir, self.student_name_or_path = map(
+            str, (self.cache, self.output_dir, self.student_name_or_path)
+        )
+        self.temperature = targets.check_temperature(self.temperature)
+        if self.multi_class is not None:  # the alias
+            if self.multi_label and not self.multi_class:
+                raise UserError("--multi_class is an alias of --multi_label; give one of them")
+            self.multi_label = bool(self.multi_class)
+        self.multi_label = bool(self.multi_label)
+        self.refine, self.refine_center = bool(self.refine), bool(self.refine_center)
+        self.refine_free_last_round = bool(self.refine_free_last_round)
+        try:
+            self.holdout_fraction = float(self.holdout_fraction)
+        except (TypeError, ValueError):
+            raise UserError(
+                f"--holdout_fraction {self.holdout_fraction!r} is not a number; give a value in [0, 1)"
+            ) from None
+        if not 0 <= self.holdout_fraction < 1:
+            raise UserError(f"--holdout_fraction {self.holdout_fraction} must be in [0, 1), e.g. 0.05")
+        power = 1.0 if self.balance is True else 0.0 if self.balance is False else self.balance
+        if isinstance(power, str) or not 0 <= float(power) <= 1:
+            raise UserError(
+                f"--balance must be True, False or a balancing power in [0, 1] (1: every class equally often), got "
+                f"{self.balance!r}"
+            )
+        factor = self.head_learning_rate_factor
+        try:
+            self.head_learning_rate_factor = float("nan") if isinstance(factor, (bool, str)) else float(factor)
+        except (TypeError, ValueError):
+            self.head_learning_rate_factor = float("nan")
+        if not 0 < self.head_learning_rate_factor < float("inf"):
+            raise UserError(
+                f"--head_learning_rate_factor must be a positive number (1: the head learns at --learning_rate), "
+                f"got {factor!r}"
+            )
+        whole_number(self.adapt_rounds, "adapt_rounds", "a non-negative integer (0: no adaptation)")
+        if isinstance(self.adapt_fraction, (bool, str)) or not 0 < float(self.adapt_fraction) <= 1:
+            raise UserError(f"--adapt_fraction must be a number in (0, 1], e.g. 0.3, got {self.adapt_fraction!r}")
+        self.adapt_fraction, self.adapt_mask_class_names = float(self.adapt_fraction), bool(self.adapt_mask_class_names)
+        if self.adapt_rounds and not self.refine:
+            raise UserError(
+                "--adapt_rounds adapts the space refinement works in; with --norefine there is none: drop one of "
+                "the two"
+            )
+        whole_number(self.max_holdout_examples, "max_holdout_examples", "a non-negative integer")
+        self.calibrate = self.refine if self.calibrate is None else bool(self.calibrate)
+        if self.export is not None:
+            if str(self.export).lower() != "onnx":
+                raise UserError(
+                    f"--export {self.export!r} is not a format this can export to; give --export onnx (ONNX Runtime, "
+                    f"fp32 and int8)"
+                )
+            self.export = "onnx"
+            serving.require_runtime(export=True)  # before training, not after it
+
+    @property
+    def balance_power(self) -> float:
+        """0: no balancing; 1: every class of the targets drawn equally often."""
+        return 1.0 if self.balance is True else 0.0 if self.balance is False else float(self.balance)
 
 
 def log(message: str) -> None:
@@ -539,297 +679,219 @@ def export_onnx(output_dir: str, table, rows: np.ndarray, source: str) -> None:
         ) from None
 
 
-def main(
-    *,
-    cache: str,
-    output_dir: str,
-    student_name_or_path: str = "distilbert-base-uncased",
-    temperature: float = 1.0,
-    multi_label: bool = False,
-    multi_class: bool | None = None,
-    refine: bool = True,
-    refine_center: bool = True,
-    refine_free_last_round: bool = True,
-    adapt_rounds: int = 0,
-    adapt_fraction: float = adapt.AdaptSettings.fraction,
-    adapt_mask_class_names: bool = adapt.AdaptSettings.mask_class_names,
-    balance: bool | float = True,
-    head_learning_rate_factor: float = HEAD_LEARNING_RATE_FACTOR,
-    calibrate: bool | None = None,
-    holdout_fraction: float = 0.05,
-    max_holdout_examples: int = 10_000,
-    max_length: int | None = None,
-    overwrite_output_dir: bool = False,
-    trust_remote_code: bool = False,
-    export: str | None = None,
-    **training_args,
-) -> str:
-    """Train a student classifier on soft targets from a teacher cache.
-
-    Args:
-        cache: a cache directory printed by teacher_infer.py.
-        output_dir: where the student (a standard Hugging Face classifier) is saved.
-        student_name_or_path: the student's base model (hub id or directory).
-        temperature: softens (T>1) or sharpens (T<1) the teacher's distribution before training.
-        multi_label: multi-label targets: each class independently (entailment vs contradiction), BCE loss.
-        multi_class: the reference script's name for --multi_label (an alias).
-        refine: refine the teacher's targets without labels in the cache's text-embedding space (default; see
-            zsdistill/refine.py); --norefine (or --refine False) trains on the teacher's targets as they are.
-        refine_center: refine with the corpus mean embedding removed (default), so a generic class's centroid does not
-            draw every text to it. --norefine_center --norefine_free_last_round give the previous release's refinement.
-        refine_free_last_round: the last refinement round without the teacher anchor (default), so a class's centroid
-            also takes in its surest texts that the teacher put elsewhere; --norefine_free_last_round anchors every
-            round.
-        adapt_rounds: rounds of adaptation before refining (default 0: none): fine-tune the cache's embedding model on
-            refinement's surest texts with the zero-shot loss, re-embed the texts, refine there (zsdistill/adapt.py).
-            Cached beside the teacher cache, so a second run with the same settings trains nothing. Not a default:
-            it helps some tasks and hurts others (benchmarks/README.md, "Adaptation").
-        adapt_fraction: each refined class's surest share of texts that adaptation trains on.
-        adapt_mask_class_names: remove the class names' words from those texts (Gera et al.'s token masking).
-        balance: balanced distillation (default): draw training rows as often as their classes are rare in the targets,
-            so the student learns every class they teach whatever the learning rate; each row keeps its own soft
-            target, so confidence is unchanged. --nobalance (or --balance False) draws every row once an epoch. A
-            number in (0, 1] sets the balancing power (1, the same as True, gives every class an equal share and 0.5
-            shares in proportion to the square root of each class's rows).
-        calibrate: after training, rescale the student's logits so its confidence matches its targets on the
-            held-out rows (one temperature folded into the classifier head; needs --holdout_fraction > 0).
-            Default: on when refining, so --norefine alone gives the plain distillation of the reference script.
-        holdout_fraction: fraction of the cache held out (deterministically) to measure student-teacher agreement.
-        max_holdout_examples: at most this many held-out rows (10,000 measure agreement to about +-1%; more only cost
-            time).
-        max_length: truncate student inputs to this many tokens (default: the student's maximum).
-        overwrite_output_dir: replace a non-empty output_dir instead of refusing.
-        trust_remote_code: allow models whose code lives in their hub repository.
-        export: `onnx`: after saving, also export the student for ONNX Runtime (onnx/model.onnx fp32 and
-            onnx/model_quantized.onnx int8), parity-checked against it on the held-out rows (export_student.py does
-            the same for a student trained earlier; needs pip install 'zsdistill[onnx]').
-        training_args: any transformers.TrainingArguments field, e.g. --learning_rate 5e-5 --num_train_epochs 3.
-    """
-    cache_path, student_name_or_path = str(cache), str(student_name_or_path)
-    # 1. Validate flags before any expensive work.
-    temperature = targets.check_temperature(temperature)
-    if multi_class is not None:  # the alias
-        if multi_label and not multi_class:
-            raise UserError("--multi_class is an alias of --multi_label; give one of them")
-        multi_label = bool(multi_class)
-    multi_label = bool(multi_label)
-    try:
-        holdout_fraction = float(holdout_fraction)
-    except (TypeError, ValueError):
-        raise UserError(f"--holdout_fraction {holdout_fraction!r} is not a number; give a value in [0, 1)") from None
-    if not 0 <= holdout_fraction < 1:
-        raise UserError(f"--holdout_fraction {holdout_fraction} must be in [0, 1), e.g. 0.05")
-    balance_power = 1.0 if balance is True else 0.0 if balance is False else balance
-    if isinstance(balance_power, str) or not 0 <= float(balance_power) <= 1:
-        raise UserError(
-            f"--balance must be True, False or a balancing power in [0, 1] (1: every class equally often), got "
-            f"{balance!r}"
-        )
-    balance_power = float(balance_power)
-    balance = balance_power > 0
-    try:
-        factor = (
-            float("nan") if isinstance(head_learning_rate_factor, (bool, str)) else float(head_learning_rate_factor)
-        )
-    except (TypeError, ValueError):
-        factor = float("nan")
-    if not 0 < factor < float("inf"):
-        raise UserError(
-            f"--head_learning_rate_factor must be a positive number (1: the head learns at --learning_rate), got "
-            f"{head_learning_rate_factor!r}"
-        )
-    head_learning_rate_factor = factor
-    if isinstance(adapt_rounds, bool) or not isinstance(adapt_rounds, int) or adapt_rounds < 0:
-        raise UserError(f"--adapt_rounds must be a non-negative integer (0: no adaptation), got {adapt_rounds!r}")
-    if isinstance(adapt_fraction, (bool, str)) or not 0 < float(adapt_fraction) <= 1:
-        raise UserError(f"--adapt_fraction must be a number in (0, 1], e.g. 0.3, got {adapt_fraction!r}")
-    if adapt_rounds and not refine:
-        raise UserError(
-            "--adapt_rounds adapts the space refinement works in; with --norefine there is none: drop one of the two"
-        )
-    if isinstance(max_holdout_examples, bool) or not isinstance(max_holdout_examples, int) or max_holdout_examples < 0:
-        raise UserError(f"--max_holdout_examples must be a non-negative integer, got {max_holdout_examples!r}")
-    if export is not None:
-        if str(export).lower() != "onnx":
-            raise UserError(
-                f"--export {export!r} is not a format this can export to; give --export onnx (ONNX Runtime, fp32 and "
-                f"int8)"
-            )
-        serving.require_runtime(export=True)  # before training, not after it
-
+def training_arguments(options: StudentOptions, extra: dict):
+    """The transformers.TrainingArguments of this run: every flag that is not a StudentOptions field."""
     from transformers import TrainingArguments
 
     known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    unknown = sorted(set(training_args) - known)
+    unknown = sorted(set(extra) - known)
     if unknown:
         raise UserError(
             f"unknown flag{'s' if len(unknown) > 1 else ''} {', '.join('--' + u for u in unknown)}: neither a "
-            f"train_student.py "
-            f"flag nor a transformers.TrainingArguments field (see python train_student.py --help)"
+            f"train_student.py flag nor a transformers.TrainingArguments field (see python train_student.py --help)"
         )
-    if "output_dir" in training_args:
-        training_args.pop("output_dir")
-    resume_from = _check_output_dir(str(output_dir), overwrite_output_dir)
+    try:
+        return TrainingArguments(output_dir=options.output_dir, **{"report_to": "none", **extra})
+    except (ValueError, TypeError, ImportError) as e:
+        raise UserError(f"invalid training arguments: {e}") from None
 
-    # 2. The cache: verified, then turned into soft targets. The teacher is never loaded.
-    manifest, table = teacher_cache.load_cache(str(cache_path))
+
+def load_cache_for(options: StudentOptions) -> tuple[dict, object]:
+    """The verified cache (manifest, Arrow table), refused when single-label training cannot use it."""
+    manifest, table = teacher_cache.load_cache(options.cache)
     class_names = manifest["class_names"]
-    if not multi_label and len(class_names) < 2:
+    if not options.multi_label and len(class_names) < 2:
         raise UserError(
             f"single-label training needs at least 2 classes; the cache has {len(class_names)} ({class_names[0]!r}); "
             f"pass --multi_label or rebuild the cache with more class names"
         )
-    train_rows, holdout_rows = holdout_split(manifest["num_examples"], holdout_fraction, max_holdout_examples)
-    log(
-        f"cache {manifest['key']}: {manifest['num_examples']} examples x {len(class_names)} classes; "
-        f"{len(train_rows)} train, {len(holdout_rows)} held out; T={temperature}, "
-        f"{'multi' if multi_label else 'single'}-label"
-    )
-    calibrate = bool(refine) if calibrate is None else bool(calibrate)
-    targets_started = time.time()
-    adaptation = (
-        adapt.AdaptSettings(
-            rounds=adapt_rounds,
-            fraction=float(adapt_fraction),
-            mask_class_names=bool(adapt_mask_class_names),
-            seed=int(training_args.get("seed", 42)),
-            refine_center=bool(refine_center),
-            refine_free_last_round=bool(refine_free_last_round),
+    return manifest, table
+
+
+def targets_for(options: StudentOptions, manifest: dict, seed: int):
+    """build_targets with this run's options: (targets, refinement or None, its record)."""
+    started = time.time()
+    adaptation = None
+    if options.adapt_rounds:
+        adaptation = adapt.AdaptSettings(
+            rounds=options.adapt_rounds,
+            fraction=options.adapt_fraction,
+            mask_class_names=options.adapt_mask_class_names,
+            seed=seed,
+            refine_center=options.refine_center,
+            refine_free_last_round=options.refine_free_last_round,
         )
-        if adapt_rounds
-        else None
-    )
-    soft_targets, refinement, refinement_info = build_targets(
-        cache_path,
+    built = build_targets(
+        options.cache,
         manifest,
-        multi_label,
-        temperature,
-        bool(refine),
-        bool(refine_center),
+        options.multi_label,
+        options.temperature,
+        options.refine,
+        options.refine_center,
         adaptation,
-        bool(refine_free_last_round),
+        options.refine_free_last_round,
     )
-    log(f"targets built in {time.time() - targets_started:.1f}s")
+    log(f"targets built in {time.time() - started:.1f}s")
+    return built
 
-    try:
-        args = TrainingArguments(output_dir=str(output_dir), **{"report_to": "none", **training_args})
-    except (ValueError, TypeError, ImportError) as e:
-        raise UserError(f"invalid training arguments: {e}") from None
 
-    # 3. The student's base model, and the cache's texts tokenized once per student tokenizer (reused by later runs).
+def student_inputs(options: StudentOptions, manifest: dict, args):
+    """The student's base (tokenizer, model, new parameters), the cache's texts tokenized for it (cached beside the
+    cache for later runs), its maximum length and how many texts it cuts."""
     from transformers.trainer_utils import enable_full_determinism, set_seed
 
     # The new K-way head is initialised from the global RNG: seed it first, or --seed would not make runs repeatable.
     enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
     tokenizer, model, new_parameters = load_student_base(
-        student_name_or_path, class_names, multi_label, trust_remote_code
+        options.student_name_or_path, manifest["class_names"], options.multi_label, options.trust_remote_code
     )
-    student_max_length = resolve_max_length(tokenizer, model, max_length)
+    max_length = resolve_max_length(tokenizer, model, options.max_length)
+    directory = tokenized_cache_dir(options.cache, manifest["key"])
     with writing_to(
-        tokenized_cache_dir(cache_path, manifest["key"]),
-        "the tokenized texts",
-        "free space there; the teacher cache itself is complete and untouched",
+        directory, "the tokenized texts", "free space there; the teacher cache itself is complete and untouched"
     ):
-        tokenized, tokenized_files, truncated_texts = tokenize_cache(
-            cache_path, manifest, tokenizer, student_max_length, args
-        )
-    holdout_targets = soft_targets[holdout_rows]
-    # Not tokenized.select(rows): datasets turns the row indices into a Python list (tens of MB per million rows).
-    # The targets stay one (N, K) float32 array in memory: memory-mapped, every page would end up resident anyway.
-    train_dataset = RowSubset(tokenized, soft_targets, train_rows)
-    holdout_dataset = held_out_dataset(tokenized_files, manifest["shards"], holdout_rows, holdout_targets)
+        tokenized, files, truncated_texts = tokenize_cache(options.cache, manifest, tokenizer, max_length, args)
+    return tokenizer, model, new_parameters, tokenized, files, max_length, truncated_texts
 
-    # 4. Train; then fold one temperature into the head so the student's confidence matches its targets.
-    sample_weights = None
-    if balance and not multi_label:
-        sample_weights = class_balanced_weights(soft_targets, train_rows, balance_power)
-        log(
-            f"balanced distillation (power {balance_power:g}): the targets' classes drawn "
-            f"{'equally often' if balance_power == 1 else 'closer to equally often'} "
-            f"(row weights {sample_weights.min():.2f} to {sample_weights.max():.2f}); --nobalance draws every row "
-            f"once an epoch"
-        )
-    elif balance:
+
+def balanced_weights(options: StudentOptions, soft_targets: np.ndarray, train_rows: np.ndarray) -> np.ndarray | None:
+    if not options.balance_power:
+        return None
+    if options.multi_label:
         log("balanced distillation: not applied to multi-label targets (classes are independent yes/no questions)")
+        return None
+    power = options.balance_power
+    weights = class_balanced_weights(soft_targets, train_rows, power)
+    log(
+        f"balanced distillation (power {power:g}): the targets' classes drawn "
+        f"{'equally often' if power == 1 else 'closer to equally often'} (row weights {weights.min():.2f} to "
+        f"{weights.max():.2f}); --nobalance draws every row once an epoch"
+    )
+    return weights
+
+
+def distillation_trainer(options: StudentOptions, args, model, tokenizer, train_dataset, new_parameters: set):
+    """The Trainer that distils: soft-target loss, class-balanced row draws, the new head at its own rate."""
+    sample_weights = balanced_weights(options, train_dataset.soft_targets, train_dataset.rows)
     if new_parameters:
         log(
-            f"new head ({', '.join(sorted(new_parameters))}): learning rate {head_learning_rate_factor:g} x "
-            f"{args.learning_rate:g} "
-            f"(--head_learning_rate_factor; 1 trains it at the body's rate)"
+            f"new head ({', '.join(sorted(new_parameters))}): learning rate {options.head_learning_rate_factor:g} x "
+            f"{args.learning_rate:g} (--head_learning_rate_factor; 1 trains it at the body's rate)"
         )
-    trainer = DistillationTrainer(
+    return DistillationTrainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        multi_label=multi_label,
+        multi_label=options.multi_label,
         sample_weights=sample_weights,
         new_parameters=new_parameters,
-        head_learning_rate_factor=head_learning_rate_factor,
+        head_learning_rate_factor=options.head_learning_rate_factor,
     )
+
+
+def distill_info(options: StudentOptions, manifest: dict, args, refinement, refinement_info: dict, **results) -> dict:
+    """distill_info.json: every option (asdict), what the cache was, and what the run measured and decided."""
+    weights, new_parameters = results.pop("sample_weights"), results.pop("new_parameters")
+    applied = weights is not None
+    return {
+        "zsdistill_version": __version__,
+        **dataclasses.asdict(options),
+        "cache": os.path.abspath(options.cache),
+        "cache_key": manifest["key"],
+        "cache_summary": {
+            "teacher": manifest["teacher"]["name_or_path"],
+            "teacher_fingerprint": manifest["teacher"]["fingerprint"],
+            "teacher_kind": manifest["teacher"]["kind"],
+            "hypothesis_template": manifest["hypothesis_template"],
+            "class_names": manifest["class_names"],
+            "num_examples": manifest["num_examples"],
+            "precision": manifest.get("precision"),
+            "data_fingerprint": manifest["data"]["fingerprint"],
+            "embedding_model": (manifest.get("embedding_model") or {}).get("name_or_path"),
+        },
+        "teacher": manifest["teacher"]["name_or_path"],
+        "student_base": options.student_name_or_path,
+        "similarity_scale": targets.SIMILARITY_SCALE if manifest["teacher"]["kind"] == "embedding" else None,
+        "refinement": {**refinement_info, "file": refine_mod.FILE if refinement else None},
+        "balance": {
+            "applied": applied,
+            "method": BALANCE_METHOD if applied else None,
+            "power": options.balance_power if applied else None,
+            "min_prior": MIN_BALANCED_PRIOR if applied else None,
+        },
+        "head_learning_rate": {"factor": options.head_learning_rate_factor, "parameters": sorted(new_parameters)},
+        "calibration": {"logit_scale": results["logit_scale"], "applied": results.pop("logit_scale") != 1.0},
+        "export": None,  # export_student / --export onnx records its files here
+        "training_arguments": json.loads(args.to_json_string()),
+        **results,  # max_length (the student's, resolved), truncated_texts, metrics
+    }
+
+
+def train(options: StudentOptions, extra: dict) -> str:
+    """Train a student classifier on soft targets from a teacher cache."""
+    # 1. Flags checked (StudentOptions), the training arguments built, the output directory free or resumable.
+    args = training_arguments(options, extra)
+    resume_from = _check_output_dir(options.output_dir, options.overwrite_output_dir)
+
+    # 2. The cache: verified, then turned into soft targets. The teacher is never loaded.
+    manifest, table = load_cache_for(options)
+    train_rows, holdout_rows = holdout_split(
+        manifest["num_examples"], options.holdout_fraction, options.max_holdout_examples
+    )
+    log(
+        f"cache {manifest['key']}: {manifest['num_examples']} examples x {len(manifest['class_names'])} classes; "
+        f"{len(train_rows)} train, {len(holdout_rows)} held out; T={options.temperature}, "
+        f"{'multi' if options.multi_label else 'single'}-label"
+    )
+    soft_targets, refinement, refinement_info = targets_for(options, manifest, args.seed)
+
+    # 3. The student's base model, and the cache's texts tokenized once per student tokenizer (reused by later runs).
+    tokenizer, model, new_parameters, tokenized, files, max_length, truncated_texts = student_inputs(
+        options, manifest, args
+    )
+    holdout_targets = soft_targets[holdout_rows]
+    # Not tokenized.select(rows): datasets turns the row indices into a Python list (tens of MB per million rows).
+    # The targets stay one (N, K) float32 array in memory: memory-mapped, every page would end up resident anyway.
+    train_dataset = RowSubset(tokenized, soft_targets, train_rows)
+    holdout_dataset = held_out_dataset(files, manifest["shards"], holdout_rows, holdout_targets)
+
+    # 4. Train; then fold one temperature into the head so the student's confidence matches its targets.
+    trainer = distillation_trainer(options, args, model, tokenizer, train_dataset, new_parameters)
     if resume_from:
         log(f"resuming from {resume_from}")
-    with writing_to(
-        str(output_dir), "checkpoints", "free space there, or pass another --output_dir (or --save_strategy no)"
-    ):
+    advice = "free space there, or pass another --output_dir (or --save_strategy no)"
+    with writing_to(options.output_dir, "checkpoints", advice):
         metrics = {"train": trainer.train(resume_from_checkpoint=resume_from).metrics}
-    logit_scale, holdout = calibrate_on_holdout(trainer, holdout_dataset, holdout_targets, multi_label, calibrate)
-    metrics.update(holdout)
+    calibrated = calibrate_on_holdout(trainer, holdout_dataset, holdout_targets, options.multi_label, options.calibrate)
+    metrics.update(calibrated[1])
 
-    # 5. Save a standard classifier plus what made it, atomically.
+    # 5. Save a standard classifier plus what made it, atomically; then, if asked, its ONNX export.
     if trainer.is_world_process_zero():
-        info = {
-            "zsdistill_version": __version__,
-            "cache": os.path.abspath(cache_path),
-            "cache_key": manifest["key"],
-            "cache_summary": {
-                "teacher": manifest["teacher"]["name_or_path"],
-                "teacher_fingerprint": manifest["teacher"]["fingerprint"],
-                "teacher_kind": manifest["teacher"]["kind"],
-                "hypothesis_template": manifest["hypothesis_template"],
-                "class_names": class_names,
-                "num_examples": manifest["num_examples"],
-                "precision": manifest.get("precision"),
-                "data_fingerprint": manifest["data"]["fingerprint"],
-                "embedding_model": (manifest.get("embedding_model") or {}).get("name_or_path"),
-            },
-            "teacher": manifest["teacher"]["name_or_path"],
-            "student_base": student_name_or_path,
-            "temperature": temperature,
-            "multi_label": multi_label,
-            "similarity_scale": targets.SIMILARITY_SCALE if manifest["teacher"]["kind"] == "embedding" else None,
-            "refinement": {**refinement_info, "file": refine_mod.FILE if refinement else None},
-            "balance": {
-                "applied": sample_weights is not None,
-                "method": BALANCE_METHOD if sample_weights is not None else None,
-                "power": balance_power if sample_weights is not None else None,
-                "min_prior": MIN_BALANCED_PRIOR if sample_weights is not None else None,
-            },
-            "head_learning_rate": {"factor": head_learning_rate_factor, "parameters": sorted(new_parameters)},
-            "calibration": {"logit_scale": logit_scale, "applied": logit_scale != 1.0},
-            "holdout_fraction": holdout_fraction,
-            "max_holdout_examples": max_holdout_examples,
-            "max_length": student_max_length,
-            "truncated_texts": truncated_texts,
-            "training_arguments": json.loads(args.to_json_string()),
-            "metrics": metrics,
-        }
-        with writing_to(
-            str(output_dir),
-            "the student",
-            "free space there, or pass another --output_dir; nothing half-written was left",
-        ):
-            save_student(trainer, str(output_dir), info, refinement)
-        log(f"saved student to {output_dir}")
-        if export:
-            parity_rows = (
-                (holdout_rows, "held-out texts of its cache")
-                if len(holdout_rows)
-                else (train_rows, "training texts (no held-out rows)")
+        info = distill_info(options, manifest, args, refinement, refinement_info, sample_weights=trainer.sample_weights,
+                            new_parameters=new_parameters, logit_scale=calibrated[0], max_length=max_length,
+                            truncated_texts=truncated_texts, metrics=metrics)  # fmt: skip
+        advice = "free space there, or pass another --output_dir; nothing half-written was left"
+        with writing_to(options.output_dir, "the student", advice):
+            save_student(trainer, options.output_dir, info, refinement)
+        log(f"saved student to {options.output_dir}")
+        if options.export:
+            held_out = len(holdout_rows) > 0
+            rows = holdout_rows if held_out else train_rows
+            export_onnx(
+                options.output_dir, table, rows, "held-out texts of its cache" if held_out else "training texts"
             )
-            export_onnx(str(output_dir), table, *parity_rows)
-        print(output_dir)
-    return str(output_dir)
+        print(options.output_dir)
+    return options.output_dir
+
+
+main = cli(
+    StudentOptions,
+    train,
+    "Train a student classifier on soft targets from a teacher cache.",
+    extra="training_args",
+    extra_help="any transformers.TrainingArguments field, e.g. --learning_rate 5e-5 --num_train_epochs 3.",
+)
 
 
 if __name__ == "__main__":

@@ -137,3 +137,18 @@ def test_reliability_diagram_bins_match_the_ece(tmp_path, monkeypatch):
     which = np.clip(np.digitize(probabilities.max(1), edges[1:-1], right=True), 0, evaluate.ECE_BINS - 1)
     shares = np.bincount(which, minlength=evaluate.ECE_BINS)[np.unique(which)] / 400
     assert float((shares * np.abs(accuracy - confidence)).sum()) == pytest.approx(ece, abs=1e-9)
+
+
+def test_a_student_from_the_previous_release_still_reads(student_and_test, tmp_path):
+    """distill_info.json written before the options became a dataclass (the demo student of 73fb45c): the card
+    renders from it, export_student.py finds its held-out rows' settings, and today's file keeps every key it had,
+    with the same kind of value."""
+    old = json.load(open(os.path.join(os.path.dirname(__file__), "data", "distill_info_before_options.json")))
+    assert "## How to use" in card.render(old)
+    student, _, _ = student_and_test
+    new = json.load(open(os.path.join(student, "distill_info.json")))
+    for key, value in old.items():
+        assert key in new, key
+        assert isinstance(new[key], type(value)) or value is None or new[key] is None, key
+    for key in ("holdout_fraction", "max_holdout_examples", "cache"):  # what export_student.held_out_texts reads
+        assert key in old
