@@ -6,6 +6,7 @@ Writes report.json (every number, and what was evaluated), report.md (teacher vs
 and confusion-matrix PNGs into --output_dir, and prints the table.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 
 from zsdistill import cache, cache_report, card, data, inference, models, refine, serving, targets
 from zsdistill.errors import UserError, run_cli, writing_to
+from zsdistill.options import cli, option
 
 ECE_BINS = 15
 
@@ -490,191 +492,246 @@ def teacher_against_labels(
     return report
 
 
-def main(
-    *,
-    model: str | None = None,
-    test_file: str | None = None,
-    teacher_cache: str | None = None,
-    output_dir: str = "reports/report",
-    batch_size: int = 64,
-    text_column: str = "text",
-    label_column: str = "label",
-    time_teacher: bool | str = False,
-    time_teacher_samples: int = 32,
-    onnx: bool = False,
-    batch_one_texts: int = 256,
-    no_cuda: bool = False,
-) -> dict:
-    """Evaluate a student (and its teacher, from a cache) on labeled data, with speed; or, with only --teacher_cache,
-    report what the teacher sees in a cache without any label (look before you train).
+@dataclasses.dataclass
+class EvaluateOptions:
+    """evaluate.py's flags, checked once: which report (a student's, the teacher's against labels, or the label-free
+    look at a cache) follows from which of --model, --test_file and --teacher_cache are given."""
 
-    Args:
-        model: a student directory written by train_student.py (with --test_file). Without it: the teacher alone
-            (--teacher_cache: its label-free report; with --test_file, its metrics and that report checked against the
-            labels).
-        test_file: labeled data: .jsonl/.csv/.parquet with text and label columns, or .tsv/.txt lines 'label<TAB>text'.
-        teacher_cache: a cache made by teacher_infer.py: alone, its label-free report; with --model and --test_file
-            (the cache of the test texts), the teacher's metrics and the label-free report, its warnings checked
-            against the labels.
-        output_dir: where report.json, report.md and the confusion-matrix PNGs go.
-        batch_size: student inference batch size.
-        text_column: text column of tabular test files.
-        label_column: label column of tabular test files (a class name, or a list of names for multi-label).
-        time_teacher: also time the live zero-shot teacher on a sample (True: the cache's teacher; or a model path).
-        time_teacher_samples: how many test texts the live teacher is timed on.
-        onnx: also score the student's ONNX exports (onnx/model.onnx and onnx/model_quantized.onnx, written by
-            train_student.py --export onnx or export_student.py) beside the PyTorch student: metrics, agreement with
-            it, texts/s at batch 1 and at --batch_size, load time and peak memory, each runtime loaded on its own.
-        batch_one_texts: with --onnx, how many test texts each runtime is timed on at batch 1.
-        no_cuda: run on the CPU even when a GPU is present.
-    """
-    if model is None and test_file is None:
-        if not teacher_cache:
-            raise UserError(
-                "give --teacher_cache CACHE for the label-free report of a cache, or --model and --test_file (and "
-                "--teacher_cache) to evaluate a student"
-            )
-        if time_teacher:
-            raise UserError("--time_teacher times the teacher against the student: give --model and --test_file too")
-        return inspect_cache(str(teacher_cache), str(output_dir))
-    if model is None and teacher_cache:
-        return teacher_against_labels(str(teacher_cache), str(test_file), str(output_dir), text_column, label_column)
-    if model is None or test_file is None:
-        raise UserError(
-            f"--{'model' if model is None else 'test_file'} is missing: a student's report needs both --model and "
-            f"--test_file; "
-            f"the teacher alone needs --teacher_cache (with --test_file, against its labels)"
+    model: str | None = option(
+        None,
+        "a student directory written by train_student.py (with --test_file). Without it: the teacher alone "
+        "(--teacher_cache: its label-free report; with --test_file, its metrics and that report checked against the "
+        "labels).",
+    )
+    test_file: str | None = option(
+        None, "labeled data: .jsonl/.csv/.parquet with text and label columns, or .tsv/.txt lines 'label<TAB>text'."
+    )
+    teacher_cache: str | None = option(
+        None,
+        "a cache made by teacher_infer.py: alone, its label-free report; with --model and --test_file (the cache of "
+        "the test texts), the teacher's metrics and the label-free report, its warnings checked against the labels.",
+    )
+    output_dir: str = option("reports/report", "where report.json, report.md and the confusion-matrix PNGs go.")
+    batch_size: int = option(64, "student inference batch size.")
+    text_column: str = option("text", "text column of tabular test files.")
+    label_column: str = option(
+        "label", "label column of tabular test files (a class name, or a list of names for multi-label)."
+    )
+    time_teacher: bool | str = option(
+        False, "also time the live zero-shot teacher on a sample (True: the cache's teacher; or a model path)."
+    )
+    time_teacher_samples: int = option(32, "how many test texts the live teacher is timed on.")
+    onnx: bool = option(
+        False,
+        "also score the student's ONNX exports (onnx/model.onnx and onnx/model_quantized.onnx, written by "
+        "train_student.py --export onnx or export_student.py) beside the PyTorch student: metrics, agreement with "
+        "it, texts/s at batch 1 and at --batch_size, load time and peak memory, each runtime loaded on its own.",
+    )
+    batch_one_texts: int = option(256, "with --onnx, how many test texts each runtime is timed on at batch 1.")
+    no_cuda: bool = option(False, "run on the CPU even when a GPU is present.")
+
+    def __post_init__(self):
+        self.output_dir = str(self.output_dir)
+        self.model, self.test_file, self.teacher_cache = (
+            None if v is None else str(v) for v in (self.model, self.test_file, self.teacher_cache)
         )
+        if self.model is None and self.test_file is None:
+            if not self.teacher_cache:
+                raise UserError(
+                    "give --teacher_cache CACHE for the label-free report of a cache, or --model and --test_file (and "
+                    "--teacher_cache) to evaluate a student"
+                )
+            if self.time_teacher:
+                raise UserError(
+                    "--time_teacher times the teacher against the student: give --model and --test_file too"
+                )
+        elif self.test_file is None or (self.model is None and not self.teacher_cache):
+            raise UserError(
+                f"--{'model' if self.model is None else 'test_file'} is missing: a student's report needs both --model "
+                f"and --test_file; the teacher alone needs --teacher_cache (with --test_file, against its labels)"
+            )
+        if self.model is not None and self.time_teacher and not self.teacher_cache:
+            raise UserError("--time_teacher needs --teacher_cache: the cache names the teacher and its hypotheses")
+        self.batch_one_texts = int(self.batch_one_texts)
 
-    # 1. Cheap validation first: test file, model config, labels, cache.
-    texts, labels = data.read_labeled(str(test_file), text_column, label_column)
-    device = models.select_device(no_cuda)
-    student, tokenizer = load_student(str(model), device)
+    @property
+    def mode(self) -> str:
+        """`inspect` (a cache, no labels), `teacher` (a cache against labels) or `student`."""
+        return "student" if self.model else "teacher" if self.test_file else "inspect"
+
+
+def labeled_inputs(options: EvaluateOptions):
+    """The test texts, the student (loaded), its classes and the labels in its class order; cheap checks first."""
+    texts, labels = data.read_labeled(options.test_file, options.text_column, options.label_column)
+    device = models.select_device(options.no_cuda)
+    student, tokenizer = load_student(options.model, device)
     class_names = [student.config.id2label[i] for i in range(student.config.num_labels)]
     multi_label = student.config.problem_type == "multi_label_classification"
-    true = encode_labels(labels, class_names, multi_label, str(test_file))
-    manifest = None
-    if teacher_cache:
-        manifest, table = cache.load_cache(str(teacher_cache))
-        if table.column("text").to_pylist() != texts:
-            raise UserError(
-                f"--teacher_cache {teacher_cache} was not made from the texts of {test_file} (in the same order); run "
-                f"teacher_infer.py on the test file (--data_file {test_file} --text_column {text_column})"
-            )
-        if sorted(manifest["class_names"]) != sorted(class_names):
-            raise UserError(
-                f"--teacher_cache has classes {manifest['class_names']}, the model has {class_names}; use a cache "
-                f"made with the model's class names"
-            )
-    if time_teacher and manifest is None:
-        raise UserError("--time_teacher needs --teacher_cache: the cache names the teacher and its hypotheses")
-    if onnx:
-        serving.require_runtime(export=False)
-        missing = [
-            name
-            for name in serving.FILES.values()
-            if not os.path.exists(os.path.join(str(model), serving.ONNX_DIR, name))
-        ]
-        if missing:
-            raise UserError(
-                f"--onnx: {os.path.join(str(model), serving.ONNX_DIR, missing[0])} is missing; export the student "
-                f"first: "
-                f"python export_student.py --model {model}"
-            )
+    true = encode_labels(labels, class_names, multi_label, options.test_file)
+    return texts, true, student, tokenizer, class_names, multi_label, device
 
-    # 2. The student on every test text, timed.
-    log(f"student {model} on {len(texts)} examples ({device})")
+
+def test_cache(options: EvaluateOptions, texts: list[str], class_names: list[str]) -> tuple[dict | None, object]:
+    """The cache of the test texts (checked to be theirs, with the student's classes), or (None, None)."""
+    if not options.teacher_cache:
+        return None, None
+    manifest, table = cache.load_cache(options.teacher_cache)
+    if table.column("text").to_pylist() != texts:
+        raise UserError(
+            f"--teacher_cache {options.teacher_cache} was not made from the texts of {options.test_file} (in the same "
+            f"order); run teacher_infer.py on the test file (--data_file {options.test_file} --text_column "
+            f"{options.text_column})"
+        )
+    if sorted(manifest["class_names"]) != sorted(class_names):
+        raise UserError(
+            f"--teacher_cache has classes {manifest['class_names']}, the model has {class_names}; use a cache "
+            f"made with the model's class names"
+        )
+    return manifest, table
+
+
+def check_onnx_files(options: EvaluateOptions) -> None:
+    if not options.onnx:
+        return
+    serving.require_runtime(export=False)
+    paths = [os.path.join(options.model, serving.ONNX_DIR, name) for name in serving.FILES.values()]
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing:
+        raise UserError(
+            f"--onnx: {missing[0]} is missing; export the student first: python export_student.py --model "
+            f"{options.model}"
+        )
+
+
+def student_report(options: EvaluateOptions, student, tokenizer, texts, true, class_names, multi_label, device):
+    """The report's student part (metrics, speed, and with --onnx the exported runtimes), and its probabilities."""
+    log(f"student {options.model} on {len(texts)} examples ({device})")
     max_length = models.resolve_max_length(tokenizer, student, None)
-    student_probabilities, student_speed = serving.predict(
-        serving.TorchClassifier(student, tokenizer), tokenizer, texts, batch_size, max_length, multi_label
-    )
+    torch_student = serving.TorchClassifier(student, tokenizer)
+    probabilities, speed = serving.predict(torch_student, tokenizer, texts, options.batch_size, max_length, multi_label)
     metric_fn = multi_label_metrics if multi_label else single_label_metrics
     report = {
-        "model": os.path.abspath(str(model)),
-        "test_file": os.path.abspath(str(test_file)),
-        "test_file_sha256": data.file_sha256(str(test_file)),
+        "model": os.path.abspath(options.model),
+        "test_file": os.path.abspath(options.test_file),
+        "test_file_sha256": data.file_sha256(options.test_file),
         "num_examples": len(texts),
         "class_names": class_names,
         "multi_label": multi_label,
         "hardware": models.hardware_name(device),
-        "student": {"metrics": metric_fn(true, student_probabilities, class_names)},
-        "speed": {"student_examples_per_second": student_speed, "student_batch_size": batch_size},
+        "student": {"metrics": metric_fn(true, probabilities, class_names)},
+        "speed": {"student_examples_per_second": speed, "student_batch_size": options.batch_size},
     }
-    if onnx:
+    if options.onnx:
         report["serving"] = compare_runtimes(
-            str(model),
+            options.model,
             tokenizer,
             texts,
             true,
-            batch_size,
-            int(batch_one_texts),
+            options.batch_size,
+            options.batch_one_texts,
             max_length,
             multi_label,
             class_names,
             device,
         )
-    distill_info = os.path.join(str(model), "distill_info.json")
+    distill_info = os.path.join(options.model, card.INFO_FILE)
     if os.path.exists(distill_info):
         with open(distill_info) as f:
-            report["student"]["distill_info"] = {
-                k: v
-                for k, v in json.load(f).items()
-                if k
-                in ("cache_key", "teacher", "student_base", "temperature", "multi_label", "refinement", "calibration")
-            }
+            info = json.load(f)
+        kept = ("cache_key", "teacher", "student_base", "temperature", "multi_label", "refinement", "calibration")
+        report["student"]["distill_info"] = {k: v for k, v in info.items() if k in kept}
+    return report, probabilities
 
-    # 3. The teacher, rebuilt from its cache with the same target math as stage 2 (T=1).
-    if manifest is not None:
-        order = [manifest["class_names"].index(name) for name in class_names]
-        columns = {name: values[:, order] for name, values in cache.score_arrays(manifest, table).items()}
-        teacher_probabilities = targets.teacher_probabilities(columns, multi_label, temperature=1.0)
-        report["teacher"] = {
-            "cache": os.path.abspath(str(teacher_cache)),
-            "cache_key": manifest["key"],
-            "name_or_path": manifest["teacher"]["name_or_path"],
-            "metrics": metric_fn(true, teacher_probabilities, class_names),
-        }
-        report["agreement"] = agreement(student_probabilities, teacher_probabilities, multi_label)
-        refined = refined_teacher(str(model), str(teacher_cache), manifest)
-        if isinstance(refined, str):
-            report["refined_teacher"] = {"note": refined}
-            log(f"refined teacher: {refined}")
-        elif refined is not None:
-            report["refined_teacher"] = {"method": refined[1], "metrics": metric_fn(true, refined[0], class_names)}
-        report["cache_report"] = cache_report.build(str(teacher_cache), manifest, log)
-        if not multi_label:
-            cache_order = [
-                class_names.index(name) for name in manifest["class_names"]
-            ]  # test labels in the cache's class order
-            cache_report.confirm_with_labels(
-                report["cache_report"],
-                np.array(cache_order)[true],
-                np.array(cache_order)[teacher_probabilities.argmax(1)],
-            )
-    if time_teacher:
-        name = time_teacher if isinstance(time_teacher, str) else manifest["teacher"]["name_or_path"]
-        sample = texts[: max(1, int(time_teacher_samples))]
-        log(f"timing the live teacher {name} on {len(sample)} examples")
-        timing = time_live_teacher(name, manifest, sample, device)
-        report["speed"].update(
-            teacher_examples_per_second=timing["examples_per_second"],
-            teacher_timed_examples=timing["examples"],
-            speedup=student_speed / timing["examples_per_second"],
+
+def teacher_report(report: dict, options: EvaluateOptions, manifest: dict, table, true, student_probabilities):
+    """Adds the teacher (rebuilt from its cache with stage 2's target math, T=1), the refined teacher and the
+    label-free report checked against the labels; returns the teacher's probabilities."""
+    class_names, multi_label = report["class_names"], report["multi_label"]
+    metric_fn = multi_label_metrics if multi_label else single_label_metrics
+    order = [manifest["class_names"].index(name) for name in class_names]
+    columns = {name: values[:, order] for name, values in cache.score_arrays(manifest, table).items()}
+    teacher_probabilities = targets.teacher_probabilities(columns, multi_label, temperature=1.0)
+    report["teacher"] = {
+        "cache": os.path.abspath(options.teacher_cache),
+        "cache_key": manifest["key"],
+        "name_or_path": manifest["teacher"]["name_or_path"],
+        "metrics": metric_fn(true, teacher_probabilities, class_names),
+    }
+    report["agreement"] = agreement(student_probabilities, teacher_probabilities, multi_label)
+    refined = refined_teacher(options.model, options.teacher_cache, manifest)
+    if isinstance(refined, str):
+        report["refined_teacher"] = {"note": refined}
+        log(f"refined teacher: {refined}")
+    elif refined is not None:
+        report["refined_teacher"] = {"method": refined[1], "metrics": metric_fn(true, refined[0], class_names)}
+    report["cache_report"] = cache_report.build(options.teacher_cache, manifest, log)
+    if not multi_label:
+        cache_order = np.array([class_names.index(name) for name in manifest["class_names"]])  # labels, cache's order
+        predicted = cache_order[teacher_probabilities.argmax(1)]
+        cache_report.confirm_with_labels(report["cache_report"], cache_order[true], predicted)
+    return teacher_probabilities
+
+
+def teacher_speed(report: dict, options: EvaluateOptions, manifest: dict, texts: list[str], device) -> None:
+    name = options.time_teacher if isinstance(options.time_teacher, str) else manifest["teacher"]["name_or_path"]
+    sample = texts[: max(1, int(options.time_teacher_samples))]
+    log(f"timing the live teacher {name} on {len(sample)} examples")
+    timing = time_live_teacher(name, manifest, sample, device)
+    report["speed"].update(
+        teacher_examples_per_second=timing["examples_per_second"],
+        teacher_timed_examples=timing["examples"],
+        speedup=report["speed"]["student_examples_per_second"] / timing["examples_per_second"],
+    )
+
+
+def evaluate(options: EvaluateOptions) -> dict:
+    """Evaluate a student (and its teacher, from a cache) on labeled data, with speed; or, with only --teacher_cache,
+    report what the teacher sees in a cache without any label (look before you train)."""
+    if options.mode == "inspect":
+        return inspect_cache(options.teacher_cache, options.output_dir)
+    if options.mode == "teacher":
+        return teacher_against_labels(
+            options.teacher_cache, options.test_file, options.output_dir, options.text_column, options.label_column
         )
 
+    # 1. Cheap validation first: test file, model config, labels, cache, exported files.
+    texts, true, student, tokenizer, class_names, multi_label, device = labeled_inputs(options)
+    manifest, table = test_cache(options, texts, class_names)
+    check_onnx_files(options)
+
+    # 2. The student on every test text, timed (and with --onnx, its exports beside it).
+    report, student_probabilities = student_report(
+        options, student, tokenizer, texts, true, class_names, multi_label, device
+    )
+
+    # 3. The teacher, from its cache, and the refined teacher; the live teacher timed when asked.
+    teacher_probabilities = None
+    if manifest is not None:
+        teacher_probabilities = teacher_report(report, options, manifest, table, true, student_probabilities)
+    if options.time_teacher:
+        teacher_speed(report, options, manifest, texts, device)
+
     # 4. Write the report (each file atomically; report.json last) and print the table.
-    with writing_report(str(output_dir)):
+    with writing_report(options.output_dir):
         write_labeled_report(
             report,
-            str(output_dir),
-            str(model),
-            str(test_file),
+            options.output_dir,
+            options.model,
+            options.test_file,
             multi_label,
             true,
             student_probabilities,
-            teacher_probabilities if manifest is not None else None,
+            teacher_probabilities,
         )
     return report
+
+
+main = cli(
+    EvaluateOptions,
+    evaluate,
+    "Evaluate a student (and its teacher, from a cache) on labeled data, with speed; or, with only --teacher_cache, "
+    "report what the teacher sees in a cache without any label (look before you train).",
+)
 
 
 def write_labeled_report(

@@ -666,8 +666,11 @@ def save_student(trainer, output_dir: str, info: dict, refinement) -> None:
     _publish(staging, output_dir)
 
 
-def export_onnx(output_dir: str, table, rows: np.ndarray, source: str) -> None:
-    """The saved student, exported for ONNX Runtime and checked on the texts of `rows`."""
+def export_onnx(output_dir: str, table, holdout_rows: np.ndarray, train_rows: np.ndarray) -> None:
+    """The saved student, exported for ONNX Runtime and checked on the held-out texts (the training texts if none)."""
+    rows, source = (
+        (holdout_rows, "held-out texts of its cache") if len(holdout_rows) else (train_rows, "training texts")
+    )
     texts = table.column("text").take(rows[: serving.MAX_PARITY_TEXTS]).to_pylist()
     try:
         with writing_to(output_dir, "the ONNX export", "free space there; nothing half-written was left"):
@@ -868,19 +871,25 @@ def train(options: StudentOptions, extra: dict) -> str:
 
     # 5. Save a standard classifier plus what made it, atomically; then, if asked, its ONNX export.
     if trainer.is_world_process_zero():
-        info = distill_info(options, manifest, args, refinement, refinement_info, sample_weights=trainer.sample_weights,
-                            new_parameters=new_parameters, logit_scale=calibrated[0], max_length=max_length,
-                            truncated_texts=truncated_texts, metrics=metrics)  # fmt: skip
+        info = distill_info(
+            options,
+            manifest,
+            args,
+            refinement,
+            refinement_info,
+            sample_weights=trainer.sample_weights,
+            new_parameters=new_parameters,
+            logit_scale=calibrated[0],
+            max_length=max_length,
+            truncated_texts=truncated_texts,
+            metrics=metrics,
+        )
         advice = "free space there, or pass another --output_dir; nothing half-written was left"
         with writing_to(options.output_dir, "the student", advice):
             save_student(trainer, options.output_dir, info, refinement)
         log(f"saved student to {options.output_dir}")
         if options.export:
-            held_out = len(holdout_rows) > 0
-            rows = holdout_rows if held_out else train_rows
-            export_onnx(
-                options.output_dir, table, rows, "held-out texts of its cache" if held_out else "training texts"
-            )
+            export_onnx(options.output_dir, table, holdout_rows, train_rows)
         print(options.output_dir)
     return options.output_dir
 

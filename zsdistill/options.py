@@ -54,8 +54,9 @@ def cli(options_class: type, run: Callable, summary: str, extra: str | None = No
     main.__signature__ = inspect.Signature(parameters)
     lines = [summary, "", "Args:"]
     for f in fields:
-        lines += textwrap.wrap(f"{f.name}: {f.metadata.get('help', '')}", HELP_WIDTH, initial_indent="    ",
-                               subsequent_indent="        ")  # fmt: skip
+        lines += textwrap.wrap(
+            f"{f.name}: {f.metadata.get('help', '')}", HELP_WIDTH, initial_indent="    ", subsequent_indent="        "
+        )
     if extra is not None:
         lines += textwrap.wrap(
             f"{extra}: {extra_help}", HELP_WIDTH, initial_indent="    ", subsequent_indent="        "
