@@ -15,13 +15,12 @@ import ctypes
 import datetime
 import glob
 import importlib.metadata
-import inspect
 import os
 import platform
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 
 import numpy as np
 import pyarrow as pa
@@ -33,9 +32,104 @@ from zsdistill import inference
 from zsdistill import models
 from zsdistill import teacher as zs_teacher
 from zsdistill.errors import UserError, run_cli, writing_to
+from zsdistill.options import cli, option
 
 # NLI caches keep each text's embedding from this small model (stage 2 refines the targets in that space).
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+# A full disk (or an unwritable cache_dir) while writing is a one-line error; what is written stays valid.
+DISK_ADVICE = (
+    "free space there or pass --cache_dir on another disk, then rerun the same command: the finished shards are kept "
+    "and only the missing ones are computed"
+)
+
+
+@dataclass(kw_only=True)
+class TeacherOptions:
+    """teacher_infer.py's flags, checked once (cheap checks only: nothing is read or loaded here)."""
+
+    data_file: str | None = option(
+        None,
+        "unlabeled texts: .txt (one per line; blank lines skipped), .csv, .jsonl or .parquet; a directory of such "
+        "files (recursively, in sorted order) or a quoted glob ('shards/*.parquet'); or a datasets save_to_disk "
+        "directory.",
+    )
+    class_names_file: str = option(help="one class name per line, in the order the cache's columns will use.")
+    teacher_name_or_path: str = option(
+        "roberta-large-mnli", "NLI model (hub id or directory), or a sentence-embedding model."
+    )
+    hypothesis_template: str = option(
+        "This example is {}.", "hypothesis per class; exactly one {} stands for the class name."
+    )
+    teacher_batch_size: int | None = option(
+        None, "at most this many (text, class) pairs per forward pass (unset: 32 on CPU, 256 on GPU)."
+    )
+    max_batch_tokens: int | None = option(
+        None, "at most this many padded tokens per forward pass (unset: 8192 on CPU, 65536 on GPU)."
+    )
+    cache_dir: str = option("cache", "where cache directories are made; each is named by a digest of its inputs.")
+    max_length: int | None = option(
+        None, "truncate pairs to this many tokens (premise only); unset: the teacher's maximum."
+    )
+    text_column: str = option("text", "column holding the text in .csv/.jsonl/.parquet inputs.")
+    shard_size: int = option(10_000, "examples per Arrow shard (the unit of resume and of work split across ranks).")
+    fp16: bool = option(False, "fp16 autocast (GPU only).")
+    bf16: bool = option(False, "bf16 autocast (GPU, or CPUs with bf16 support; never the CPU default).")
+    no_cuda: bool = option(False, "run on the CPU even when a GPU is present.")
+    teacher_kind: str | None = option(None, "force 'nli' or 'embedding' (unset: detected from the model's config).")
+    embedding_model: str | None = option(
+        None,
+        "NLI teachers also keep each text's embedding from this sentence-embedding model (one small pass per text "
+        "against the teacher's K), which stage 2's label-free refinement needs. Unset: the environment's "
+        "ZSDISTILL_EMBEDDING_MODEL, else sentence-transformers/all-MiniLM-L6-v2; 'none': no embeddings (stage 2 then "
+        "trains on the teacher's targets as they are). Embedding teachers keep their own.",
+    )
+    teacher_revision: str | None = option(None, "hub revision (branch, tag or commit) of the teacher.")
+    trust_remote_code: bool = option(False, "allow models whose code lives in their hub repository.")
+    encoding_errors: str = option("strict", "'strict' (invalid UTF-8 is an error), 'replace' or 'ignore'.")
+    deduplicate: bool = option(
+        True,
+        "score each distinct text once (exact string equality, no normalisation) and copy its scores to every row "
+        "that repeats it; --nodeduplicate scores every row.",
+    )
+    chunk_long_texts: bool = option(
+        False,
+        "score a text longer than the teacher's max_length as overlapping windows (a quarter of each repeated in the "
+        "next) instead of cutting it: NLI, per class the logits of the window that entails it most; embeddings, the "
+        "mean of the windows' normalised embeddings. A cache of its own (the key says so).",
+    )
+    dataset: str | None = option(
+        None,
+        "instead of --data_file, anything datasets.load_dataset reads, streamed: a hub id, a local dataset directory "
+        "(with --dataset_split), or a builder such as 'parquet'.",
+    )
+    dataset_config: str | None = option(None, "the --dataset's configuration name, if it has several.")
+    dataset_split: str | None = option(None, "the --dataset's split, e.g. train.")
+
+    def __post_init__(self):
+        for name in (
+            "data_file",
+            "class_names_file",
+            "teacher_name_or_path",
+            "hypothesis_template",
+            "cache_dir",
+            "text_column",
+            "dataset",
+        ):
+            value = getattr(self, name)
+            setattr(self, name, None if value is None else str(value))
+        data.check_template(self.hypothesis_template)
+        _positive_int(self.teacher_batch_size, "--teacher_batch_size", allow_none=True)
+        _positive_int(self.max_batch_tokens, "--max_batch_tokens", allow_none=True)
+        _positive_int(self.shard_size, "--shard_size")
+        _positive_int(self.max_length, "--max_length", allow_none=True)
+        if (self.data_file is None) == (self.dataset is None):
+            raise UserError(
+                "give the texts with --data_file (a file, a directory or a glob of files) or with --dataset (a "
+                "datasets name or path)" + (", not both" if self.data_file is not None else "")
+            )
+        self.deduplicate, self.chunk_long_texts = bool(self.deduplicate), bool(self.chunk_long_texts)
 
 
 def log(message: str) -> None:
@@ -52,14 +146,14 @@ def _positive_int(value, flag: str, allow_none: bool = False):
     return value
 
 
-def _command(params: dict) -> str:
+def _command(options: TeacherOptions) -> str:
     """The command line that (re)makes this cache: how readers tell a user to complete it (flags left at their
     defaults omitted)."""
     args = ["python", "teacher_infer.py"]
-    for name, parameter in inspect.signature(main).parameters.items():
-        value = params[name]
-        if parameter.default is inspect.Parameter.empty or value != parameter.default:
-            args += [f"--{name}"] if value is True else [f"--{name}", str(value)]
+    for field in fields(options):
+        value = getattr(options, field.name)
+        if field.default is MISSING or value != field.default:
+            args += [f"--{field.name}"] if value is True else [f"--{field.name}", str(value)]
     return shlex.join(map(str, args))
 
 
@@ -582,283 +676,273 @@ def _run_for_rank(plan: Plan, bounds: list[tuple[int, int]], read_rows, rank: in
         )
 
 
-def main(
-    *,
-    data_file: str | None = None,
-    class_names_file: str,
-    teacher_name_or_path: str = "roberta-large-mnli",
-    hypothesis_template: str = "This example is {}.",
-    teacher_batch_size: int | None = None,
-    max_batch_tokens: int | None = None,
-    cache_dir: str = "cache",
-    max_length: int | None = None,
-    text_column: str = "text",
-    shard_size: int = 10_000,
-    fp16: bool = False,
-    bf16: bool = False,
-    no_cuda: bool = False,
-    teacher_kind: str | None = None,
-    embedding_model: str | None = None,
-    teacher_revision: str | None = None,
-    trust_remote_code: bool = False,
-    encoding_errors: str = "strict",
-    deduplicate: bool = True,
-    chunk_long_texts: bool = False,
-    dataset: str | None = None,
-    dataset_config: str | None = None,
-    dataset_split: str | None = None,
-) -> str:
-    """Score every (text, class) pair with a zero-shot teacher and cache the raw scores.
-
-    Args:
-        data_file: unlabeled texts: .txt (one per line; blank lines skipped), .csv, .jsonl or .parquet; a directory of
-            such files (recursively, in sorted order) or a quoted glob ('shards/*.parquet'); or a datasets
-            save_to_disk directory.
-        dataset: instead of --data_file, anything datasets.load_dataset reads, streamed: a hub id, a local dataset
-            directory (with --dataset_split), or a builder such as 'parquet'.
-        class_names_file: one class name per line, in the order the cache's columns will use.
-        teacher_name_or_path: NLI model (hub id or directory), or a sentence-embedding model.
-        hypothesis_template: hypothesis per class; exactly one {} stands for the class name.
-        teacher_batch_size: at most this many (text, class) pairs per forward pass (unset: 32 on CPU, 256 on GPU).
-        max_batch_tokens: at most this many padded tokens per forward pass (unset: 8192 on CPU, 65536 on GPU).
-        cache_dir: where cache directories are made; each is named by a digest of its inputs.
-        max_length: truncate pairs to this many tokens (premise only); unset: the teacher's maximum.
-        text_column: column holding the text in .csv/.jsonl/.parquet inputs.
-        shard_size: examples per Arrow shard (the unit of resume and of work split across ranks).
-        fp16: fp16 autocast (GPU only).
-        bf16: bf16 autocast (GPU, or CPUs with bf16 support; never the CPU default).
-        no_cuda: run on the CPU even when a GPU is present.
-        teacher_kind: force 'nli' or 'embedding' (unset: detected from the model's config).
-        embedding_model: NLI teachers also keep each text's embedding from this sentence-embedding model (one small
-            pass per text against the teacher's K), which stage 2's label-free refinement needs. Unset: the
-            environment's ZSDISTILL_EMBEDDING_MODEL, else sentence-transformers/all-MiniLM-L6-v2; 'none': no
-            embeddings (stage 2 then trains on the teacher's targets as they are). Embedding teachers keep their own.
-        teacher_revision: hub revision (branch, tag or commit) of the teacher.
-        trust_remote_code: allow models whose code lives in their hub repository.
-        encoding_errors: 'strict' (invalid UTF-8 is an error), 'replace' or 'ignore'.
-        deduplicate: score each distinct text once (exact string equality, no normalisation) and copy its scores to
-            every row that repeats it; --nodeduplicate scores every row.
-        chunk_long_texts: score a text longer than the teacher's max_length as overlapping windows (a quarter of each
-            repeated in the next) instead of cutting it: NLI, per class the logits of the window that entails it most;
-            embeddings, the mean of the windows' normalised embeddings. A cache of its own (the key says so).
-        dataset_config: the --dataset's configuration name, if it has several.
-        dataset_split: the --dataset's split, e.g. train.
-    """
-    params = dict(locals())
-    started = time.time()
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-    # 1. Validate everything cheap before any expensive work.
-    data.check_template(str(hypothesis_template))
-    class_names = data.read_class_names(str(class_names_file))
-    _positive_int(teacher_batch_size, "--teacher_batch_size", allow_none=True)
-    _positive_int(max_batch_tokens, "--max_batch_tokens", allow_none=True)
-    _positive_int(shard_size, "--shard_size")
-    _positive_int(max_length, "--max_length", allow_none=True)
-    if (data_file is None) == (dataset is None):
-        raise UserError(
-            "give the texts with --data_file (a file, a directory or a glob of files) or with --dataset (a datasets "
-            "name or path)" + (", not both" if data_file is not None else "")
-        )
-    if world_size > 1:
-        # Only broadcasts and a barrier cross ranks, so gloo serves CPUs and GPUs alike; ranks may finish hours apart.
-        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
-    # The input: one scan of all of it (scan_input), then each rank reads the rows of its shards (read_rows).
+def input_readers(options: TeacherOptions):
+    """Where the texts come from (for the manifest), one scan of all of them, and a reader of given rows."""
+    data_file, dataset, column, errors = (
+        options.data_file,
+        options.dataset,
+        options.text_column,
+        options.encoding_errors,
+    )
     if data_file is not None:
-        source = {"path": os.path.abspath(str(data_file)), "text_column": text_column}
-        scan = lambda text_hashes, file_rows: data.scan_texts(  # noqa: E731
-            str(data_file), str(text_column), encoding_errors, text_hashes=text_hashes, file_rows=file_rows
-        )
-        read_rows = lambda rows, file_rows: data.iter_texts(
-            str(data_file), str(text_column), encoding_errors, rows=rows, file_rows=file_rows
-        )  # noqa: E731
-    else:
-        source = {"dataset": str(dataset), "config": dataset_config, "split": dataset_split, "text_column": text_column}
-        scan = lambda text_hashes, file_rows: data.scan_texts(  # noqa: E731
-            f"--dataset {dataset}",
-            texts=data.iter_dataset(str(dataset), dataset_config, dataset_split, str(text_column)),
-            text_hashes=text_hashes,
-        )
-        read_rows = lambda rows, file_rows: data.iter_dataset(
-            str(dataset), dataset_config, dataset_split, str(text_column), rows=rows
-        )  # noqa: E731
-    num_examples, data_fingerprint, first_copies, file_rows = scan_input(scan, bool(deduplicate), rank, world_size)
-    teacher = zs_teacher.resolve_teacher(str(teacher_name_or_path), teacher_revision, teacher_kind, trust_remote_code)
-    device = models.select_device(no_cuda)
-    precision = zs_teacher.check_precision(fp16, bf16, device)
-    embedder = None
+        source = {"path": os.path.abspath(data_file), "text_column": column}
+
+        def scan(text_hashes, file_rows):
+            return data.scan_texts(data_file, column, errors, text_hashes=text_hashes, file_rows=file_rows)
+
+        def read_rows(rows, file_rows):
+            return data.iter_texts(data_file, column, errors, rows=rows, file_rows=file_rows)
+
+        return source, scan, read_rows
+    config, split = options.dataset_config, options.dataset_split
+    source = {"dataset": dataset, "config": config, "split": split, "text_column": column}
+
+    def scan(text_hashes, file_rows):
+        texts = data.iter_dataset(dataset, config, split, column)
+        return data.scan_texts(f"--dataset {dataset}", texts=texts, text_hashes=text_hashes)
+
+    def read_rows(rows, file_rows):
+        return data.iter_dataset(dataset, config, split, column, rows=rows)
+
+    return source, scan, read_rows
+
+
+def resolve_models(options: TeacherOptions):
+    """The teacher (and, for NLI teachers, the embedding model whose text embeddings stage 2 refines with), the
+    device and the precision. Nothing is loaded yet: a cache hit loads nothing."""
+    teacher = zs_teacher.resolve_teacher(
+        options.teacher_name_or_path, options.teacher_revision, options.teacher_kind, options.trust_remote_code
+    )
+    device = models.select_device(options.no_cuda)
+    precision = zs_teacher.check_precision(options.fp16, options.bf16, device)
+    embedding_model, embedder = options.embedding_model, None
     if teacher.kind == "embedding" and embedding_model is not None and str(embedding_model).lower() != "none":
         raise UserError(
             "--embedding_model is for NLI teachers: an embedding teacher's cache already keeps its own text "
             "embeddings; drop the flag"
         )
     if teacher.kind == "nli":
-        embedding_model = str(
-            os.environ.get("ZSDISTILL_EMBEDDING_MODEL", DEFAULT_EMBEDDING_MODEL)
-            if embedding_model is None
-            else embedding_model
-        )
-        if embedding_model.lower() != "none":
+        if embedding_model is None:
+            embedding_model = os.environ.get("ZSDISTILL_EMBEDDING_MODEL", DEFAULT_EMBEDDING_MODEL)
+        if str(embedding_model).lower() != "none":
             try:
                 embedder = zs_teacher.resolve_teacher(
-                    embedding_model, kind="embedding", trust_remote_code=trust_remote_code
+                    str(embedding_model), kind="embedding", trust_remote_code=options.trust_remote_code
                 )
             except UserError as e:
                 raise UserError(
                     f"--embedding_model (the text embeddings stage 2 refines with): {str(e).removeprefix('teacher ')}; "
                     f"or pass --embedding_model none to cache none"
                 ) from None
-    hypotheses = [hypothesis_template.format(name) for name in class_names]
-    score_columns = list(teacher.label_columns) if teacher.kind == "nli" else ["similarity"]
-    # Embedding caches keep each text's embedding (more classes later embed only the new hypotheses, and stage 2
-    # refines its targets in that space); NLI caches keep them unless --embedding_model is none.
-    text_embedding_column = "text_embedding" if teacher.kind == "embedding" or embedder else None
+    return teacher, embedder, device, precision
 
-    # 2. The key: everything the scores depend on. Same key, same scores: a complete cache is a hit.
+
+def key_fields_for(
+    options: TeacherOptions,
+    teacher,
+    embedder,
+    precision: str,
+    data_fingerprint: str,
+    num_examples: int,
+    class_names: list[str],
+) -> dict:
+    """Everything the scores depend on: the cache key hashes exactly this."""
     key_fields = {
         "format_version": cache.FORMAT_VERSION,
         "data_fingerprint": data_fingerprint,
         "num_examples": num_examples,
         "teacher": teacher.fingerprint,
         "teacher_kind": teacher.kind,
-        "hypothesis_template": hypothesis_template,
+        "hypothesis_template": options.hypothesis_template,
         "class_names": class_names,
-        "max_length": max_length,
+        "max_length": options.max_length,
         "precision": precision,
     }
     if embedder:  # absent with --embedding_model none, so caches made without embeddings keep their keys
         key_fields["embedding_model"] = embedder.fingerprint
-    if chunk_long_texts:  # absent otherwise, so caches that cut long texts keep their keys
+    if options.chunk_long_texts:  # absent otherwise, so caches that cut long texts keep their keys
         key_fields["chunking"] = {
             "window_overlap": inference.WINDOW_OVERLAP,
             "nli": "best window per class",
             "embedding": "mean of windows",
         }
-    key = cache.cache_key(key_fields)
-    cache_path = os.path.join(str(cache_dir), key)
-    expected = {
-        "key": key,
-        "class_names": class_names,
-        "hypotheses": hypotheses,
-        "num_examples": num_examples,
-        "score_columns": score_columns,
-    }
-    if cache.is_complete(cache_path, expected, verify=True):
-        log(
-            f"cache hit: {cache_path} already holds {num_examples} examples x {len(class_names)} classes; nothing to do"
-        )
-        if rank == 0:
-            print(cache_path)
-        if world_size > 1:
-            torch.distributed.destroy_process_group()
-        return cache_path
+    return key_fields
 
-    # 3. The plan: fixed shard boundaries, the manifest, and what other caches already hold.
-    bounds = [(start, min(start + shard_size, num_examples)) for start in range(0, num_examples, shard_size)]
-    manifest = cache.new_manifest(
-        key,
+
+def output_columns(options: TeacherOptions, teacher, embedder, class_names: list[str]) -> dict:
+    """The hypotheses, the score columns, and the text-embedding column (or None) of this cache."""
+    return {
+        "hypotheses": [options.hypothesis_template.format(name) for name in class_names],
+        "score_columns": list(teacher.label_columns) if teacher.kind == "nli" else ["similarity"],
+        # Embedding caches keep each text's embedding (more classes later embed only the new hypotheses, and stage 2
+        # refines its targets in that space); NLI caches keep them unless --embedding_model is none.
+        "text_embedding_column": "text_embedding" if teacher.kind == "embedding" or embedder else None,
+    }
+
+
+def manifest_for(
+    options: TeacherOptions, key_fields: dict, bounds: list, teacher, embedder, columns: dict, source: dict
+) -> dict:
+    """The manifest of a cache about to be written (docs/cache_format.md)."""
+    return cache.new_manifest(
+        cache.cache_key(key_fields),
         key_fields,
         bounds,
         teacher=teacher.describe(),
-        hypothesis_template=hypothesis_template,
-        class_names=class_names,
-        hypotheses=hypotheses,
-        score_columns=score_columns,
-        text_embedding_column=text_embedding_column,
+        hypothesis_template=options.hypothesis_template,
+        class_names=key_fields["class_names"],
+        **columns,
         embedding_model=embedder.describe() if embedder else None,
-        precision=precision,
-        data={**source, "fingerprint": data_fingerprint},
-        num_examples=num_examples,
-        shard_size=shard_size,
-        command=_command(params),
+        precision=key_fields["precision"],
+        data={**source, "fingerprint": key_fields["data_fingerprint"]},
+        num_examples=key_fields["num_examples"],
+        shard_size=options.shard_size,
+        command=_command(options),
         versions=_versions(),
     )
-    # A full disk (or an unwritable cache_dir) while writing is a one-line error; what is written stays valid.
-    disk_advice = (
-        "free space there or pass --cache_dir on another disk, then rerun the same command: the finished shards are "
-        "kept "
-        "and only the missing ones are computed"
-    )
-    with writing_to(cache_path, "the cache", disk_advice):
-        if rank == 0:
-            cache.begin(cache_path, manifest)
-    reuse_by_donor, missing_positions = plan_reuse(
-        find_reusable(str(cache_dir), key, key_fields, hypotheses, score_columns, text_embedding_column), hypotheses
-    )
-    default_pairs, default_tokens = inference.default_batches(device)
-    plan = Plan(
-        cache_path,
-        teacher,
-        embedder,
-        device,
-        precision,
+
+
+def plan_for(
+    options: TeacherOptions, manifest: dict, cache_path: str, teacher, embedder, device, first_copies: np.ndarray
+) -> Plan:
+    """What every shard needs: models, batch limits, and which hypotheses other caches of these texts already hold."""
+    hypotheses, score_columns = manifest["hypotheses"], manifest["score_columns"]
+    reusable = find_reusable(
+        options.cache_dir,
+        manifest["key"],
+        manifest["key_fields"],
         hypotheses,
         score_columns,
-        text_embedding_column,
-        teacher_batch_size or default_pairs,
-        max_batch_tokens or default_tokens,
-        max_length,
-        reuse_by_donor,
-        missing_positions,
-        trust_remote_code,
-        bool(deduplicate),
-        bool(chunk_long_texts),
-        first_copies,
-        shard_size,
+        manifest["text_embedding_column"],
     )
-    repeated = int((first_copies != np.arange(num_examples)).sum())
+    reuse_by_donor, missing_positions = plan_reuse(reusable, hypotheses)
+    default_pairs, default_tokens = inference.default_batches(device)
+    return Plan(
+        cache_path=cache_path,
+        teacher=teacher,
+        embedder=embedder,
+        device=device,
+        precision=manifest["precision"],
+        hypotheses=hypotheses,
+        score_columns=score_columns,
+        text_embedding_column=manifest["text_embedding_column"],
+        batch_pairs=options.teacher_batch_size or default_pairs,
+        batch_tokens=options.max_batch_tokens or default_tokens,
+        max_length=options.max_length,
+        reuse_by_donor=reuse_by_donor,
+        missing_positions=missing_positions,
+        trust_remote_code=options.trust_remote_code,
+        deduplicate=options.deduplicate,
+        chunk_long_texts=options.chunk_long_texts,
+        first_copies=first_copies,
+        shard_size=options.shard_size,
+    )
+
+
+def log_duplicates(plan: Plan, num_examples: int) -> None:
+    repeated = int((plan.first_copies != np.arange(num_examples)).sum())
     if repeated:
         log(
             f"duplicates: {repeated} of {num_examples} texts ({repeated / num_examples:.1%}) repeat an earlier one"
             + (
                 f"; each distinct text is scored once (saves {repeated * plan.passes_per_text} forward passes)"
-                if deduplicate
+                if plan.deduplicate
                 else "; --nodeduplicate: scored anyway"
             )
         )
 
+
+def log_sealed(sealed: dict, cache_path: str, teacher, num_classes: int, num_shards: int, seconds: float) -> None:
+    num_examples = sealed["num_examples"]
+    passes = sealed["forward_passes"]
+    log(
+        f"wrote {cache_path}: {num_examples} examples x {num_classes} classes in {num_shards} shards, "
+        f"{passes['computed']} forward passes computed, {passes['reused_pairs']} pairs reused, "
+        + (
+            f"{passes['saved_by_deduplication']} saved by scoring {sealed['duplicate_rows']} repeated texts once, "
+            if sealed["duplicate_rows"]
+            else ""
+        )
+        + f"{seconds:.1f}s"
+    )
+    share = lambda count: f"{count} of {num_examples} ({count / max(num_examples, 1):.1%}) are longer than"  # noqa: E731
+    if sealed["chunked_texts"]:
+        log(
+            f"long texts: {share(sealed['chunked_texts'])} the teacher's {sealed['max_length']} tokens and were "
+            f"scored as overlapping windows (--chunk_long_texts)"
+        )
+    elif sealed["truncated_texts"] is not None:
+        log(
+            f"long texts: {share(sealed['truncated_texts'])} the teacher's {sealed['max_length']} tokens and were cut"
+            + (" (the premise, for at least one hypothesis)" if teacher.kind == "nli" else "")
+            + ("; it reads only their beginning" if sealed["truncated_texts"] else "")
+        )
+
+
+def build_cache(options: TeacherOptions) -> str:
+    """Score every (text, class) pair with a zero-shot teacher and cache the raw scores."""
+    started = time.time()
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+    # 1. Validate everything cheap (the options are checked) before any expensive work; scan the input once.
+    class_names = data.read_class_names(options.class_names_file)
+    if world_size > 1:
+        # Only broadcasts and a barrier cross ranks, so gloo serves CPUs and GPUs alike; ranks may finish hours apart.
+        torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+    source, scan, read_rows = input_readers(options)
+    num_examples, data_fingerprint, first_copies, file_rows = scan_input(scan, options.deduplicate, rank, world_size)
+    teacher, embedder, device, precision = resolve_models(options)
+    columns = output_columns(options, teacher, embedder, class_names)
+
+    # 2. The key: everything the scores depend on. Same key, same scores: a complete cache is a hit.
+    key_fields = key_fields_for(options, teacher, embedder, precision, data_fingerprint, num_examples, class_names)
+    key = cache.cache_key(key_fields)
+    cache_path = os.path.join(options.cache_dir, key)
+    expected = {"key": key, "class_names": class_names, "num_examples": num_examples, **columns}
+    expected.pop("text_embedding_column")
+    if cache.is_complete(cache_path, expected, verify=True):
+        log(
+            f"cache hit: {cache_path} already holds {num_examples} examples x {len(class_names)} classes; nothing to do"
+        )
+        return _finish(cache_path, rank, world_size)
+
+    # 3. The plan: fixed shard boundaries, the manifest, and what other caches already hold.
+    size = options.shard_size
+    bounds = [(start, min(start + size, num_examples)) for start in range(0, num_examples, size)]
+    manifest = manifest_for(options, key_fields, bounds, teacher, embedder, columns, source)
+    with writing_to(cache_path, "the cache", DISK_ADVICE):
+        if rank == 0:
+            cache.begin(cache_path, manifest)
+    plan = plan_for(options, manifest, cache_path, teacher, embedder, device, first_copies)
+    log_duplicates(plan, num_examples)
+
     # 4. Each rank scores its shards that are not complete yet.
-    with writing_to(cache_path, "the cache", disk_advice):
+    with writing_to(cache_path, "the cache", DISK_ADVICE):
         _run_for_rank(plan, bounds, lambda rows: read_rows(rows, file_rows), rank, world_size)
 
     # 5. Once every rank is done, one process seals the manifest.
     if world_size > 1:
         torch.distributed.barrier()
     if rank == 0:
-        with writing_to(cache_path, "the cache", disk_advice):
-            sealed = cache.seal(cache_path, manifest, max_length)
+        with writing_to(cache_path, "the cache", DISK_ADVICE):
+            sealed = cache.seal(cache_path, manifest, options.max_length)
         if sealed:
-            log(
-                f"wrote {cache_path}: {num_examples} examples x {len(class_names)} classes in {len(bounds)} shards, "
-                f"{sealed['forward_passes']['computed']} forward passes computed, "
-                f"{sealed['forward_passes']['reused_pairs']} pairs reused, "
-                + (
-                    f"{sealed['forward_passes']['saved_by_deduplication']} saved by scoring "
-                    f"{sealed['duplicate_rows']} repeated texts once, "
-                    if sealed["duplicate_rows"]
-                    else ""
-                )
-                + f"{time.time() - started:.1f}s"
-            )
-            if sealed["chunked_texts"]:
-                log(
-                    f"long texts: {sealed['chunked_texts']} of {num_examples} "
-                    f"({sealed['chunked_texts'] / max(num_examples, 1):.1%}) are longer than "
-                    f"the teacher's {sealed['max_length']} tokens and were scored as overlapping windows "
-                    f"(--chunk_long_texts)"
-                )
-            elif sealed["truncated_texts"] is not None:
-                log(
-                    f"long texts: {sealed['truncated_texts']} of {num_examples} "
-                    f"({sealed['truncated_texts'] / max(num_examples, 1):.1%}) are longer than "
-                    f"the teacher's {sealed['max_length']} tokens and were cut"
-                    + (" (the premise, for at least one hypothesis)" if teacher.kind == "nli" else "")
-                    + ("; it reads only their beginning" if sealed["truncated_texts"] else "")
-                )
+            log_sealed(sealed, cache_path, teacher, len(class_names), len(bounds), time.time() - started)
+    return _finish(cache_path, rank, world_size)
+
+
+def _finish(cache_path: str, rank: int, world_size: int) -> str:
+    """The last stdout line is the cache directory (rank 0 alone prints it)."""
+    if rank == 0:
         print(cache_path)
     if world_size > 1:
         torch.distributed.destroy_process_group()
     return cache_path
+
+
+main = cli(
+    TeacherOptions, build_cache, "Score every (text, class) pair with a zero-shot teacher and cache the raw scores."
+)
 
 
 if __name__ == "__main__":
