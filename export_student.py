@@ -8,12 +8,14 @@ trained on; without that cache, give texts with --parity_file. The result is not
 and the model card; `evaluate.py --onnx` scores the exported files beside the PyTorch student.
 """
 
+import dataclasses
 import json
 import os
 import sys
 
 from zsdistill import cache, card, data, serving
 from zsdistill.errors import UserError, run_cli, writing_to
+from zsdistill.options import cli, option
 from zsdistill.targets import holdout_split
 
 
@@ -35,34 +37,40 @@ def held_out_texts(model_dir: str, info: dict) -> list[str]:
     return table.column("text").take(rows[: serving.MAX_PARITY_TEXTS]).to_pylist()
 
 
-def main(*, model: str, parity_file: str | None = None, text_column: str = "text") -> dict:
-    """Export the student in --model to ONNX (onnx/model.onnx, onnx/model_quantized.onnx) with a parity check.
+@dataclasses.dataclass(kw_only=True)
+class ExportOptions:
+    """export_student.py's flags."""
 
-    Args:
-        model: a student directory written by train_student.py.
-        parity_file: texts to measure parity on (default: the held-out rows of the student's cache).
-        text_column: text column of a tabular --parity_file.
-    """
-    info_path = os.path.join(str(model), card.INFO_FILE)
-    if not os.path.exists(info_path):
-        raise UserError(
-            f"--model {model!r} is not a student directory (no {card.INFO_FILE}); pass the --output_dir of "
-            f"train_student.py"
-        )
+    model: str = option(help="a student directory written by train_student.py.")
+    parity_file: str | None = option(None, "texts to measure parity on (default: the held-out rows of its cache).")
+    text_column: str = option("text", "text column of a tabular --parity_file.")
+
+    def __post_init__(self):
+        self.model = str(self.model)
+        if not os.path.exists(os.path.join(self.model, card.INFO_FILE)):
+            raise UserError(
+                f"--model {self.model!r} is not a student directory (no {card.INFO_FILE}); pass the --output_dir of "
+                f"train_student.py"
+            )
+
+
+def export(options: ExportOptions) -> dict:
+    """Export the student in --model to ONNX (onnx/model.onnx, onnx/model_quantized.onnx) with a parity check."""
     serving.require_runtime(export=True)
-    with open(info_path) as f:
+    with open(os.path.join(options.model, card.INFO_FILE)) as f:
         info = json.load(f)
-    if parity_file:
-        texts, source = (
-            list(data.iter_texts(str(parity_file), str(text_column)))[: serving.MAX_PARITY_TEXTS],
-            f"texts of {parity_file}",
-        )
+    if options.parity_file:
+        texts = list(data.iter_texts(str(options.parity_file), str(options.text_column)))[: serving.MAX_PARITY_TEXTS]
+        source = f"texts of {options.parity_file}"
     else:
-        texts, source = held_out_texts(str(model), info), "held-out texts of its cache"
-    with writing_to(str(model), "the ONNX export", "free space there; nothing half-written was left"):
-        export = serving.export_student(str(model), texts, source, log)
-    print(os.path.join(str(model), serving.ONNX_DIR))
-    return export
+        texts, source = held_out_texts(options.model, info), "held-out texts of its cache"
+    with writing_to(options.model, "the ONNX export", "free space there; nothing half-written was left"):
+        exported = serving.export_student(options.model, texts, source, log)
+    print(os.path.join(options.model, serving.ONNX_DIR))
+    return exported
+
+
+main = cli(ExportOptions, export, "Export a trained student to ONNX (fp32 and int8) with a parity check.")
 
 
 if __name__ == "__main__":
