@@ -865,7 +865,7 @@ def log_sealed(sealed: dict, cache_path: str, teacher, num_classes: int, num_sha
         )
         + f"{seconds:.1f}s"
     )
-    share = lambda count: f"{count} of {num_examples} ({count / max(num_examples, 1):.1%}) are longer than"  # noqa: E731
+    share = lambda count: f"{count} of {num_examples} ({count / max(num_examples, 1):.1%}) are longer than"
     if sealed["chunked_texts"]:
         log(
             f"long texts: {share(sealed['chunked_texts'])} the teacher's {sealed['max_length']} tokens and were "

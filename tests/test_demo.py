@@ -108,19 +108,27 @@ def test_forcing_the_kind(teachers, corpus_files, tmp_path):
     assert json.load(open(os.path.join(path, "manifest.json")))["teacher"]["kind"] == "embedding"
 
 
-SYNTHETIC_DATA_NOUN = """\
-  1 This software and database is being provided to you, the LICENSEE, by  
-  2 Princeton University under the following license.  | not a synset
-00015388 03 n 01 animal 0 003 @ 00004475 n 0000 | a living organism characterized by voluntary movement  
-01320002 05 n 02 dog 0 domestic_dog 0 001 @ 01317541 n 0000 | a member of the genus Canis; "the dog barked all night"  
-07555863 13 n 02 food 0 solid_food 0 001 @ 15046900 n 0000 | any solid substance that is used as a source of nourishment; "food and drink"; "she ate her food"  
-09621232 18 n 01 lover 0 001 @ 00007846 n 0000 | a person who loves someone or is loved by someone  
-12345678 20 n 01 rose 0 001 @ 00000000 n 0000 | any of many shrubs of the genus Rosa that bear roses  
-22222222 06 n 01 hammer 0 001 @ 00000000 n 0000 | a hand tool; "he used a hammer"  
-33333333 08 n 01 arm 0 001 @ 00000000 n 0000 | a human limb  
-44444444 15 n 01 city 0 001 @ 00000000 n 0000 | a large and densely populated urban area  
-55555555 27 n 01 iron 0 001 @ 00000000 n 0000 | a heavy ductile magnetic metallic element  
-"""
+# WordNet data lines, each with the trailing two spaces of the real file.
+SYNTHETIC_DATA_NOUN = (
+    "\n".join(
+        [
+            "  1 This software and database is being provided to you, the LICENSEE, by  ",
+            "  2 Princeton University under the following license.  | not a synset",
+            "00015388 03 n 01 animal 0 003 @ 00004475 n 0000 | a living organism characterized by voluntary movement  ",
+            "01320002 05 n 02 dog 0 domestic_dog 0 001 @ 01317541 n 0000 | a member of the genus "
+            'Canis; "the dog barked all night"  ',
+            "07555863 13 n 02 food 0 solid_food 0 001 @ 15046900 n 0000 | any solid substance that is "
+            'used as a source of nourishment; "food and drink"; "she ate her food"  ',
+            "09621232 18 n 01 lover 0 001 @ 00007846 n 0000 | a person who loves someone or is loved by someone  ",
+            "12345678 20 n 01 rose 0 001 @ 00000000 n 0000 | any of many shrubs of the genus Rosa that bear roses  ",
+            '22222222 06 n 01 hammer 0 001 @ 00000000 n 0000 | a hand tool; "he used a hammer"  ',
+            "33333333 08 n 01 arm 0 001 @ 00000000 n 0000 | a human limb  ",
+            "44444444 15 n 01 city 0 001 @ 00000000 n 0000 | a large and densely populated urban area  ",
+            "55555555 27 n 01 iron 0 001 @ 00000000 n 0000 | a heavy ductile magnetic metallic element  ",
+        ]
+    )
+    + "\n"
+)
 
 
 def test_wordnet_builder_parses_data_noun(tmp_path):
