@@ -34,7 +34,7 @@ EVAL_ARGS ?=
 
 WORDNET := /usr/share/wordnet/data.noun
 
-.PHONY: install teacher student distill export evaluate inspect demo test lint bench bench-scale bench-onnx quality wordnet clean
+.PHONY: install teacher student distill export evaluate inspect demo test lint check-docs bench bench-scale bench-onnx quality wordnet clean
 
 install: $(STAMP)
 
@@ -110,6 +110,10 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+
+# Every command of README.md and docs/, as written, after make demo (benchmarks/check_docs.py).
+check-docs: demo
+	$(PY) benchmarks/check_docs.py
 
 bench: install
 	$(PY) benchmarks/teacher_throughput.py

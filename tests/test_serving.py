@@ -202,3 +202,18 @@ def test_evaluate_onnx_without_an_export_says_how_to_make_one(task, tmp_path):
     assert (
         result.returncode == 2 and "python export_student.py --model" in result.stderr and not (tmp_path / "r").exists()
     )
+
+
+def test_parity_below_the_threshold_is_a_warning_in_the_log_and_the_card(task, tmp_path, monkeypatch):
+    _, _, _, cache_path, base = task
+    student = train_student.main(
+        cache=cache_path, output_dir=str(tmp_path / "s"), student_name_or_path=base, holdout_fraction=0.25, **QUICK
+    )
+    monkeypatch.setitem(serving.MIN_AGREEMENT, "fp32", 1.01)  # no export can reach it
+    result = run_main("export_student.py", "--model", student)
+    assert result.returncode == 0
+    assert "warning: fp32 ONNX agrees with the PyTorch student on 100.00% of 40 held-out texts" in result.stderr
+    with open(os.path.join(student, "onnx", "export.json")) as f:
+        assert len(json.load(f)["warnings"]) == 1  # int8 stays above its threshold
+    with open(os.path.join(student, card.CARD_FILE)) as f:
+        assert "**Warning**: fp32 ONNX agrees" in f.read()
