@@ -16,81 +16,18 @@ import numpy as np
 
 from zsdistill import cache, cache_report, card, data, inference, models, refine, serving, targets
 from zsdistill.errors import UserError, run_cli, writing_to
+from zsdistill.metrics import (  # noqa: F401 (evaluate.ECE_BINS and the metrics are this stage's public names)
+    ECE_BINS,
+    encode_labels,
+    expected_calibration_error,
+    multi_label_metrics,
+    single_label_metrics,
+)
 from zsdistill.options import cli, option
-
-ECE_BINS = 15
 
 
 def log(message: str) -> None:
     print(f"[evaluate] {message}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- metrics
-
-
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
-    """Sum over equal-width confidence bins of (bin share) x |accuracy - mean confidence|."""
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
-    ece = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
-    return float(ece)
-
-
-def single_label_metrics(true: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
-    labels = list(range(len(class_names)))
-    predicted = probabilities.argmax(1)
-    confusion = confusion_matrix(true, predicted, labels=labels)  # rows: true class, columns: predicted class
-    precision, recall, f1, support = precision_recall_fscore_support(true, predicted, labels=labels, zero_division=0)
-    return {
-        "accuracy": float((predicted == true).mean()),
-        "macro_f1": float(f1.mean()),
-        "ece": expected_calibration_error(probabilities.max(1), (predicted == true).astype(float)),
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(class_names)
-        },
-        "confusion_matrix": confusion.tolist(),
-    }
-
-
-def multi_label_metrics(true: np.ndarray, probabilities: np.ndarray, class_names: list[str]) -> dict:
-    from sklearn.metrics import f1_score, multilabel_confusion_matrix, precision_recall_fscore_support
-
-    predicted = probabilities > 0.5
-    true = true.astype(bool)
-    precision, recall, f1, support = precision_recall_fscore_support(true, predicted, zero_division=0)
-    return {
-        "subset_accuracy": float((predicted == true).all(1).mean()),
-        "micro_f1": float(f1_score(true, predicted, average="micro", zero_division=0)),
-        "macro_f1": float(f1.mean()),
-        # Calibration of every per-class probability against whether the class is present.
-        "ece": expected_calibration_error(
-            np.where(predicted, probabilities, 1 - probabilities).ravel(), (predicted == true).astype(float).ravel()
-        ),
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(class_names)
-        },
-        "outcomes": multilabel_confusion_matrix(true, predicted)
-        .reshape(len(class_names), 4)
-        .tolist(),  # per class: tn, fp, fn, tp
-    }
 
 
 def agreement(a: np.ndarray, b: np.ndarray, multi_label: bool) -> float:
@@ -122,28 +59,6 @@ def load_student(model_dir: str, device):
     except (OSError, ValueError) as e:
         raise UserError(f"--model {model_dir!r}: cannot load it ({str(e).splitlines()[0]})") from None
     return model, tokenizer
-
-
-def encode_labels(labels: list, class_names: list[str], multi_label: bool, test_file: str) -> np.ndarray:
-    """Class indices (single-label) or a 0/1 matrix (multi-label); unknown labels are an error."""
-    as_lists = [label if isinstance(label, list) else [label] for label in labels]
-    if not multi_label and any(len(names) != 1 for names in as_lists):
-        raise UserError(
-            f"{test_file}: some rows hold several labels, but the model is single-label; give one label per row"
-        )
-    unknown = sorted({str(name) for names in as_lists for name in names if name not in class_names})
-    if unknown:
-        raise UserError(
-            f"{test_file}: labels not among the model's classes: {', '.join(map(repr, unknown[:10]))}"
-            f"{' ...' if len(unknown) > 10 else ''}; known classes: {', '.join(map(repr, class_names))}"
-        )
-    index = {name: i for i, name in enumerate(class_names)}
-    if not multi_label:
-        return np.array([index[names[0]] for names in as_lists])
-    matrix = np.zeros((len(labels), len(class_names)), dtype=np.int64)
-    for row, names in enumerate(as_lists):
-        matrix[row, [index[n] for n in names]] = 1
-    return matrix
 
 
 def compare_runtimes(
@@ -364,6 +279,9 @@ def markdown_report(report: dict) -> str:
         lines += ["", f"Refined teacher not shown: {report['refined_teacher']['note']}."]
     if teacher:
         lines += ["", f"Student-teacher agreement on the test set: {report['agreement']:.4f}."]
+    info = report["student"].get("distill_info")
+    if info:
+        lines.append(f"Student confidence: {card.calibration_text(info)}.")
     if speed.get("speedup"):
         lines.append(f"Student speedup over the live zero-shot teacher: {speed['speedup']:.1f}x.")
     if report.get("serving"):

@@ -22,10 +22,11 @@ import numpy as np
 import pyarrow.compute as pc
 from transformers import Trainer
 
-from zsdistill import __version__, adapt, card, serving, targets
+from zsdistill import __version__, adapt, card, data, serving, targets
 from zsdistill import refine as refine_mod  # `refine` is the CLI flag
 from zsdistill import cache as teacher_cache  # `cache` is the CLI flag
 from zsdistill.errors import UserError, run_cli, writing_to
+from zsdistill.metrics import encode_labels, multi_label_metrics, single_label_metrics
 from zsdistill.options import cli, option, whole_number
 from zsdistill.models import resolve_max_length
 from zsdistill.targets import holdout_split
@@ -108,6 +109,17 @@ class StudentOptions:
     )
     overwrite_output_dir: bool = option(False, "replace a non-empty output_dir instead of refusing.")
     trust_remote_code: bool = option(False, "allow models whose code lives in their hub repository.")
+    dev_file: str | None = option(
+        None,
+        "a few labeled texts, never trained on (the formats evaluate.py --test_file reads; single- or multi-label; a "
+        "few per class up to a few thousand): the student's temperature is fitted on their labels instead of on its "
+        "targets, and its dev accuracy, macro-F1 and ECE are measured at every evaluation step (--eval_strategy; "
+        "--metric_for_best_model macro_f1 works) and at the end, into distill_info.json and the model card.",
+    )
+    dev_text_column: str = option("text", "text column of a tabular --dev_file.")
+    dev_label_column: str = option(
+        "label", "label column of a tabular --dev_file (a class name, or a list of names for multi-label)."
+    )
     export: str | None = option(
         None,
         "`onnx`: after saving, also export the student for ONNX Runtime (onnx/model.onnx fp32 and "
@@ -622,31 +634,40 @@ class DistillationTrainer(Trainer):
 
 
 def calibrate_on_holdout(
-    trainer, holdout_dataset, holdout_targets: np.ndarray, multi_label: bool, calibrate: bool
-) -> tuple[float, dict]:
-    """Predict the held-out rows; when calibrating, fold the temperature that matches the targets there into the
-    head. Returns (logit scale, metrics)."""
-    if holdout_dataset is None:
-        if calibrate:
-            log("calibration: skipped (no held-out rows; --holdout_fraction 0)")
-        return 1.0, {}
-    metrics, logit_scale = {}, 1.0
-    holdout_logits = trainer.predict(holdout_dataset).predictions
-    if calibrate:
-        logit_scale = 1.0 / fit_logit_temperature(holdout_logits, holdout_targets, multi_label)
+    trainer, holdout_dataset, holdout_targets: np.ndarray, multi_label: bool, calibrate: bool, dev_set=None
+) -> tuple[dict, dict]:
+    """Predict the held-out rows (and the dev set); when calibrating, fold into the head the temperature that
+    matches the dev labels (with a --dev_file) or else the targets on the held-out rows. Returns (calibration record,
+    metrics)."""
+    metrics_found, logit_scale, fitted_on = {}, 1.0, None
+    dev_logits = trainer.predict(dev_set).predictions if dev_set is not None else None
+    dev_labels = np.array(dev_set["labels"], dtype=np.float32) if dev_set is not None else None
+    holdout_logits = trainer.predict(holdout_dataset).predictions if holdout_dataset is not None else None
+    if calibrate and (dev_set is not None or holdout_dataset is not None):
+        fitted_on = "dev labels" if dev_set is not None else "held-out targets"
+        logits, taught = (dev_logits, dev_labels) if dev_set is not None else (holdout_logits, holdout_targets)
+        logit_scale = 1.0 / fit_logit_temperature(logits, taught, multi_label)
         scale_classifier(trainer.model, trainer.model.config.num_labels, logit_scale)
-        metrics["holdout_before_calibration"] = holdout_metrics(holdout_logits, holdout_targets, multi_label)
-        holdout_logits = holdout_logits * logit_scale
-        log(f"calibration: logits scaled by {logit_scale:.3f} to match the targets on the held-out rows")
-    metrics["holdout"] = {
-        "examples": int(len(holdout_targets)),
-        **holdout_metrics(holdout_logits, holdout_targets, multi_label),
-    }
-    log(
-        f"holdout ({len(holdout_targets)} examples): "
-        + ", ".join(f"{k} {v:.4f}" for k, v in metrics["holdout"].items() if k != "examples")
-    )
-    return logit_scale, metrics
+        log(f"calibration: logits scaled by {logit_scale:.3f} to match the {fitted_on}")
+    elif calibrate:
+        log("calibration: skipped (no held-out rows; --holdout_fraction 0)")
+    if holdout_dataset is not None:
+        if fitted_on:
+            metrics_found["holdout_before_calibration"] = holdout_metrics(holdout_logits, holdout_targets, multi_label)
+        found = holdout_metrics(holdout_logits * logit_scale, holdout_targets, multi_label)
+        metrics_found["holdout"] = {"examples": int(len(holdout_targets)), **found}
+        log(f"holdout ({len(holdout_targets)} examples): " + ", ".join(f"{k} {v:.4f}" for k, v in found.items()))
+    if dev_set is not None:
+        names = [trainer.model.config.id2label[i] for i in range(trainer.model.config.num_labels)]
+        if fitted_on:
+            metrics_found["dev_before_calibration"] = dev_metrics(dev_logits, dev_labels, names, multi_label)
+        found = dev_metrics(dev_logits * logit_scale, dev_labels, names, multi_label)
+        metrics_found["dev"] = {"examples": len(dev_labels), **found}
+        log(f"dev ({len(dev_labels)} labeled texts): " + ", ".join(f"{k} {v:.4f}" for k, v in found.items()))
+    calibration = {"logit_scale": logit_scale, "applied": logit_scale != 1.0, "fitted_on": fitted_on}
+    if fitted_on == "dev labels":
+        calibration["dev_examples"] = len(dev_labels)
+    return calibration, metrics_found
 
 
 def save_student(trainer, output_dir: str, info: dict, refinement) -> None:
@@ -682,6 +703,39 @@ def export_onnx(output_dir: str, table, holdout_rows: np.ndarray, train_rows: np
         ) from None
 
 
+def read_dev_set(options: StudentOptions, class_names: list[str]) -> tuple[list[str], np.ndarray] | None:
+    """The --dev_file's texts and labels (class indices, or a 0/1 matrix for multi-label); unknown labels refused."""
+    if not options.dev_file:
+        return None
+    texts, labels = data.read_labeled(options.dev_file, options.dev_text_column, options.dev_label_column)
+    true = encode_labels(labels, class_names, options.multi_label, options.dev_file)
+    counts = true.sum(0) if options.multi_label else np.bincount(true, minlength=len(class_names))
+    log(
+        f"dev set {options.dev_file}: {len(texts)} labeled texts, {counts.min()} to {counts.max()} a class; never "
+        f"trained on: calibration and the dev metrics come from its labels"
+    )
+    return texts, true
+
+
+def dev_dataset(dev: tuple[list[str], np.ndarray], tokenizer, max_length: int, num_classes: int, multi_label: bool):
+    """The dev texts tokenized, their labels one-hot (multi-hot) floats, as the Trainer's eval_dataset."""
+    from datasets import Dataset
+
+    texts, true = dev
+    labels = true.astype(np.float32) if multi_label else np.eye(num_classes, dtype=np.float32)[true]
+    return Dataset.from_dict({**tokenizer(texts, truncation=True, max_length=max_length), "labels": labels.tolist()})
+
+
+def dev_metrics(logits: np.ndarray, one_hot: np.ndarray, class_names: list[str], multi_label: bool) -> dict:
+    """Accuracy (subset accuracy and micro-F1 for multi-label), macro-F1 and ECE of logits against dev labels."""
+    probabilities = serving.probabilities(logits, multi_label)
+    if multi_label:
+        found = multi_label_metrics(one_hot.astype(np.int64), probabilities, class_names)
+    else:
+        found = single_label_metrics(one_hot.argmax(1), probabilities, class_names)
+    return {k: v for k, v in found.items() if isinstance(v, float)}
+
+
 def training_arguments(options: StudentOptions, extra: dict):
     """The transformers.TrainingArguments of this run: every flag that is not a StudentOptions field."""
     from transformers import TrainingArguments
@@ -699,8 +753,9 @@ def training_arguments(options: StudentOptions, extra: dict):
         raise UserError(f"invalid training arguments: {e}") from None
 
 
-def load_cache_for(options: StudentOptions) -> tuple[dict, object]:
-    """The verified cache (manifest, Arrow table), refused when single-label training cannot use it."""
+def load_cache_for(options: StudentOptions) -> tuple[dict, object, np.ndarray, np.ndarray]:
+    """The verified cache (manifest, Arrow table), refused when single-label training cannot use it, and its rows
+    split into training and held-out ones."""
     manifest, table = teacher_cache.load_cache(options.cache)
     class_names = manifest["class_names"]
     if not options.multi_label and len(class_names) < 2:
@@ -708,7 +763,15 @@ def load_cache_for(options: StudentOptions) -> tuple[dict, object]:
             f"single-label training needs at least 2 classes; the cache has {len(class_names)} ({class_names[0]!r}); "
             f"pass --multi_label or rebuild the cache with more class names"
         )
-    return manifest, table
+    train_rows, holdout_rows = holdout_split(
+        manifest["num_examples"], options.holdout_fraction, options.max_holdout_examples
+    )
+    log(
+        f"cache {manifest['key']}: {manifest['num_examples']} examples x {len(class_names)} classes; "
+        f"{len(train_rows)} train, {len(holdout_rows)} held out; T={options.temperature}, "
+        f"{'multi' if options.multi_label else 'single'}-label"
+    )
+    return manifest, table, train_rows, holdout_rows
 
 
 def targets_for(options: StudentOptions, manifest: dict, seed: int):
@@ -773,9 +836,13 @@ def balanced_weights(options: StudentOptions, soft_targets: np.ndarray, train_ro
     return weights
 
 
-def distillation_trainer(options: StudentOptions, args, model, tokenizer, train_dataset, new_parameters: set):
-    """The Trainer that distils: soft-target loss, class-balanced row draws, the new head at its own rate."""
+def distillation_trainer(
+    options: StudentOptions, args, model, tokenizer, train_dataset, new_parameters: set, dev_set=None
+):
+    """The Trainer that distils: soft-target loss, class-balanced row draws, the new head at its own rate; with a
+    dev set, its metrics at every evaluation step."""
     sample_weights = balanced_weights(options, train_dataset.soft_targets, train_dataset.rows)
+    names, multi = [model.config.id2label[i] for i in range(model.config.num_labels)], options.multi_label
     if new_parameters:
         log(
             f"new head ({', '.join(sorted(new_parameters))}): learning rate {options.head_learning_rate_factor:g} x "
@@ -790,6 +857,8 @@ def distillation_trainer(options: StudentOptions, args, model, tokenizer, train_
         sample_weights=sample_weights,
         new_parameters=new_parameters,
         head_learning_rate_factor=options.head_learning_rate_factor,
+        eval_dataset=dev_set,
+        compute_metrics=None if dev_set is None else lambda p: dev_metrics(p.predictions, p.label_ids, names, multi),
     )
 
 
@@ -824,7 +893,7 @@ def distill_info(options: StudentOptions, manifest: dict, args, refinement, refi
             "min_prior": MIN_BALANCED_PRIOR if applied else None,
         },
         "head_learning_rate": {"factor": options.head_learning_rate_factor, "parameters": sorted(new_parameters)},
-        "calibration": {"logit_scale": results["logit_scale"], "applied": results.pop("logit_scale") != 1.0},
+        "calibration": results.pop("calibration"),
         "export": None,  # export_student / --export onnx records its files here
         "training_arguments": json.loads(args.to_json_string()),
         **results,  # max_length (the student's, resolved), truncated_texts, metrics
@@ -838,15 +907,8 @@ def train(options: StudentOptions, extra: dict) -> str:
     resume_from = _check_output_dir(options.output_dir, options.overwrite_output_dir)
 
     # 2. The cache: verified, then turned into soft targets. The teacher is never loaded.
-    manifest, table = load_cache_for(options)
-    train_rows, holdout_rows = holdout_split(
-        manifest["num_examples"], options.holdout_fraction, options.max_holdout_examples
-    )
-    log(
-        f"cache {manifest['key']}: {manifest['num_examples']} examples x {len(manifest['class_names'])} classes; "
-        f"{len(train_rows)} train, {len(holdout_rows)} held out; T={options.temperature}, "
-        f"{'multi' if options.multi_label else 'single'}-label"
-    )
+    manifest, table, train_rows, holdout_rows = load_cache_for(options)
+    dev = read_dev_set(options, manifest["class_names"])
     soft_targets, refinement, refinement_info = targets_for(options, manifest, args.seed)
 
     # 3. The student's base model, and the cache's texts tokenized once per student tokenizer (reused by later runs).
@@ -858,16 +920,19 @@ def train(options: StudentOptions, extra: dict) -> str:
     # The targets stay one (N, K) float32 array in memory: memory-mapped, every page would end up resident anyway.
     train_dataset = RowSubset(tokenized, soft_targets, train_rows)
     holdout_dataset = held_out_dataset(files, manifest["shards"], holdout_rows, holdout_targets)
+    dev_set = dev and dev_dataset(dev, tokenizer, max_length, len(manifest["class_names"]), options.multi_label)
 
     # 4. Train; then fold one temperature into the head so the student's confidence matches its targets.
-    trainer = distillation_trainer(options, args, model, tokenizer, train_dataset, new_parameters)
+    trainer = distillation_trainer(options, args, model, tokenizer, train_dataset, new_parameters, dev_set)
     if resume_from:
         log(f"resuming from {resume_from}")
     advice = "free space there, or pass another --output_dir (or --save_strategy no)"
     with writing_to(options.output_dir, "checkpoints", advice):
         metrics = {"train": trainer.train(resume_from_checkpoint=resume_from).metrics}
-    calibrated = calibrate_on_holdout(trainer, holdout_dataset, holdout_targets, options.multi_label, options.calibrate)
-    metrics.update(calibrated[1])
+    calibration, found = calibrate_on_holdout(
+        trainer, holdout_dataset, holdout_targets, options.multi_label, options.calibrate, dev_set
+    )
+    metrics.update(found)
 
     # 5. Save a standard classifier plus what made it, atomically; then, if asked, its ONNX export.
     if trainer.is_world_process_zero():
@@ -879,7 +944,7 @@ def train(options: StudentOptions, extra: dict) -> str:
             refinement_info,
             sample_weights=trainer.sample_weights,
             new_parameters=new_parameters,
-            logit_scale=calibrated[0],
+            calibration=calibration,
             max_length=max_length,
             truncated_texts=truncated_texts,
             metrics=metrics,

@@ -97,6 +97,8 @@ def render(info: dict, evaluations: str = "") -> str:
         f"| balanced distillation | {balanced} |",
         f"| learning rates | {head_rate} |",
         f"| agreement with the targets | {agreement} |",
+        f"| confidence | {calibration_text(info)} |",
+        *([f"| dev set | {_dev(info['metrics']['dev'])} |"] if "dev" in info.get("metrics", {}) else []),
         "",
         "## How to use",
         "",
@@ -113,6 +115,28 @@ def render(info: dict, evaluations: str = "") -> str:
     lines += _serving_lines(info.get("export"))
     card = _card_data(info).to_yaml()
     return f"---\n{card}\n---\n\n" + "\n".join(lines) + (evaluations or "")
+
+
+def calibration_text(info: dict) -> str:
+    """How the student's confidence was calibrated, in words the stage 3 report repeats."""
+    calibration = info.get("calibration") or {}
+    fitted_on = calibration.get("fitted_on", "held-out targets" if calibration.get("applied") else None)
+    if fitted_on == "dev labels":
+        return f"calibrated on {calibration['dev_examples']} dev labels (one temperature folded into the head)"
+    if fitted_on:
+        return (
+            "calibrated label-free, to the student's targets on held-out rows (unverified where texts do not "
+            "cluster by class)"
+        )
+    return "not calibrated"
+
+
+def _dev(dev: dict) -> str:
+    first = ("subset accuracy", "subset_accuracy") if "subset_accuracy" in dev else ("accuracy", "accuracy")
+    return (
+        f"{dev['examples']} labeled texts: {first[0]} {dev[first[1]]:.4f}, macro-F1 {dev['macro_f1']:.4f}, "
+        f"ECE {dev['ece']:.4f} (a small set, not a test set)"
+    )
 
 
 def _serving_lines(export: dict | None) -> list[str]:
