@@ -753,9 +753,9 @@ def training_arguments(options: StudentOptions, extra: dict):
         raise UserError(f"invalid training arguments: {e}") from None
 
 
-def load_cache_for(options: StudentOptions) -> tuple[dict, object, np.ndarray, np.ndarray]:
-    """The verified cache (manifest, Arrow table), refused when single-label training cannot use it, and its rows
-    split into training and held-out ones."""
+def load_inputs(options: StudentOptions) -> tuple[dict, object, np.ndarray, np.ndarray, tuple | None]:
+    """The verified cache (manifest, Arrow table), refused when single-label training cannot use it, its rows split
+    into training and held-out ones, and the --dev_file's texts and labels (None without one)."""
     manifest, table = teacher_cache.load_cache(options.cache)
     class_names = manifest["class_names"]
     if not options.multi_label and len(class_names) < 2:
@@ -763,6 +763,7 @@ def load_cache_for(options: StudentOptions) -> tuple[dict, object, np.ndarray, n
             f"single-label training needs at least 2 classes; the cache has {len(class_names)} ({class_names[0]!r}); "
             f"pass --multi_label or rebuild the cache with more class names"
         )
+    dev = read_dev_set(options, class_names)
     train_rows, holdout_rows = holdout_split(
         manifest["num_examples"], options.holdout_fraction, options.max_holdout_examples
     )
@@ -771,7 +772,7 @@ def load_cache_for(options: StudentOptions) -> tuple[dict, object, np.ndarray, n
         f"{len(train_rows)} train, {len(holdout_rows)} held out; T={options.temperature}, "
         f"{'multi' if options.multi_label else 'single'}-label"
     )
-    return manifest, table, train_rows, holdout_rows
+    return manifest, table, train_rows, holdout_rows, dev
 
 
 def targets_for(options: StudentOptions, manifest: dict, seed: int):
@@ -907,8 +908,7 @@ def train(options: StudentOptions, extra: dict) -> str:
     resume_from = _check_output_dir(options.output_dir, options.overwrite_output_dir)
 
     # 2. The cache: verified, then turned into soft targets. The teacher is never loaded.
-    manifest, table, train_rows, holdout_rows = load_cache_for(options)
-    dev = read_dev_set(options, manifest["class_names"])
+    manifest, table, train_rows, holdout_rows, dev = load_inputs(options)
     soft_targets, refinement, refinement_info = targets_for(options, manifest, args.seed)
 
     # 3. The student's base model, and the cache's texts tokenized once per student tokenizer (reused by later runs).
