@@ -154,7 +154,28 @@ def build_task(name: str, directory: str, pool_size: int = 6000, test_size: int 
         f.write("".join(text + "\n" for text, _ in pool))
     with open(os.path.join(directory, "test.jsonl"), "w") as f:
         f.write("".join(json.dumps({"text": text, "label": label}) + "\n" for text, label in test))
+    with open(os.path.join(directory, "pool.jsonl"), "w") as f:  # the pool's labels: only --dev_per_class reads them
+        f.write("".join(json.dumps({"text": text, "label": label}) + "\n" for text, label in pool))
     return DEFAULT_TEMPLATE
+
+
+def draw_dev_file(name: str, directory: str, per_class: int, seed: int) -> str:
+    """`per_class` labeled texts of each class (all of a smaller class's), drawn with `seed` from the task's labeled
+    pool (the demo: its dev split), never from the test set; written as dev-<k>-seed<seed>.jsonl."""
+    source = os.path.join(directory, "dev.jsonl" if name == "demo" else "pool.jsonl")
+    with open(source) as f:
+        rows = [json.loads(line) for line in f]
+    by_class: dict[str, list[dict]] = {}
+    for row in rows:
+        by_class.setdefault(row["label"], []).append(row)
+    rng = random.Random(seed)
+    drawn = [
+        row for label in sorted(by_class) for row in rng.sample(by_class[label], min(per_class, len(by_class[label])))
+    ]
+    path = os.path.join(directory, f"dev-{per_class}-seed{seed}.jsonl")
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in drawn))
+    return path
 
 
 def wordnet_glosses(name: str) -> dict[str, set[str]]:
@@ -321,6 +342,7 @@ def main(
     student_args: str = "",
     work_dir: str = "bench/quality",
     reuse_reports: bool = False,
+    dev_per_class: int = 0,
 ) -> None:
     """Print the quality tables as markdown; every run's report stays under work_dir.
 
@@ -332,6 +354,8 @@ def main(
             --student_args="--nobalance --norefine" (with the =: fire reads a following --flag as a flag of its own).
         work_dir: where data, caches, students and reports go.
         reuse_reports: take a student's existing report instead of training it again (its stage 2 time is then '-').
+        dev_per_class: give every student a --dev_file of this many labeled texts per class, drawn with the student's
+            seed from the task's labeled pool (the demo: its dev split), never from the test set (0: none).
     """
 
     def as_list(value, kind):
@@ -361,6 +385,7 @@ def main(
         f"{' ' + ' '.join(extra) if extra else ''} {' '.join(STUDENT_ARGS)}\n"
     )
     tag = "-".join(a.strip("-").replace("_", "") for a in extra) or "default"
+    tag += f"-dev{dev_per_class}" if dev_per_class else ""
     for name in tasks:
         data_dir = os.path.join(work_dir, "data", name)
         template = build_task(name, data_dir)
@@ -378,6 +403,7 @@ def main(
                 report_dir = os.path.join(work_dir, "reports", name, os.path.basename(output))
                 seconds = None
                 if not (reuse_reports and os.path.exists(os.path.join(report_dir, "report.json"))):
+                    dev = ["--dev_file", draw_dev_file(name, data_dir, dev_per_class, seed)] if dev_per_class else []
                     started = time.time()
                     run(
                         "train_student.py",
@@ -393,6 +419,7 @@ def main(
                         str(lr),
                         "--seed",
                         str(seed),
+                        *dev,
                         *extra,
                     )
                     seconds = time.time() - started
