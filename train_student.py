@@ -922,7 +922,7 @@ def train(options: StudentOptions, extra: dict) -> str:
     holdout_dataset = held_out_dataset(files, manifest["shards"], holdout_rows, holdout_targets)
     dev_set = dev and dev_dataset(dev, tokenizer, max_length, len(manifest["class_names"]), options.multi_label)
 
-    # 4. Train; then fold one temperature into the head so the student's confidence matches its targets.
+    # 4. Train; then fold one temperature into the head so the student's confidence matches its dev labels or targets.
     trainer = distillation_trainer(options, args, model, tokenizer, train_dataset, new_parameters, dev_set)
     if resume_from:
         log(f"resuming from {resume_from}")
