@@ -19,6 +19,7 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 from transformers import Trainer
 
@@ -767,6 +768,12 @@ def load_inputs(options: StudentOptions) -> tuple[dict, object, np.ndarray, np.n
     train_rows, holdout_rows = holdout_split(
         manifest["num_examples"], options.holdout_fraction, options.max_holdout_examples
     )
+    if dev is not None:  # a dev set drawn from the corpus itself: its texts are not trained on, even without labels
+        in_dev = pc.is_in(table.column("text"), value_set=pa.array(dev[0], pa.string())).to_numpy(zero_copy_only=False)
+        dev_rows = np.flatnonzero(in_dev)
+        if len(dev_rows):
+            train_rows = np.setdiff1d(train_rows, dev_rows).astype(train_rows.dtype)
+            log(f"dev set: {len(dev_rows)} cache rows hold its texts; they are left out of training")
     log(
         f"cache {manifest['key']}: {manifest['num_examples']} examples x {len(class_names)} classes; "
         f"{len(train_rows)} train, {len(holdout_rows)} held out; T={options.temperature}, "

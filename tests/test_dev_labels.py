@@ -117,3 +117,28 @@ def test_unknown_dev_labels_are_one_line_naming_them(task, tmp_path):
     )
     assert result.returncode == 2 and "'lake'" in result.stderr and "known classes" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "s").exists()
+
+
+def test_dev_texts_that_are_in_the_cache_are_not_trained_on(task, tmp_path):
+    root, cache_path, _, base = task
+    from zsdistill import cache
+
+    _, table = cache.load_cache(cache_path)
+    texts = table.column("text").to_pylist()
+    dev = tmp_path / "dev.jsonl"  # three texts of the training cache itself, as a user's own draw would be
+    rows = [{"text": texts[i], "label": "apple"} for i in (3, 50, 90)]
+    dev.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    student = train_student.main(
+        cache=cache_path,
+        output_dir=str(tmp_path / "s"),
+        student_name_or_path=base,
+        dev_file=str(dev),
+        holdout_fraction=0,
+        save_strategy="no",
+        **QUICK,
+    )
+    assert json.load(open(os.path.join(student, card.INFO_FILE)))["metrics"]["dev"]["examples"] == 3
+    used = train_student.load_inputs(
+        train_student.StudentOptions(cache=cache_path, output_dir="x", dev_file=str(dev), holdout_fraction=0)
+    )[2]
+    assert len(used) == len(texts) - 3 and not {3, 50, 90} & set(used.tolist())
