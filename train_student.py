@@ -114,7 +114,7 @@ class StudentOptions:
         None,
         "a few labeled texts, never trained on, nor their texts where the cache holds them (the formats evaluate.py "
         "--test_file reads; single- or multi-label; a "
-        "few per class up to a few thousand): the student's temperature is fitted on their labels instead of on its "
+        "few per class up to a few thousand). The student's temperature is fitted on their labels instead of on its "
         "targets, and its dev accuracy, macro-F1 and ECE are measured at every evaluation step (--eval_strategy; "
         "--metric_for_best_model macro_f1 works) and at the end, into distill_info.json and the model card.",
     )
