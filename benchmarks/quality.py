@@ -154,15 +154,19 @@ def build_task(name: str, directory: str, pool_size: int = 6000, test_size: int 
         f.write("".join(text + "\n" for text, _ in pool))
     with open(os.path.join(directory, "test.jsonl"), "w") as f:
         f.write("".join(json.dumps({"text": text, "label": label}) + "\n" for text, label in test))
-    with open(os.path.join(directory, "pool.jsonl"), "w") as f:  # the pool's labels: only --dev_per_class reads them
-        f.write("".join(json.dumps({"text": text, "label": label}) + "\n" for text, label in pool))
+    # Labeled texts for --dev_per_class: those in neither the test set nor the pool where the task has enough,
+    # so a dev draw takes nothing out of training; else the pool's own (then stage 2 leaves them out of training).
+    rest = examples[test_size + pool_size :]
+    with open(os.path.join(directory, "labeled.jsonl"), "w") as f:
+        f.write("".join(json.dumps({"text": text, "label": label}) + "\n" for text, label in rest or pool))
     return DEFAULT_TEMPLATE
 
 
 def draw_dev_file(name: str, directory: str, per_class: int, seed: int) -> str:
     """`per_class` labeled texts of each class (all of a smaller class's), drawn with `seed` from the task's labeled
-    pool (the demo: its dev split), never from the test set; written as dev-<k>-seed<seed>.jsonl."""
-    source = os.path.join(directory, "dev.jsonl" if name == "demo" else "pool.jsonl")
+    texts outside the test set and, where there are enough, outside the pool (the demo: its dev split); written as
+    dev-<k>-seed<seed>.jsonl."""
+    source = os.path.join(directory, "dev.jsonl" if name == "demo" else "labeled.jsonl")
     with open(source) as f:
         rows = [json.loads(line) for line in f]
     by_class: dict[str, list[dict]] = {}
@@ -355,7 +359,8 @@ def main(
         work_dir: where data, caches, students and reports go.
         reuse_reports: take a student's existing report instead of training it again (its stage 2 time is then '-').
         dev_per_class: give every student a --dev_file of this many labeled texts per class, drawn with the student's
-            seed from the task's labeled pool (the demo: its dev split), never from the test set (0: none).
+            seed from labeled texts in neither the test set nor (where the task has enough) the pool; the demo: its
+            dev split (0: none).
     """
 
     def as_list(value, kind):
