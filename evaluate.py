@@ -20,6 +20,7 @@ from zsdistill.metrics import (  # noqa: F401 (evaluate.ECE_BINS and the metrics
     ECE_BINS,
     encode_labels,
     expected_calibration_error,
+    label_metrics,
     multi_label_metrics,
     single_label_metrics,
 )
@@ -75,7 +76,6 @@ def compare_runtimes(
 ) -> dict:
     """The PyTorch student and its ONNX exports, each loaded and served on its own: metrics, agreement with the
     PyTorch student, texts/s at batch 1 and at batch_size, load time and peak memory."""
-    metric_fn = multi_label_metrics if multi_label else single_label_metrics
     loaders = {"pytorch": (None, lambda: serving.TorchClassifier(*load_student(model_dir, device)))}
     for precision, name in serving.FILES.items():
         path = os.path.join(model_dir, serving.ONNX_DIR, name)
@@ -93,7 +93,7 @@ def compare_runtimes(
             load, tokenizer, texts, batch_size, batch_one_texts, max_length, multi_label
         )
         reference = probabilities if reference is None else reference
-        metrics = metric_fn(true, probabilities, class_names)
+        metrics = label_metrics(true, probabilities, class_names, multi_label)
         rows[runtime] = {
             "file": file,
             **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
@@ -527,7 +527,6 @@ def student_report(options: EvaluateOptions, student, tokenizer, texts, true, cl
     max_length = models.resolve_max_length(tokenizer, student, None)
     torch_student = serving.TorchClassifier(student, tokenizer)
     probabilities, speed = serving.predict(torch_student, tokenizer, texts, options.batch_size, max_length, multi_label)
-    metric_fn = multi_label_metrics if multi_label else single_label_metrics
     report = {
         "model": os.path.abspath(options.model),
         "test_file": os.path.abspath(options.test_file),
@@ -536,7 +535,7 @@ def student_report(options: EvaluateOptions, student, tokenizer, texts, true, cl
         "class_names": class_names,
         "multi_label": multi_label,
         "hardware": models.hardware_name(device),
-        "student": {"metrics": metric_fn(true, probabilities, class_names)},
+        "student": {"metrics": label_metrics(true, probabilities, class_names, multi_label)},
         "speed": {"student_examples_per_second": speed, "student_batch_size": options.batch_size},
     }
     if options.onnx:
@@ -565,7 +564,6 @@ def teacher_report(report: dict, options: EvaluateOptions, manifest: dict, table
     """Adds the teacher (rebuilt from its cache with stage 2's target math, T=1), the refined teacher and the
     label-free report checked against the labels; returns the teacher's probabilities."""
     class_names, multi_label = report["class_names"], report["multi_label"]
-    metric_fn = multi_label_metrics if multi_label else single_label_metrics
     order = [manifest["class_names"].index(name) for name in class_names]
     columns = {name: values[:, order] for name, values in cache.score_arrays(manifest, table).items()}
     teacher_probabilities = targets.teacher_probabilities(columns, multi_label, temperature=1.0)
@@ -573,7 +571,7 @@ def teacher_report(report: dict, options: EvaluateOptions, manifest: dict, table
         "cache": os.path.abspath(options.teacher_cache),
         "cache_key": manifest["key"],
         "name_or_path": manifest["teacher"]["name_or_path"],
-        "metrics": metric_fn(true, teacher_probabilities, class_names),
+        "metrics": label_metrics(true, teacher_probabilities, class_names, multi_label),
     }
     report["agreement"] = agreement(student_probabilities, teacher_probabilities, multi_label)
     refined = refined_teacher(options.model, options.teacher_cache, manifest)
@@ -581,7 +579,10 @@ def teacher_report(report: dict, options: EvaluateOptions, manifest: dict, table
         report["refined_teacher"] = {"note": refined}
         log(f"refined teacher: {refined}")
     elif refined is not None:
-        report["refined_teacher"] = {"method": refined[1], "metrics": metric_fn(true, refined[0], class_names)}
+        report["refined_teacher"] = {
+            "method": refined[1],
+            "metrics": label_metrics(true, refined[0], class_names, multi_label),
+        }
     report["cache_report"] = cache_report.build(options.teacher_cache, manifest, log)
     if not multi_label:
         cache_order = np.array([class_names.index(name) for name in manifest["class_names"]])  # labels, cache's order

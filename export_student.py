@@ -34,7 +34,7 @@ def held_out_texts(model_dir: str, info: dict) -> list[str]:
         )
     manifest, table = cache.load_cache(cache_path, verify=False)
     _, rows = holdout_split(manifest["num_examples"], info["holdout_fraction"], info.get("max_holdout_examples"))
-    return table.column("text").take(rows[: serving.MAX_PARITY_TEXTS]).to_pylist()
+    return serving.parity_texts(table, rows)
 
 
 @dataclasses.dataclass(kw_only=True)

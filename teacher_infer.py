@@ -32,7 +32,7 @@ from zsdistill import inference
 from zsdistill import models
 from zsdistill import teacher as zs_teacher
 from zsdistill.errors import UserError, run_cli, writing_to
-from zsdistill.options import cli, option
+from zsdistill.options import cli, option, whole_number
 
 # NLI caches keep each text's embedding from this small model (stage 2 refines the targets in that space).
 DEFAULT_EMBEDDING_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -120,10 +120,8 @@ class TeacherOptions:
             value = getattr(self, name)
             setattr(self, name, None if value is None else str(value))
         data.check_template(self.hypothesis_template)
-        _positive_int(self.teacher_batch_size, "--teacher_batch_size", allow_none=True)
-        _positive_int(self.max_batch_tokens, "--max_batch_tokens", allow_none=True)
-        _positive_int(self.shard_size, "--shard_size")
-        _positive_int(self.max_length, "--max_length", allow_none=True)
+        for name in ("teacher_batch_size", "max_batch_tokens", "shard_size", "max_length"):
+            whole_number(getattr(self, name), name, "a positive integer", minimum=1, allow_none=name != "shard_size")
         if (self.data_file is None) == (self.dataset is None):
             raise UserError(
                 "give the texts with --data_file (a file, a directory or a glob of files) or with --dataset (a "
@@ -136,14 +134,6 @@ def log(message: str) -> None:
     rank = int(os.environ.get("RANK", 0))
     prefix = f"[teacher rank {rank}]" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "[teacher]"
     print(f"{prefix} {message}", file=sys.stderr, flush=True)
-
-
-def _positive_int(value, flag: str, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"{flag} must be a positive integer, got {value!r}")
-    return value
 
 
 def _command(options: TeacherOptions) -> str:
@@ -898,8 +888,13 @@ def build_cache(options: TeacherOptions) -> str:
     key_fields = key_fields_for(options, teacher, embedder, precision, data_fingerprint, num_examples, class_names)
     key = cache.cache_key(key_fields)
     cache_path = os.path.join(options.cache_dir, key)
-    expected = {"key": key, "class_names": class_names, "num_examples": num_examples, **columns}
-    expected.pop("text_embedding_column")
+    expected = {
+        "key": key,
+        "class_names": class_names,
+        "num_examples": num_examples,
+        "hypotheses": columns["hypotheses"],
+        "score_columns": columns["score_columns"],
+    }
     if cache.is_complete(cache_path, expected, verify=True):
         log(
             f"cache hit: {cache_path} already holds {num_examples} examples x {len(class_names)} classes; nothing to do"

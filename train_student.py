@@ -27,7 +27,7 @@ from zsdistill import __version__, adapt, card, data, serving, targets
 from zsdistill import refine as refine_mod  # `refine` is the CLI flag
 from zsdistill import cache as teacher_cache  # `cache` is the CLI flag
 from zsdistill.errors import UserError, run_cli, writing_to
-from zsdistill.metrics import encode_labels, multi_label_metrics, single_label_metrics
+from zsdistill.metrics import encode_labels, label_metrics
 from zsdistill.options import cli, option, whole_number
 from zsdistill.models import resolve_max_length
 from zsdistill.targets import holdout_split
@@ -694,7 +694,7 @@ def export_onnx(output_dir: str, table, holdout_rows: np.ndarray, train_rows: np
     rows, source = (
         (holdout_rows, "held-out texts of its cache") if len(holdout_rows) else (train_rows, "training texts")
     )
-    texts = table.column("text").take(rows[: serving.MAX_PARITY_TEXTS]).to_pylist()
+    texts = serving.parity_texts(table, rows)
     try:
         with writing_to(output_dir, "the ONNX export", "free space there; nothing half-written was left"):
             serving.export_student(output_dir, texts, source, log)
@@ -730,11 +730,8 @@ def dev_dataset(dev: tuple[list[str], np.ndarray], tokenizer, max_length: int, n
 
 def dev_metrics(logits: np.ndarray, one_hot: np.ndarray, class_names: list[str], multi_label: bool) -> dict:
     """Accuracy (subset accuracy and micro-F1 for multi-label), macro-F1 and ECE of logits against dev labels."""
-    probabilities = serving.probabilities(logits, multi_label)
-    if multi_label:
-        found = multi_label_metrics(one_hot.astype(np.int64), probabilities, class_names)
-    else:
-        found = single_label_metrics(one_hot.argmax(1), probabilities, class_names)
+    true = one_hot.astype(np.int64) if multi_label else one_hot.argmax(1)
+    found = label_metrics(true, serving.probabilities(logits, multi_label), class_names, multi_label)
     return {k: v for k, v in found.items() if isinstance(v, float)}
 
 
@@ -871,10 +868,20 @@ def distillation_trainer(
     )
 
 
-def distill_info(options: StudentOptions, manifest: dict, args, refinement, refinement_info: dict, **results) -> dict:
+def distill_info(
+    options: StudentOptions,
+    manifest: dict,
+    args,
+    refinement,
+    refinement_info: dict,
+    *,
+    sample_weights: np.ndarray | None,
+    new_parameters: set,
+    calibration: dict,
+    **results,
+) -> dict:
     """distill_info.json: every option (asdict), what the cache was, and what the run measured and decided."""
-    weights, new_parameters = results.pop("sample_weights"), results.pop("new_parameters")
-    applied = weights is not None
+    applied = sample_weights is not None
     return {
         "zsdistill_version": __version__,
         **dataclasses.asdict(options),
@@ -902,7 +909,7 @@ def distill_info(options: StudentOptions, manifest: dict, args, refinement, refi
             "min_prior": MIN_BALANCED_PRIOR if applied else None,
         },
         "head_learning_rate": {"factor": options.head_learning_rate_factor, "parameters": sorted(new_parameters)},
-        "calibration": results.pop("calibration"),
+        "calibration": calibration,
         "export": None,  # export_student / --export onnx records its files here
         "training_arguments": json.loads(args.to_json_string()),
         **results,  # max_length (the student's, resolved), truncated_texts, metrics

@@ -17,7 +17,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import evaluate  # noqa: E402
-from zsdistill import data, models, serving  # noqa: E402
+from zsdistill import data, models, serving
+from zsdistill.metrics import encode_labels, label_metrics  # noqa: E402
 
 
 def cpu_flags() -> str:
@@ -45,7 +46,7 @@ def main(
     class_names = [student.config.id2label[i] for i in range(student.config.num_labels)]
     max_length = models.resolve_max_length(tokenizer, student, None)
     all_texts, labels = data.read_labeled(test_file)
-    true = evaluate.encode_labels(labels, class_names, multi_label, test_file)
+    true = encode_labels(labels, class_names, multi_label, test_file)
     runtimes = {"PyTorch fp32": serving.TorchClassifier(student, tokenizer)}
     for precision, name in serving.FILES.items():
         runtimes[f"ONNX Runtime {precision}"] = serving.OnnxClassifier(
@@ -56,9 +57,7 @@ def main(
     for runtime, classifier in runtimes.items():
         probabilities, _ = serving.predict(classifier, tokenizer, all_texts, 64, max_length, multi_label)
         reference = probabilities if reference is None else reference
-        metrics = (evaluate.multi_label_metrics if multi_label else evaluate.single_label_metrics)(
-            true, probabilities, class_names
-        )
+        metrics = label_metrics(true, probabilities, class_names, multi_label)
         quality[runtime] = {
             "accuracy": metrics.get("accuracy", metrics.get("subset_accuracy")),
             "macro_f1": metrics["macro_f1"],

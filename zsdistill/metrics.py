@@ -73,6 +73,11 @@ def multi_label_metrics(true: np.ndarray, probabilities: np.ndarray, class_names
     }
 
 
+def label_metrics(true: np.ndarray, probabilities: np.ndarray, class_names: list[str], multi_label: bool) -> dict:
+    """single_label_metrics or multi_label_metrics, as the labels are."""
+    return (multi_label_metrics if multi_label else single_label_metrics)(true, probabilities, class_names)
+
+
 def encode_labels(labels: list, class_names: list[str], multi_label: bool, test_file: str) -> np.ndarray:
     """Class indices (single-label) or a 0/1 matrix (multi-label); unknown labels are an error."""
     as_lists = [label if isinstance(label, list) else [label] for label in labels]

@@ -21,8 +21,11 @@ def option(default: Any = dataclasses.MISSING, help: str = "") -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def whole_number(value: Any, flag: str, advice: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+def whole_number(value: Any, flag: str, advice: str, minimum: int = 0, allow_none: bool = False) -> int | None:
+    """`value` if an integer of at least `minimum` (or None where allowed), else a one-line error naming the flag."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise UserError(f"--{flag} must be {advice}, got {value!r}")
     return value
 
