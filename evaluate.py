@@ -137,8 +137,13 @@ def time_live_teacher(name_or_path: str, manifest: dict, texts: list[str], devic
     }
 
 
+def dev_in_refinement(report: dict) -> bool:
+    info = report["student"].get("distill_info") or {}
+    return bool((info.get("refinement") or {}).get("labeled_texts"))
+
+
 def refined_teacher(model_dir: str, cache_path: str, manifest: dict) -> tuple[np.ndarray, str] | str | None:
-    """The teacher's predictions after the student's label-free refinement, applied to the test cache: what the
+    """The teacher's predictions after the student's refinement, applied to the test cache: what the
     student was taught. None if the student was trained without refinement; a reason (str) if it cannot be shown."""
     info_path, refinement_path = os.path.join(model_dir, "distill_info.json"), os.path.join(model_dir, refine.FILE)
     if not os.path.exists(info_path):
@@ -271,7 +276,8 @@ def markdown_report(report: dict) -> str:
     if refined:
         lines += [
             "",
-            f"Refined teacher: the teacher's scores after the student's label-free refinement "
+            f"Refined teacher: the teacher's scores after the student's "
+            f"{'refinement (with its dev labels)' if dev_in_refinement(report) else 'label-free refinement'} "
             f"({report['refined_teacher']['method']}, fitted on the training cache, applied to the test cache): what "
             f"the student was taught.",
         ]

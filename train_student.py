@@ -114,9 +114,17 @@ class StudentOptions:
         None,
         "a few labeled texts, never trained on, nor their texts where the cache holds them (the formats evaluate.py "
         "--test_file reads; single- or multi-label; a "
-        "few per class up to a few thousand). The student's temperature is fitted on their labels instead of on its "
-        "targets, and its dev accuracy, macro-F1 and ECE are measured at every evaluation step (--eval_strategy; "
-        "--metric_for_best_model macro_f1 works) and at the end, into distill_info.json and the model card.",
+        "few per class up to a few thousand). Single-label: their texts join refinement's centroids and the targets' "
+        "confidence is fitted on their labels (--refine_with_dev); else (or with --norefine_with_dev) the student's "
+        "temperature is fitted on them. Dev accuracy, macro-F1 and ECE are measured at every evaluation step "
+        "(--eval_strategy; --metric_for_best_model macro_f1 works) and at the end (distill_info.json, the card).",
+    )
+    refine_with_dev: bool = option(
+        True,
+        "with --dev_file, single-label and refining: each class's centroid moves toward its dev texts (weighted n : "
+        f"{refine_mod.LABELED_PSEUDO_COUNT:g} for n dev texts of the class) and the targets' confidence is fitted on "
+        "the dev labels (leave-one-out); the dev metrics then come from texts that shaped the targets. "
+        "--norefine_with_dev keeps the dev set for calibration and monitoring only.",
     )
     dev_text_column: str = option("text", "text column of a tabular --dev_file.")
     dev_label_column: str = option(
@@ -141,6 +149,7 @@ class StudentOptions:
         self.multi_label = bool(self.multi_label)
         self.refine, self.refine_center = bool(self.refine), bool(self.refine_center)
         self.refine_free_last_round = bool(self.refine_free_last_round)
+        self.refine_with_dev = bool(self.refine_with_dev)
         try:
             self.holdout_fraction = float(self.holdout_fraction)
         except (TypeError, ValueError):
@@ -230,8 +239,10 @@ def build_targets(
     refine_center: bool = True,
     adaptation: "adapt.AdaptSettings | None" = None,
     refine_free_last_round: bool = True,
+    dev: tuple[list[str], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
-    """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record."""
+    """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record.
+    With `dev` (texts, class indices), refinement moves its centroids toward them and fits its confidence on them."""
     if not refine:
         log("refinement off (--norefine): training on the teacher's targets as they are")
         return (
@@ -283,6 +294,10 @@ def build_targets(
             "directory": os.path.join(cache_path, adapt.DIRECTORY, key),
         }
         fingerprint = f"adapted:{key}"  # a refinement fitted here applies only to texts embedded by the adapted encoder
+    labeled = None
+    if dev is not None:
+        encoder = os.path.join(adapted["directory"], adapt.ENCODER) if adapted else None
+        labeled = refine_mod.LabeledTexts(embed_dev_texts(manifest, dev[0], encoder), dev[1])
     refined, refinement = refine_mod.refine(
         teacher_chunks,
         embedding_chunks,
@@ -292,6 +307,7 @@ def build_targets(
         log,
         center=refine_center,
         free_last_round=refine_free_last_round,
+        labeled=labeled,
     )
     info = {**refinement.settings(), "embedding_fingerprint": fingerprint, "seconds": round(time.time() - started, 3)}
     if adapted:
@@ -301,6 +317,32 @@ def build_targets(
         f"its labels agree with the teacher's on {refinement.agreement_with_teacher:.1%} of the texts"
     )
     return refined, refinement, info
+
+
+def embed_dev_texts(manifest: dict, texts: list[str], encoder: str | None = None) -> np.ndarray:
+    """The dev texts embedded by the model that embedded the cache's texts (or by the adapted `encoder`): (n, H)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from zsdistill import inference, models
+    from zsdistill import teacher as zs_teacher
+
+    described = manifest.get("embedding_model") or manifest["teacher"]
+    if encoder is None:
+        found = zs_teacher.resolve_teacher(described["name_or_path"], kind="embedding")
+        if found.fingerprint != described["fingerprint"]:
+            raise UserError(
+                f"--dev_file: the embedding model {described['name_or_path']!r} is not the one that embedded the "
+                f"cache's texts (fingerprint {found.fingerprint} vs {described['fingerprint']}); restore it, or pass "
+                f"--norefine_with_dev to keep the dev set out of refinement"
+            )
+        encoder = found.local_path
+    started = time.time()
+    tokenizer, model = AutoTokenizer.from_pretrained(encoder), AutoModel.from_pretrained(encoder)
+    model = model.to(models.select_device()).eval()
+    max_length = models.resolve_max_length(tokenizer, model, None)
+    embeddings = inference.embed(model, tokenizer, texts, max_length, 64, 16_384, described.get("pooling") or "mean")
+    log(f"dev set: {len(texts)} texts embedded by {described['name_or_path']} in {time.time() - started:.1f}s")
+    return embeddings
 
 
 def fit_logit_temperature(student_logits: np.ndarray, soft_targets: np.ndarray, multi_label: bool) -> float:
@@ -636,18 +678,29 @@ class DistillationTrainer(Trainer):
 
 
 def calibrate_on_holdout(
-    trainer, holdout_dataset, holdout_targets: np.ndarray, multi_label: bool, calibrate: bool, dev_set=None
+    trainer,
+    holdout_dataset,
+    holdout_targets: np.ndarray,
+    multi_label: bool,
+    calibrate: bool,
+    dev_set=None,
+    dev_in_targets: bool = False,
 ) -> tuple[dict, dict]:
     """Predict the held-out rows (and the dev set); when calibrating, fold into the head the temperature that
     matches the dev labels (with a --dev_file) or else the targets on the held-out rows. Returns (calibration record,
-    metrics)."""
+    metrics). dev_in_targets: the dev labels already set the targets' confidence (refinement fitted it on them,
+    leave-one-out) and their texts moved the centroids, so the student is fitted to its targets: its logits on the
+    dev texts would be over-confident to fit on (they sit closer to their own centroids than new texts do)."""
     metrics_found, logit_scale, fitted_on = {}, 1.0, None
+    fit_on_dev = dev_set is not None and not dev_in_targets
     dev_logits = trainer.predict(dev_set).predictions if dev_set is not None else None
     dev_labels = np.array(dev_set["labels"], dtype=np.float32) if dev_set is not None else None
     holdout_logits = trainer.predict(holdout_dataset).predictions if holdout_dataset is not None else None
     if calibrate and (dev_set is not None or holdout_dataset is not None):
-        fitted_on = "dev labels" if dev_set is not None else "held-out targets"
-        logits, taught = (dev_logits, dev_labels) if dev_set is not None else (holdout_logits, holdout_targets)
+        fitted_on = "dev labels" if fit_on_dev else "held-out targets"
+        logits, taught = (dev_logits, dev_labels) if fit_on_dev else (holdout_logits, holdout_targets)
+        if holdout_dataset is None and not fit_on_dev:  # --holdout_fraction 0 with the dev set in the targets
+            fitted_on, logits, taught = "dev labels", dev_logits, dev_labels
         logit_scale = 1.0 / fit_logit_temperature(logits, taught, multi_label)
         scale_classifier(trainer.model, trainer.model.config.num_labels, logit_scale)
         log(f"calibration: logits scaled by {logit_scale:.3f} to match the {fitted_on}")
@@ -667,8 +720,9 @@ def calibrate_on_holdout(
         metrics_found["dev"] = {"examples": len(dev_labels), **found}
         log(f"dev ({len(dev_labels)} labeled texts): " + ", ".join(f"{k} {v:.4f}" for k, v in found.items()))
     calibration = {"logit_scale": logit_scale, "applied": logit_scale != 1.0, "fitted_on": fitted_on}
-    if fitted_on == "dev labels":
+    if dev_set is not None:
         calibration["dev_examples"] = len(dev_labels)
+        calibration["dev_in_targets"] = dev_in_targets
     return calibration, metrics_found
 
 
@@ -713,8 +767,8 @@ def read_dev_set(options: StudentOptions, class_names: list[str]) -> tuple[list[
     true = encode_labels(labels, class_names, options.multi_label, options.dev_file)
     counts = true.sum(0) if options.multi_label else np.bincount(true, minlength=len(class_names))
     log(
-        f"dev set {options.dev_file}: {len(texts)} labeled texts, {counts.min()} to {counts.max()} a class; never "
-        f"trained on: calibration and the dev metrics come from its labels"
+        f"dev set {options.dev_file}: {len(texts)} labeled texts, {counts.min()} to {counts.max()} a class; the "
+        f"student never trains on them"
     )
     return texts, true
 
@@ -780,7 +834,7 @@ def load_inputs(options: StudentOptions) -> tuple[dict, object, np.ndarray, np.n
     return manifest, table, train_rows, holdout_rows, dev
 
 
-def targets_for(options: StudentOptions, manifest: dict, seed: int):
+def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple | None = None):
     """build_targets with this run's options: (targets, refinement or None, its record)."""
     started = time.time()
     adaptation = None
@@ -802,6 +856,7 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int):
         options.refine_center,
         adaptation,
         options.refine_free_last_round,
+        dev if options.refine_with_dev and not options.multi_label else None,
     )
     log(f"targets built in {time.time() - started:.1f}s")
     return built
@@ -924,7 +979,7 @@ def train(options: StudentOptions, extra: dict) -> str:
 
     # 2. The cache: verified, then turned into soft targets. The teacher is never loaded.
     manifest, table, train_rows, holdout_rows, dev = load_inputs(options)
-    soft_targets, refinement, refinement_info = targets_for(options, manifest, args.seed)
+    soft_targets, refinement, refinement_info = targets_for(options, manifest, args.seed, dev)
 
     # 3. The student's base model, and the cache's texts tokenized once per student tokenizer (reused by later runs).
     tokenizer, model, new_parameters, tokenized, files, max_length, truncated_texts = student_inputs(
@@ -945,7 +1000,13 @@ def train(options: StudentOptions, extra: dict) -> str:
     with writing_to(options.output_dir, "checkpoints", advice):
         metrics = {"train": trainer.train(resume_from_checkpoint=resume_from).metrics}
     calibration, found = calibrate_on_holdout(
-        trainer, holdout_dataset, holdout_targets, options.multi_label, options.calibrate, dev_set
+        trainer,
+        holdout_dataset,
+        holdout_targets,
+        options.multi_label,
+        options.calibrate,
+        dev_set,
+        dev_in_targets=bool(refinement_info.get("labeled_texts")),
     )
     metrics.update(found)
 

@@ -142,3 +142,148 @@ def test_dev_texts_that_are_in_the_cache_are_not_trained_on(task, tmp_path):
         train_student.StudentOptions(cache=cache_path, output_dir="x", dev_file=str(dev), holdout_fraction=0)
     )[2]
     assert len(used) == len(texts) - 3 and not {3, 50, 90} & set(used.tolist())
+
+
+# ---------------------------------------------------------------- dev labels in refinement (--refine_with_dev)
+
+
+def confidently_wrong_task(seed: int = 0):
+    """Three classes as clusters of unit embeddings, class 2's beside class 0's; the teacher puts class 2's texts in
+    class 0, sure of it, so the embedding space alone keeps them there."""
+    rng = np.random.default_rng(seed)
+    directions = np.zeros((3, 8))
+    directions[0, 0], directions[1, 1], directions[2, 0], directions[2, 3] = 3.0, 3.0, 2.4, 1.8
+    labels = np.repeat(np.arange(3), 60)
+    embeddings = directions[labels] + rng.normal(0, 1.0, size=(len(labels), 8))
+    embeddings = (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)).astype(np.float32)
+    taught = np.where(labels == 2, 0, labels)
+    posteriors = np.full((len(labels), 3), 0.05, dtype=np.float32)
+    posteriors[np.arange(len(labels)), taught] = 0.9
+    return embeddings, labels, posteriors
+
+
+def test_dev_labels_give_back_a_class_the_teacher_is_confidently_wrong_about():
+    from zsdistill import refine
+
+    embeddings, labels, posteriors = confidently_wrong_task()
+    dev = np.concatenate([np.flatnonzero(labels == k)[:8] for k in range(3)])
+    chunks = (lambda: iter([(0, posteriors)]), lambda: iter([(0, embeddings)]), len(labels), 3)
+    label_free, _ = refine.refine(*chunks)
+    with_dev, fitted = refine.refine(*chunks, labeled=refine.LabeledTexts(embeddings[dev], labels[dev]))
+    rest = np.setdiff1d(np.arange(len(labels)), dev)  # texts that were not labeled
+    assert (label_free.argmax(1)[rest][labels[rest] == 2] == 2).mean() == 0  # the teacher never says 2
+    assert (with_dev.argmax(1)[rest][labels[rest] == 2] == 2).mean() > 0.7  # 0.79 when written
+    assert (with_dev.argmax(1)[rest] == labels[rest]).mean() > 0.75  # 0.82
+    assert fitted.settings()["labeled_texts"]["per_class"] == [8, 8, 8]
+
+    # kappa: fitted on the dev labels, each text against its class's centroid made without it, which is less sure
+    # than against centroids it is part of (8 texts of 60 move a centroid a long way).
+    moved = refine.centered(embeddings[dev], fitted.center)
+    in_sample = refine.fit_kappa(moved @ fitted.centroids.T, fitted.log_priors, labels[dev], refine.MIN_KAPPA_CENTERED)
+    assert fitted.kappa < in_sample
+
+
+def test_leave_one_out_similarity_is_each_text_against_its_centroid_rebuilt_without_it():
+    from zsdistill import refine
+
+    rng = np.random.default_rng(1)
+    own = refine.centered(rng.normal(size=(3, 5)), np.zeros(5))  # refinement's unit centroids before the dev texts
+    moved = refine.centered(rng.normal(size=(7, 5)), np.zeros(5))
+    labels = np.array([0, 0, 0, 1, 1, 2, 0])
+    sums = np.zeros((3, 5))
+    np.add.at(sums, labels, moved)
+    counts = np.bincount(labels, minlength=3).astype(float)
+    found = refine.leave_one_out_similarity(moved, labels, own, sums, counts)
+    for i, k in enumerate(labels):
+        centroids = refine.anchored(own, sums, counts)  # every other class's centroid as it is
+        others = moved[(labels == k) & (np.arange(len(labels)) != i)]
+        centroids[k] = refine.anchored(own[k : k + 1], others.sum(0, keepdims=True), np.array([len(others)]))[0]
+        assert found[i] == pytest.approx(moved[i] @ centroids.T, abs=1e-6)
+    assert found[5, 2] == pytest.approx(moved[5] @ own[2], abs=1e-6)  # the class's only dev text: its own centroid
+
+
+def embedding_cache(root, fingerprint: str | None = None) -> tuple[str, str]:
+    """A cache whose text embeddings come from a tiny local encoder named in its manifest (so stage 2 can embed dev
+    texts the same way), a toy teacher that knows the keyword; and a dev file of texts it does not hold."""
+    from conftest import make_embedding_model
+
+    from zsdistill import cache, inference, targets
+    from zsdistill.teacher import _directory_fingerprint
+
+    encoder = make_embedding_model(str(root / "encoder"), seed=5, initializer_range=0.2)
+    texts, labels, columns = keyword_task(200, CLASSES, seed=4)
+    from transformers import AutoModel, AutoTokenizer
+
+    embeddings = inference.embed(
+        AutoModel.from_pretrained(encoder), AutoTokenizer.from_pretrained(encoder), texts, 64, 64, 4096
+    )
+    path = write_toy_cache(
+        str(root / "cache" / f"emb-{fingerprint or 'real'}"),
+        texts[:160],
+        CLASSES,
+        {"similarity": targets.SIMILARITY_SCALE * columns["entailment"][:160] / 3},
+        kind="embedding",
+        text_embeddings=embeddings[:160],
+    )
+    manifest_path = os.path.join(path, cache.MANIFEST)
+    manifest = json.load(open(manifest_path))
+    manifest["teacher"] = {
+        "name_or_path": encoder,
+        "fingerprint": fingerprint or _directory_fingerprint(encoder),
+        "kind": "embedding",
+        "pooling": "mean",
+    }
+    cache.write_json_atomic(manifest_path, manifest)
+    dev = root / "dev-emb.jsonl"
+    dev.write_text(
+        "".join(json.dumps({"text": t, "label": CLASSES[y]}) + "\n" for t, y in zip(texts[160:], labels[160:]))
+    )
+    return path, str(dev)
+
+
+def test_dev_texts_join_refinement_and_the_student_is_calibrated_through_its_targets(task, tmp_path):
+    root, _, _, base = task
+    path, dev = embedding_cache(tmp_path)
+    student = train_student.main(
+        cache=path, output_dir=str(tmp_path / "s"), student_name_or_path=base, dev_file=dev, save_strategy="no", **QUICK
+    )
+    info = json.load(open(os.path.join(student, card.INFO_FILE)))
+    assert info["refinement"]["labeled_texts"]["examples"] == 40 and info["refine_with_dev"]
+    assert info["refinement"]["labeled_texts"]["kappa_fitted_on"] == "dev labels, leave-one-out"
+    assert info["calibration"]["fitted_on"] == "held-out targets" and info["calibration"]["dev_in_targets"]
+    text = open(os.path.join(student, card.CARD_FILE)).read()
+    assert "calibrated on 40 dev labels through its targets" in text and "these are optimistic" in text
+    assert "centroids moved toward 40 labeled dev texts" in text
+
+    kept_out = train_student.main(
+        cache=path,
+        output_dir=str(tmp_path / "t"),
+        student_name_or_path=base,
+        dev_file=dev,
+        refine_with_dev=False,
+        save_strategy="no",
+        **QUICK,
+    )
+    info = json.load(open(os.path.join(kept_out, card.INFO_FILE)))
+    assert info["refinement"]["labeled_texts"] is None and info["calibration"]["fitted_on"] == "dev labels"
+    label_free = json.load(open(os.path.join(kept_out, card.INFO_FILE)))["refinement"]
+    assert label_free["kappa"] != json.load(open(os.path.join(student, card.INFO_FILE)))["refinement"]["kappa"]
+
+
+def test_dev_texts_are_not_embedded_by_another_model_than_the_caches(task, tmp_path):
+    path, dev = embedding_cache(tmp_path, fingerprint="another-model")
+    _, _, _, base = task
+    result = run_main(
+        "train_student.py",
+        "--cache",
+        path,
+        "--output_dir",
+        tmp_path / "s",
+        "--student_name_or_path",
+        base,
+        "--dev_file",
+        dev,
+    )
+    said = [line for line in result.stderr.strip().splitlines() if not line.startswith("[student]")]  # not the log
+    assert result.returncode == 2 and len(said) == 1 and "--norefine_with_dev" in said[0] and "another-model" in said[0]
+    assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()

@@ -512,3 +512,16 @@ def test_the_last_round_drops_the_anchor_and_only_the_last():
         assert [("without the anchor" in line) for line in rounds] == [False] * (len(rounds) - 1) + [free]
         if free:  # the sure half of every predicted class, whatever the teacher said: more rows than the round before
             assert anchors[-1] > anchors[-2] and anchors[-1] >= len(teacher) // 2
+
+
+def test_without_dev_labels_the_default_refinement_is_unchanged():
+    """Without --dev_file, refinement is the release before's, as it wrote its targets on the sink task (dev labels
+    only ever enter through `labeled`)."""
+    embeddings, teacher, _ = sink_task()
+    targets_, refinement = refine_arrays(teacher, embeddings)
+    with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_dev_labels.npz")) as before:
+        assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
+        np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
+        np.testing.assert_allclose(refinement.centroids, before["centroids"], atol=1e-6)
+        assert abs(refinement.kappa - float(before["kappa"])) < 1e-4
+    assert refinement.settings()["labeled_texts"] is None

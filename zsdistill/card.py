@@ -41,12 +41,17 @@ def render(info: dict, evaluations: str = "") -> str:
         if "agreement" in holdout
         else "not measured (no held-out rows)"
     )
+    labeled = refinement.get("labeled_texts")
     if refinement.get("method"):
         refined = (
-            f"label-free refinement of the teacher's targets (`{refinement['method']}`, {refinement['rounds']} rounds; "
+            ("refinement of the teacher's targets" if labeled else "label-free refinement of the teacher's targets")
+            + f" (`{refinement['method']}`, {refinement['rounds']} rounds; "
             f"the refined labels agree with the teacher's on {refinement['agreement_with_teacher']:.1%} of the texts"
             + (
-                f"; confidence fitted to the teacher's labels, kappa {refinement['kappa']:.1f}"
+                f"; centroids moved toward {labeled['examples']} labeled dev texts, confidence fitted on their labels "
+                f"(leave-one-out), kappa {refinement['kappa']:.1f}"
+                if labeled
+                else f"; confidence fitted to the teacher's labels, kappa {refinement['kappa']:.1f}"
                 if "rounds_kappa" in refinement
                 else ""
             )
@@ -98,7 +103,7 @@ def render(info: dict, evaluations: str = "") -> str:
         f"| learning rates | {head_rate} |",
         f"| agreement with the targets | {agreement} |",
         f"| confidence | {calibration_text(info)} |",
-        *([f"| dev set | {_dev(info['metrics']['dev'])} |"] if "dev" in info.get("metrics", {}) else []),
+        *([f"| dev set | {_dev(info['metrics']['dev'], info)} |"] if "dev" in info.get("metrics", {}) else []),
         "",
         "## How to use",
         "",
@@ -121,6 +126,11 @@ def calibration_text(info: dict) -> str:
     """How the student's confidence was calibrated, in words the stage 3 report repeats."""
     calibration = info.get("calibration") or {}
     fitted_on = calibration.get("fitted_on", "held-out targets" if calibration.get("applied") else None)
+    if calibration.get("dev_in_targets") and fitted_on:
+        return (
+            f"calibrated on {calibration['dev_examples']} dev labels through its targets (refinement's confidence "
+            f"fitted on them, leave-one-out; the student fitted to its targets on held-out rows)"
+        )
     if fitted_on == "dev labels":
         return f"calibrated on {calibration['dev_examples']} dev labels (one temperature folded into the head)"
     if fitted_on:
@@ -131,11 +141,17 @@ def calibration_text(info: dict) -> str:
     return "not calibrated"
 
 
-def _dev(dev: dict) -> str:
+def _dev(dev: dict, info: dict) -> str:
     first = ("subset accuracy", "subset_accuracy") if "subset_accuracy" in dev else ("accuracy", "accuracy")
+    shaped = (info.get("calibration") or {}).get("dev_in_targets")
     return (
         f"{dev['examples']} labeled texts: {first[0]} {dev[first[1]]:.4f}, macro-F1 {dev['macro_f1']:.4f}, "
-        f"ECE {dev['ece']:.4f} (a small set, not a test set)"
+        f"ECE {dev['ece']:.4f} ("
+        + (
+            "they also shaped the targets, so these are optimistic; not a test set)"
+            if shaped
+            else "a small set, not a test set)"
+        )
     )
 
 

@@ -66,6 +66,10 @@ MIN_KAPPA_CENTERED = 0.1
 KEEP_FRACTION = 0.5
 MAX_ROUNDS = 5  # self-training drifts on tasks whose texts do not cluster by class: 10 rounds lost 1-3 points there
 MIN_CHANGE = 0.001
+# With a labeled dev set (train_student.py --dev_file), class k's centroid is the mean of its labeled texts' and of
+# refinement's own, weighted n_k : LABELED_PSEUDO_COUNT (n_k labeled texts of k): refinement's centroid counts as this
+# many labeled texts. 8 a class is what few-shot methods start from; measured in benchmarks/README.md.
+LABELED_PSEUDO_COUNT = 8.0
 FILE = "refinement.npz"  # in the student directory: lets evaluate.py show the refined teacher on a test cache
 
 # () -> iterator of (start row, float32 array (rows, H) of L2-normalised embeddings, or of (rows, K) posteriors), in
@@ -86,6 +90,7 @@ class Refinement:
     rounds: int = 0
     changed: list[float] = field(default_factory=list)  # fraction of predictions that moved, per round
     agreement_with_teacher: float = 0.0
+    labeled_per_class: list[int] | None = None  # labeled dev texts that joined each class's centroid; None: none
 
     def space(self, embeddings: np.ndarray) -> np.ndarray:
         """The embeddings as refinement compares them: centred on the corpus mean and normalised, if it centres."""
@@ -123,7 +128,55 @@ class Refinement:
             "rounds": self.rounds,
             "changed_per_round": [round(c, 6) for c in self.changed],
             "agreement_with_teacher": round(self.agreement_with_teacher, 6),
+            "labeled_texts": None
+            if self.labeled_per_class is None
+            else {
+                "examples": int(sum(self.labeled_per_class)),
+                "per_class": self.labeled_per_class,
+                "pseudo_count": LABELED_PSEUDO_COUNT,
+                "kappa_fitted_on": "dev labels, leave-one-out",
+            },
         }
+
+
+@dataclass
+class LabeledTexts:
+    """Labeled texts (a dev set) that join refinement's centroids: their embeddings (n, H), L2-normalised by the cache's
+    embedding model, and their classes (n,)."""
+
+    embeddings: np.ndarray
+    labels: np.ndarray
+
+    def sums_and_counts(self, space: Callable, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per class, the sum of its labeled texts in refinement's space (K, H) and their count (K,)."""
+        moved = space(self.embeddings.astype(np.float32))
+        sums = np.zeros((num_classes, moved.shape[1]), dtype=np.float64)
+        np.add.at(sums, self.labels, moved)
+        return sums, np.bincount(self.labels, minlength=num_classes).astype(np.float64)
+
+
+def _unit_rows(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+    return np.divide(vectors, norms, out=np.zeros_like(vectors), where=norms > 0)
+
+
+def anchored(own: np.ndarray, labeled_sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """unit((1 - w) own + w unit(labeled_sums)), w = count / (count + LABELED_PSEUDO_COUNT), row by row: refinement's
+    unit centroids `own` moved toward the mean of the labeled texts (a class without labeled texts keeps its own; a
+    class refinement left empty takes the labeled ones')."""
+    weight = (counts / (counts + LABELED_PSEUDO_COUNT))[..., None]
+    return _unit_rows((1 - weight) * own + weight * _unit_rows(labeled_sums))
+
+
+def leave_one_out_similarity(
+    moved: np.ndarray, labels: np.ndarray, own: np.ndarray, labeled_sums: np.ndarray, labeled_counts: np.ndarray
+) -> np.ndarray:
+    """(n, K) cosines of labeled texts (in refinement's space) to the anchored centroids, each text's own class's
+    centroid rebuilt without it: what the centroids say of a labeled text they were not moved by."""
+    similarity = moved @ anchored(own, labeled_sums, labeled_counts).T
+    own_class = anchored(own[labels], labeled_sums[labels] - moved, labeled_counts[labels] - 1)
+    similarity[np.arange(len(moved)), labels] = (moved * own_class).sum(1)
+    return similarity
 
 
 def centered(embeddings: np.ndarray, center: np.ndarray) -> np.ndarray:
@@ -188,17 +241,23 @@ def refine(
     log: Callable[[str], None] = lambda _: None,
     center: bool = True,
     free_last_round: bool = True,
+    labeled: LabeledTexts | None = None,
 ) -> tuple[np.ndarray, Refinement]:
     """Refined targets (N, K) float32 at `temperature` and the fitted Refinement. Deterministic: no randomness anywhere.
 
     teacher_chunks() gives the teacher's posteriors (T = 1) chunk by chunk, as embedding_chunks() the embeddings.
     Between rounds only each row's prediction and confidence are kept; the (N, K) targets are made once, at the end.
     center=False, free_last_round=False is the method of the release before, bit for bit.
+    With `labeled` texts (train_student.py --dev_file), every round's centroids are moved toward their classes'
+    labeled texts (see anchored) and kappa is fitted on their labels instead of the teacher's, each labeled text
+    scored against its class's centroid made without it (leave-one-out: the fit does not see its own pull).
     """
     prediction, confidence, prior = _summaries(teacher_chunks(), num_rows, num_classes)
     mean = mean_embedding(embedding_chunks, num_rows) if center else None
     space = (lambda chunk: chunk) if mean is None else (lambda chunk: centered(chunk, mean))  # noqa: E731
     teacher_prediction = prediction.copy()
+    if labeled is not None:
+        labeled_sums, labeled_counts = labeled.sums_and_counts(space, num_classes)
     refinement, settled = None, False
     anchored_rounds = MAX_ROUNDS - 1 if free_last_round else MAX_ROUNDS
     for round_number in range(1, MAX_ROUNDS + 1):
@@ -213,6 +272,9 @@ def refine(
         norms = np.linalg.norm(sums, axis=1, keepdims=True)
         # A class with no kept rows keeps a zero centroid: its score is then its prior alone.
         centroids = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
+        own = centroids
+        if labeled is not None:
+            centroids = anchored(own, labeled_sums, labeled_counts)
         log_priors = np.log(np.clip(prior, 1e-12, None)).astype(np.float32)
         refinement = Refinement(
             centroids.astype(np.float32, copy=False),
@@ -236,17 +298,28 @@ def refine(
             break
         settled = changed < MIN_CHANGE
     refinement.agreement_with_teacher = float((prediction == teacher_prediction).mean())
+    lowest = MIN_KAPPA if mean is None else MIN_KAPPA_CENTERED
+    if labeled is not None:
+        refinement.labeled_per_class = [int(c) for c in labeled_counts]
+        moved = space(labeled.embeddings.astype(np.float32))
+        similarity = leave_one_out_similarity(moved, labeled.labels, own, labeled_sums, labeled_counts)
+        kappa = fit_kappa(similarity.astype(np.float32), refinement.log_priors, labeled.labels, lowest)
     # One more pass over the embeddings: the similarities serve the kappa fit, then become the targets in place.
     similarity = np.empty((num_rows, num_classes), dtype=np.float32)
     for start, chunk in embedding_chunks():
         similarity[start : start + len(chunk)] = refinement.space(chunk) @ refinement.centroids.T
-    refinement.kappa = fit_kappa(
-        similarity, refinement.log_priors, teacher_prediction, MIN_KAPPA if mean is None else MIN_KAPPA_CENTERED
-    )
-    log(
-        f"refinement confidence: kappa {refinement.kappa:.2f}, the most likely for the teacher's own labels "
-        f"(at most {KAPPA:g}: the targets are never more confident than their scores predict the teacher)"
-    )
+    if labeled is None:
+        refinement.kappa = fit_kappa(similarity, refinement.log_priors, teacher_prediction, lowest)
+        log(
+            f"refinement confidence: kappa {refinement.kappa:.2f}, the most likely for the teacher's own labels "
+            f"(at most {KAPPA:g}: the targets are never more confident than their scores predict the teacher)"
+        )
+    else:
+        refinement.kappa = kappa
+        log(
+            f"refinement confidence: kappa {kappa:.2f}, the most likely for the {len(labeled.labels)} dev labels "
+            f"(each text against its class's centroid made without it)"
+        )
     for start in range(
         0, num_rows, 65_536
     ):  # what Refinement.posteriors computes, without reading the embeddings again
@@ -255,20 +328,18 @@ def refine(
     return similarity, refinement
 
 
-def fit_kappa(
-    similarity: np.ndarray, log_priors: np.ndarray, teacher_prediction: np.ndarray, lowest: float = MIN_KAPPA
-) -> float:
-    """The kappa in [lowest, KAPPA] that maximises the likelihood of the teacher's predicted labels under
-    softmax(kappa * similarity + log prior), similarity being each text's (N, K) cosines to the centroids: how
-    sharp the centroid scores may be and still predict the teacher as well as they can."""
+def fit_kappa(similarity: np.ndarray, log_priors: np.ndarray, labels: np.ndarray, lowest: float = MIN_KAPPA) -> float:
+    """The kappa in [lowest, KAPPA] that maximises the likelihood of `labels` (the teacher's predicted labels, or a
+    dev set's) under softmax(kappa * similarity + log prior), similarity being each text's (n, K) cosines to the
+    centroids: how sharp the centroid scores may be and still predict those labels as well as they can."""
     from scipy.optimize import minimize_scalar
 
     def negative_log_likelihood(log_kappa: float) -> float:
         total = 0.0
         for start in range(0, len(similarity), 65_536):  # chunked: a float64 copy of (N, K) would double the memory
             scores = np.exp(log_kappa) * similarity[start : start + 65_536].astype(np.float64) + log_priors
-            labels = teacher_prediction[start : start + len(scores)]
-            total += float((np.logaddexp.reduce(scores, axis=1) - scores[np.arange(len(scores)), labels]).sum())
+            chosen = labels[start : start + len(scores)]
+            total += float((np.logaddexp.reduce(scores, axis=1) - scores[np.arange(len(scores)), chosen]).sum())
         return total / max(len(similarity), 1)
 
     best = minimize_scalar(
