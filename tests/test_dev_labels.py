@@ -287,3 +287,25 @@ def test_dev_texts_are_not_embedded_by_another_model_than_the_caches(task, tmp_p
     said = [line for line in result.stderr.strip().splitlines() if not line.startswith("[student]")]  # not the log
     assert result.returncode == 2 and len(said) == 1 and "--norefine_with_dev" in said[0] and "another-model" in said[0]
     assert "Traceback" not in result.stderr and not (tmp_path / "s").exists()
+
+
+def test_with_adaptation_the_dev_texts_are_embedded_by_the_adapted_encoder(task, tmp_path, monkeypatch):
+    _, _, _, base = task
+    path, dev = embedding_cache(tmp_path)
+    embedded_by = []
+    real = train_student.embed_dev_texts
+    monkeypatch.setattr(
+        train_student, "embed_dev_texts", lambda m, t, encoder=None: embedded_by.append(encoder) or real(m, t, encoder)
+    )
+    student = train_student.main(
+        cache=path,
+        output_dir=str(tmp_path / "s"),
+        student_name_or_path=base,
+        dev_file=dev,
+        adapt_rounds=1,
+        save_strategy="no",
+        **QUICK,
+    )
+    info = json.load(open(os.path.join(student, card.INFO_FILE)))
+    directory = info["refinement"]["adaptation"]["directory"]
+    assert embedded_by == [os.path.join(directory, "encoder")] and info["refinement"]["labeled_texts"]["examples"] == 40
