@@ -163,9 +163,16 @@ def build_task(name: str, directory: str, pool_size: int = 6000, test_size: int 
 
 
 def draw_dev_file(name: str, directory: str, per_class: int, seed: int) -> str:
+    """draw_dev_rows written as dev-<k>-seed<seed>.jsonl in the task's directory; its path."""
+    path = os.path.join(directory, f"dev-{per_class}-seed{seed}.jsonl")
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in draw_dev_rows(name, directory, per_class, seed)))
+    return path
+
+
+def draw_dev_rows(name: str, directory: str, per_class: int, seed: int) -> list[dict]:
     """`per_class` labeled texts of each class (all of a smaller class's), drawn with `seed` from the task's labeled
-    texts outside the test set and, where there are enough, outside the pool (the demo: its dev split); written as
-    dev-<k>-seed<seed>.jsonl."""
+    texts outside the test set and, where there are enough, outside the pool (the demo: its dev split)."""
     source = os.path.join(directory, "dev.jsonl" if name == "demo" else "labeled.jsonl")
     with open(source) as f:
         rows = [json.loads(line) for line in f]
@@ -173,13 +180,9 @@ def draw_dev_file(name: str, directory: str, per_class: int, seed: int) -> str:
     for row in rows:
         by_class.setdefault(row["label"], []).append(row)
     rng = random.Random(seed)
-    drawn = [
+    return [
         row for label in sorted(by_class) for row in rng.sample(by_class[label], min(per_class, len(by_class[label])))
     ]
-    path = os.path.join(directory, f"dev-{per_class}-seed{seed}.jsonl")
-    with open(path, "w") as f:
-        f.write("".join(json.dumps(row) + "\n" for row in drawn))
-    return path
 
 
 def wordnet_glosses(name: str) -> dict[str, set[str]]:

@@ -1,0 +1,172 @@
+"""Refined targets only (no student trained): refinement rules and dev-label anchors on benchmarks/quality.py's tasks.
+
+    python benchmarks/quality.py --tasks ... --seeds 0        # first: builds the tasks and their teacher caches
+    python benchmarks/refine_rules.py                         # label-free rules, dev anchors, the supervised probe
+
+Per task: the refinement fitted on the unlabeled pool, applied to the test set (what the student is taught);
+accuracy / macro-F1 / ECE on the test labels, and the classes lost against the raw teacher (10+ test texts,
+teacher recall 0.3+, refined recall under 70% of it: issue 26's rule). Rows:
+  - the default (zsdistill/refine.py) and label-free rules tried against issue 26's lost classes, each applied to
+    the default's scores: the teacher's log posteriors added (a product of experts), the teacher's posteriors mixed
+    in, a per-class bias that keeps every class at least half its teacher share on the pool;
+  - with k dev labels a class (benchmarks/quality.py's draw: outside the test set, and outside the pool where the
+    task has enough labeled texts), embedded by the cache's embedding model as train_student.py does, through
+    refine(labeled=...): centroids moved toward them, kappa fitted on them leave-one-out;
+  - a supervised reference: logistic regression on the same embeddings of the task's labeled texts outside the test
+    set (the pool's own labels where the task has no others), to say which tasks are furthest from what labels
+    reach in this space.
+Seconds, not minutes: everything is numpy on cached embeddings except embedding the dev texts.
+"""
+
+import json
+import os
+import sys
+
+import fire
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import quality  # noqa: E402
+import train_student  # noqa: E402
+from zsdistill import cache, refine, targets  # noqa: E402
+from zsdistill.metrics import label_metrics  # noqa: E402
+
+
+def load_task(name: str, work_dir: str) -> dict:
+    data_dir = os.path.join(work_dir, "data", name)
+    classes = os.path.join(data_dir, "classes.txt")
+    template = quality.DEMO_TEMPLATE if name == "demo" else quality.DEFAULT_TEMPLATE
+    task = {"name": name, "data_dir": data_dir}
+    for part, data_file in (("pool", "train.txt"), ("test", "test.jsonl")):
+        path = quality.teacher_cache(
+            os.path.join(data_dir, data_file), classes, os.path.join(work_dir, "cache"), template
+        )
+        manifest = cache.read_manifest(path)
+        task[part] = {
+            "manifest": manifest,
+            "teacher": targets.cache_probabilities(path, manifest, False),
+            "embeddings": np.concatenate([c for _, c in refine.embedding_chunks(path, manifest)()]),
+        }
+    task["class_names"] = task["pool"]["manifest"]["class_names"]
+    with open(os.path.join(data_dir, "test.jsonl")) as f:
+        task["labels"] = np.array([task["class_names"].index(json.loads(line)["label"]) for line in f])
+    return task
+
+
+def fitted(task: dict, labeled: refine.LabeledTexts | None = None) -> refine.Refinement:
+    pool = task["pool"]
+    return refine.refine(
+        lambda: iter([(0, pool["teacher"])]),
+        lambda: iter([(0, pool["embeddings"])]),
+        len(pool["teacher"]),
+        len(task["class_names"]),
+        labeled=labeled,
+    )[1]
+
+
+def lost_classes(task: dict, predicted: np.ndarray) -> list[str]:
+    labels, taught = task["labels"], task["test"]["teacher"].argmax(1)
+    lost = []
+    for k, name in enumerate(task["class_names"]):
+        mine = labels == k
+        teacher_recall = (taught[mine] == k).mean() if mine.any() else 0.0
+        if mine.sum() >= quality.MIN_SUPPORT and teacher_recall >= quality.MIN_TARGET_RECALL:
+            if (predicted[mine] == k).mean() < quality.KEPT_FRACTION * teacher_recall:
+                lost.append(name)
+    return lost
+
+
+def cell(task: dict, probabilities: np.ndarray) -> str:
+    m = label_metrics(task["labels"], probabilities, task["class_names"], False)
+    lost = lost_classes(task, probabilities.argmax(1))
+    return f"{m['accuracy']:.3f} / {m['macro_f1']:.3f} / {m['ece']:.3f}" + (
+        f" (lost: {', '.join(lost)})" if lost else ""
+    )
+
+
+def share_floor(log_scores: np.ndarray, teacher: np.ndarray, floor: float) -> np.ndarray:
+    """Per-class additive biases so that every class's share of the argmax is at least `floor` x its teacher share."""
+    n, k = log_scores.shape
+    teacher_share = np.bincount(teacher.argmax(1), minlength=k) / n
+    bias = np.zeros(k)
+    for _ in range(100):
+        share = np.bincount((log_scores + bias).argmax(1), minlength=k) / n
+        under = np.flatnonzero(share < floor * teacher_share - 1e-9)
+        if not len(under):
+            break
+        c = under[np.argmin(share[under] / teacher_share[under])]
+        margins = np.sort((log_scores + bias).max(1) - (log_scores[:, c] + bias[c]))
+        bias[c] += margins[min(int(np.ceil(floor * teacher_share[c] * n)), n) - 1] + 1e-6
+    return bias
+
+
+def dev_draw(task: dict, per_class: int, seed: int) -> refine.LabeledTexts:
+    rows = quality.draw_dev_rows(task["name"], task["data_dir"], per_class, seed)
+    embeddings = train_student.embed_dev_texts(task["pool"]["manifest"], [r["text"] for r in rows])
+    return refine.LabeledTexts(embeddings, np.array([task["class_names"].index(r["label"]) for r in rows]))
+
+
+def supervised_probe(task: dict) -> str:
+    """Logistic regression on the embeddings of labeled texts outside the test set (at most 6,000)."""
+    from sklearn.linear_model import LogisticRegression
+
+    source = "labeled.jsonl" if task["name"] != "demo" else "dev.jsonl"
+    with open(os.path.join(task["data_dir"], source)) as f:
+        rows = [json.loads(line) for line in f][:6000]
+    embeddings = train_student.embed_dev_texts(task["pool"]["manifest"], [r["text"] for r in rows])
+    y = np.array([task["class_names"].index(r["label"]) for r in rows])
+    probe = LogisticRegression(C=10.0, max_iter=2000, class_weight="balanced").fit(embeddings, y)
+    return cell(task, probe.predict_proba(task["test"]["embeddings"])) + f" ({len(rows)} labeled texts)"
+
+
+def main(
+    tasks: str | tuple = tuple(quality.TASKS),
+    dev_per_class: str | int | tuple = (4, 8, 16),
+    seeds: str | int | tuple = (0, 1),
+    work_dir: str = "bench/quality",
+    supervised: bool = True,
+) -> None:
+    """Print one markdown table per task."""
+    as_list = lambda v, kind: [
+        kind(x) for x in (v.split(",") if isinstance(v, str) else v if isinstance(v, (list, tuple)) else [v])
+    ]  # noqa: E731
+    for name in as_list(tasks, str):
+        task = load_task(name, work_dir)
+        test, teacher = task["test"], task["test"]["teacher"]
+        default = fitted(task)
+        scores = default.log_scores(test["embeddings"]).astype(np.float64)
+        rows = [
+            ("raw teacher", teacher),
+            ("refined, the default", refine.softmax_rows(scores.copy())),
+            (
+                "+ 0.5 x the teacher's log posteriors",
+                refine.softmax_rows(scores + 0.5 * np.log(np.clip(teacher, 1e-12, 1))),
+            ),
+            ("mixed with 35% of the teacher's posteriors", 0.65 * refine.softmax_rows(scores.copy()) + 0.35 * teacher),
+        ]
+        pool_scores = default.log_scores(task["pool"]["embeddings"]).astype(np.float64)
+        bias = share_floor(pool_scores, task["pool"]["teacher"], 0.5)
+        rows.append(("every class at least half its teacher share (pool)", refine.softmax_rows(scores + bias)))
+        for k in as_list(dev_per_class, int):
+            for seed in as_list(seeds, int):
+                anchored = fitted(task, dev_draw(task, k, seed))
+                rows.append(
+                    (
+                        f"{k} dev labels a class, seed {seed}",
+                        refine.softmax_rows(anchored.log_scores(test["embeddings"]).astype(np.float64)),
+                    )
+                )
+        print(f"**{name}** ({len(task['class_names'])} classes, {len(task['labels'])} test texts)\n")
+        print("| refined targets | accuracy / macro-F1 / ECE (classes lost against the teacher) |\n| --- | --- |")
+        for label, probabilities in rows:
+            print(f"| {label} | {cell(task, probabilities)} |", flush=True)
+        if supervised:
+            print(f"| supervised probe (logistic regression on the embeddings) | {supervised_probe(task)} |")
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
