@@ -123,8 +123,8 @@ class StudentOptions:
         True,
         "with --dev_file, single-label and refining: each class's centroid moves toward its dev texts (weighted n : "
         f"{refine_mod.LABELED_PSEUDO_COUNT:g} for n dev texts of the class) and the targets' confidence is fitted on "
-        "the dev labels (leave-one-out); the dev metrics then come from texts that shaped the targets. "
-        "--norefine_with_dev keeps the dev set for calibration and monitoring only.",
+        "the dev labels (cross-fitted: each scored by a refinement without it); the dev metrics then come from texts "
+        "that shaped the targets. --norefine_with_dev keeps the dev set for calibration and monitoring only.",
     )
     dev_text_column: str = option("text", "text column of a tabular --dev_file.")
     dev_label_column: str = option(
@@ -689,7 +689,7 @@ def calibrate_on_holdout(
     """Predict the held-out rows (and the dev set); when calibrating, fold into the head the temperature that
     matches the dev labels (with a --dev_file) or else the targets on the held-out rows. Returns (calibration record,
     metrics). dev_in_targets: the dev labels already set the targets' confidence (refinement fitted it on them,
-    leave-one-out) and their texts moved the centroids, so the student is fitted to its targets: its logits on the
+    cross-fitted) and their texts moved the centroids, so the student is fitted to its targets: its logits on the
     dev texts would be over-confident to fit on (they sit closer to their own centroids than new texts do)."""
     metrics_found, logit_scale, fitted_on = {}, 1.0, None
     fit_on_dev = dev_set is not None and not dev_in_targets

@@ -176,30 +176,18 @@ def test_dev_labels_give_back_a_class_the_teacher_is_confidently_wrong_about():
     assert (with_dev.argmax(1)[rest] == labels[rest]).mean() > 0.75  # 0.82
     assert fitted.settings()["labeled_texts"]["per_class"] == [8, 8, 8]
 
-    # kappa: fitted on the dev labels, each text against its class's centroid made without it, which is less sure
-    # than against centroids it is part of (8 texts of 60 move a centroid a long way).
+    # kappa: fitted on the dev labels, each text scored by a refinement made without it (two folds: within each class
+    # every other text), which is less sure than scoring them by the centroids they pulled.
+    halves = [dev[np.concatenate([np.arange(k * 8, k * 8 + 8)[fold::2] for k in range(3)])] for fold in (0, 1)]
+    similarity = np.zeros((len(labels), 3), dtype=np.float32)
+    for held, rest in ((halves[0], halves[1]), (halves[1], halves[0])):
+        without, _ = refine.rounds(*chunks, labeled=refine.LabeledTexts(embeddings[rest], labels[rest]))
+        similarity[held] = refine.centered(embeddings[held], without.center) @ without.centroids.T
+    expected = refine.fit_kappa(similarity[dev], fitted.log_priors, labels[dev], refine.MIN_KAPPA_CENTERED)
+    assert fitted.kappa == pytest.approx(expected, rel=1e-4)
     moved = refine.centered(embeddings[dev], fitted.center)
     in_sample = refine.fit_kappa(moved @ fitted.centroids.T, fitted.log_priors, labels[dev], refine.MIN_KAPPA_CENTERED)
     assert fitted.kappa < in_sample
-
-
-def test_leave_one_out_similarity_is_each_text_against_its_centroid_rebuilt_without_it():
-    from zsdistill import refine
-
-    rng = np.random.default_rng(1)
-    own = refine.centered(rng.normal(size=(3, 5)), np.zeros(5))  # refinement's unit centroids before the dev texts
-    moved = refine.centered(rng.normal(size=(7, 5)), np.zeros(5))
-    labels = np.array([0, 0, 0, 1, 1, 2, 0])
-    sums = np.zeros((3, 5))
-    np.add.at(sums, labels, moved)
-    counts = np.bincount(labels, minlength=3).astype(float)
-    found = refine.leave_one_out_similarity(moved, labels, own, sums, counts)
-    for i, k in enumerate(labels):
-        centroids = refine.anchored(own, sums, counts)  # every other class's centroid as it is
-        others = moved[(labels == k) & (np.arange(len(labels)) != i)]
-        centroids[k] = refine.anchored(own[k : k + 1], others.sum(0, keepdims=True), np.array([len(others)]))[0]
-        assert found[i] == pytest.approx(moved[i] @ centroids.T, abs=1e-6)
-    assert found[5, 2] == pytest.approx(moved[5] @ own[2], abs=1e-6)  # the class's only dev text: its own centroid
 
 
 def embedding_cache(root, fingerprint: str | None = None) -> tuple[str, str]:
@@ -249,7 +237,7 @@ def test_dev_texts_join_refinement_and_the_student_is_calibrated_through_its_tar
     )
     info = json.load(open(os.path.join(student, card.INFO_FILE)))
     assert info["refinement"]["labeled_texts"]["examples"] == 40 and info["refine_with_dev"]
-    assert info["refinement"]["labeled_texts"]["kappa_fitted_on"] == "dev labels, leave-one-out"
+    assert info["refinement"]["labeled_texts"]["kappa_fitted_on"] == "dev labels, cross-fitted (2 folds)"
     assert info["calibration"]["fitted_on"] == "held-out targets" and info["calibration"]["dev_in_targets"]
     text = open(os.path.join(student, card.CARD_FILE)).read()
     assert "calibrated on 40 dev labels through its targets" in text and "these are optimistic" in text

@@ -49,7 +49,7 @@ def render(info: dict, evaluations: str = "") -> str:
             f"the refined labels agree with the teacher's on {refinement['agreement_with_teacher']:.1%} of the texts"
             + (
                 f"; centroids moved toward {labeled['examples']} labeled dev texts, confidence fitted on their labels "
-                f"(leave-one-out), kappa {refinement['kappa']:.1f}"
+                f"(cross-fitted), kappa {refinement['kappa']:.1f}"
                 if labeled
                 else f"; confidence fitted to the teacher's labels, kappa {refinement['kappa']:.1f}"
                 if "rounds_kappa" in refinement
@@ -129,7 +129,7 @@ def calibration_text(info: dict) -> str:
     if calibration.get("dev_in_targets") and fitted_on:
         return (
             f"calibrated on {calibration['dev_examples']} dev labels through its targets (refinement's confidence "
-            f"fitted on them, leave-one-out; the student fitted to its targets on held-out rows)"
+            f"fitted on them, cross-fitted; the student fitted to its targets on held-out rows)"
         )
     if fitted_on == "dev labels":
         return f"calibrated on {calibration['dev_examples']} dev labels (one temperature folded into the head)"
