@@ -70,9 +70,8 @@ MIN_CHANGE = 0.001
 # refinement's own, weighted n_k : LABELED_PSEUDO_COUNT (n_k labeled texts of k): refinement's centroid counts as this
 # many labeled texts. 8 a class is what few-shot methods start from; measured in benchmarks/README.md.
 LABELED_PSEUDO_COUNT = 8.0
-CROSS_FIT_FOLDS = (
-    2  # the targets' confidence with dev labels is fitted on texts each scored by a refinement without them
-)
+# With dev labels the targets' confidence is fitted on dev texts each scored by a refinement made without them.
+CROSS_FIT_FOLDS = 2
 FILE = "refinement.npz"  # in the student directory: lets evaluate.py show the refined teacher on a test cache
 
 # () -> iterator of (start row, float32 array (rows, H) of L2-normalised embeddings, or of (rows, K) posteriors), in
