@@ -175,7 +175,7 @@ def cross_fitted_similarity(labeled: LabeledTexts, num_classes: int, refine_with
     into CROSS_FIT_FOLDS folds (round robin within each class, in file order), each fold scored by
     refine_without(the other folds' texts). Scored by centroids it pulled (and by the pool texts those drew in), a
     text would make the fit over-confident: leaving it out of its own centroid alone left the targets' ECE at
-    0.04-0.25 on seven tasks, cross-fitted 0.03-0.17 (benchmarks/README.md, "A handful of labels")."""
+    0.02-0.25 on seven tasks, cross-fitted 0.03-0.17 (benchmarks/README.md, "A handful of labels")."""
     folds = np.zeros(len(labeled.labels), dtype=np.int64)
     for k in np.unique(labeled.labels):
         rows = np.flatnonzero(labeled.labels == k)
