@@ -321,24 +321,22 @@ def build_targets(
 
 def embed_dev_texts(manifest: dict, texts: list[str], encoder: str | None = None) -> np.ndarray:
     """The dev texts embedded by the model that embedded the cache's texts (or by the adapted `encoder`): (n, H)."""
-    from transformers import AutoModel, AutoTokenizer
-
     from zsdistill import inference, models
     from zsdistill import teacher as zs_teacher
 
     described = manifest.get("embedding_model") or manifest["teacher"]
     if encoder is None:
-        found = zs_teacher.resolve_teacher(described["name_or_path"], kind="embedding")
-        if found.fingerprint != described["fingerprint"]:
+        embedder = zs_teacher.resolve_teacher(described["name_or_path"], kind="embedding")
+        if embedder.fingerprint != described["fingerprint"]:
             raise UserError(
                 f"--dev_file: the embedding model {described['name_or_path']!r} is not the one that embedded the "
-                f"cache's texts (fingerprint {found.fingerprint} vs {described['fingerprint']}); restore it, or pass "
-                f"--norefine_with_dev to keep the dev set out of refinement"
+                f"cache's texts (fingerprint {embedder.fingerprint} vs {described['fingerprint']}); restore it, or "
+                f"pass --norefine_with_dev to keep the dev set out of refinement"
             )
-        encoder = found.local_path
+    else:
+        embedder = zs_teacher.Teacher(described["name_or_path"], encoder, described["fingerprint"], "embedding")
     started = time.time()
-    tokenizer, model = AutoTokenizer.from_pretrained(encoder), AutoModel.from_pretrained(encoder)
-    model = model.to(models.select_device()).eval()
+    model, tokenizer = zs_teacher.load_model(embedder, models.select_device())  # as stage 1 loaded it
     max_length = models.resolve_max_length(tokenizer, model, None)
     embeddings = inference.embed(model, tokenizer, texts, max_length, 64, 16_384, described.get("pooling") or "mean")
     log(f"dev set: {len(texts)} texts embedded by {described['name_or_path']} in {time.time() - started:.1f}s")
@@ -692,15 +690,14 @@ def calibrate_on_holdout(
     cross-fitted) and their texts moved the centroids, so the student is fitted to its targets: its logits on the
     dev texts would be over-confident to fit on (they sit closer to their own centroids than new texts do)."""
     metrics_found, logit_scale, fitted_on = {}, 1.0, None
-    fit_on_dev = dev_set is not None and not dev_in_targets
+    # The dev labels, unless they already set the targets' confidence and there are held-out rows to match instead.
+    fit_on_dev = dev_set is not None and (not dev_in_targets or holdout_dataset is None)
     dev_logits = trainer.predict(dev_set).predictions if dev_set is not None else None
     dev_labels = np.array(dev_set["labels"], dtype=np.float32) if dev_set is not None else None
     holdout_logits = trainer.predict(holdout_dataset).predictions if holdout_dataset is not None else None
     if calibrate and (dev_set is not None or holdout_dataset is not None):
         fitted_on = "dev labels" if fit_on_dev else "held-out targets"
         logits, taught = (dev_logits, dev_labels) if fit_on_dev else (holdout_logits, holdout_targets)
-        if holdout_dataset is None and not fit_on_dev:  # --holdout_fraction 0 with the dev set in the targets
-            fitted_on, logits, taught = "dev labels", dev_logits, dev_labels
         logit_scale = 1.0 / fit_logit_temperature(logits, taught, multi_label)
         scale_classifier(trainer.model, trainer.model.config.num_labels, logit_scale)
         log(f"calibration: logits scaled by {logit_scale:.3f} to match the {fitted_on}")

@@ -126,7 +126,7 @@ def calibration_text(info: dict) -> str:
     """How the student's confidence was calibrated, in words the stage 3 report repeats."""
     calibration = info.get("calibration") or {}
     fitted_on = calibration.get("fitted_on", "held-out targets" if calibration.get("applied") else None)
-    if calibration.get("dev_in_targets") and fitted_on:
+    if calibration.get("dev_in_targets") and fitted_on == "held-out targets":
         return (
             f"calibrated on {calibration['dev_examples']} dev labels through its targets (refinement's confidence "
             f"fitted on them, cross-fitted; the student fitted to its targets on held-out rows)"

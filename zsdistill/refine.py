@@ -191,9 +191,7 @@ def cross_fitted_similarity(labeled: LabeledTexts, num_classes: int, refine_with
 
 def centered(embeddings: np.ndarray, center: np.ndarray) -> np.ndarray:
     """normalise(embeddings - center), row by row, float32 (a zero row stays zero)."""
-    moved = embeddings.astype(np.float32) - center
-    norms = np.linalg.norm(moved, axis=1, keepdims=True)
-    return np.divide(moved, norms, out=np.zeros_like(moved), where=norms > 0)
+    return _unit_rows(embeddings.astype(np.float32) - center)
 
 
 def mean_embedding(embedding_chunks: "Chunks", num_rows: int) -> np.ndarray:
@@ -267,16 +265,6 @@ def refine(
         teacher_chunks, embedding_chunks, num_rows, num_classes, log, labeled=labeled, **settings
     )
     lowest = MIN_KAPPA if refinement.center is None else MIN_KAPPA_CENTERED
-    if labeled is not None:
-        refine_without = lambda rest: rounds(  # noqa: E731
-            teacher_chunks, embedding_chunks, num_rows, num_classes, labeled=rest, **settings
-        )[0]
-        similarity = cross_fitted_similarity(labeled, num_classes, refine_without)
-        refinement.kappa = fit_kappa(similarity, refinement.log_priors, labeled.labels, lowest)
-        log(
-            f"refinement confidence: kappa {refinement.kappa:.2f}, the most likely for the {len(labeled.labels)} dev "
-            f"labels (each scored by a refinement made without it, {CROSS_FIT_FOLDS} folds)"
-        )
     # One more pass over the embeddings: the similarities serve the kappa fit, then become the targets in place.
     similarity = np.empty((num_rows, num_classes), dtype=np.float32)
     for start, chunk in embedding_chunks():
@@ -286,6 +274,16 @@ def refine(
         log(
             f"refinement confidence: kappa {refinement.kappa:.2f}, the most likely for the teacher's own labels "
             f"(at most {KAPPA:g}: the targets are never more confident than their scores predict the teacher)"
+        )
+    else:
+        refine_without = lambda rest: rounds(  # noqa: E731
+            teacher_chunks, embedding_chunks, num_rows, num_classes, labeled=rest, **settings
+        )[0]
+        held_out = cross_fitted_similarity(labeled, num_classes, refine_without)
+        refinement.kappa = fit_kappa(held_out, refinement.log_priors, labeled.labels, lowest)
+        log(
+            f"refinement confidence: kappa {refinement.kappa:.2f}, the most likely for the {len(labeled.labels)} dev "
+            f"labels (each scored by a refinement made without it, {CROSS_FIT_FOLDS} folds)"
         )
     for start in range(0, num_rows, 65_536):  # what Refinement.posteriors computes, without reading embeddings again
         block = similarity[start : start + 65_536]
@@ -322,9 +320,7 @@ def rounds(
             weights = np.zeros((len(chunk), num_classes), dtype=np.float32)
             weights[np.flatnonzero(kept[rows]), prediction[rows][kept[rows]]] = 1.0
             sums = sums + weights.T @ space(chunk)
-        norms = np.linalg.norm(sums, axis=1, keepdims=True)
-        # A class with no kept rows keeps a zero centroid: its score is then its prior alone.
-        centroids = np.divide(sums, norms, out=np.zeros_like(sums), where=norms > 0)
+        centroids = _unit_rows(sums)  # a class with no kept rows keeps a zero centroid: its score is its prior alone
         if labeled is not None:
             centroids = anchored(centroids, labeled_sums, labeled_counts)
         log_priors = np.log(np.clip(prior, 1e-12, None)).astype(np.float32)
