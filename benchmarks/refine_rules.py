@@ -130,10 +130,7 @@ def main(
     supervised: bool = True,
 ) -> None:
     """Print one markdown table per task."""
-    as_list = lambda v, kind: [
-        kind(x) for x in (v.split(",") if isinstance(v, str) else v if isinstance(v, (list, tuple)) else [v])
-    ]  # noqa: E731
-    for name in as_list(tasks, str):
+    for name in quality.as_list(tasks, str):
         task = load_task(name, work_dir)
         test, teacher = task["test"], task["test"]["teacher"]
         default = fitted(task)
@@ -150,8 +147,8 @@ def main(
         pool_scores = default.log_scores(task["pool"]["embeddings"]).astype(np.float64)
         bias = share_floor(pool_scores, task["pool"]["teacher"], 0.5)
         rows.append(("every class at least half its teacher share (pool)", refine.softmax_rows(scores + bias)))
-        for k in as_list(dev_per_class, int):
-            for seed in as_list(seeds, int):
+        for k in quality.as_list(dev_per_class, int):
+            for seed in quality.as_list(seeds, int):
                 anchored = fitted(task, dev_draw(task, k, seed))
                 rows.append(
                     (
