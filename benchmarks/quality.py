@@ -172,17 +172,19 @@ def build_task(name: str, directory: str, pool_size: int = 6000, test_size: int 
     return DEFAULT_TEMPLATE
 
 
-def draw_dev_file(name: str, directory: str, per_class: int, seed: int) -> str:
-    """draw_dev_rows written as dev-<k>-seed<seed>.jsonl in the task's directory; its path."""
-    path = os.path.join(directory, f"dev-{per_class}-seed{seed}.jsonl")
+def draw_dev_file(name: str, directory: str, per_class: int, seed: int, at_random: bool = False) -> str:
+    """draw_dev_rows written as dev-[random-]<k>-seed<seed>.jsonl in the task's directory; its path."""
+    path = os.path.join(directory, f"dev-{'random-' if at_random else ''}{per_class}-seed{seed}.jsonl")
     with open(path, "w") as f:
-        f.write("".join(json.dumps(row) + "\n" for row in draw_dev_rows(name, directory, per_class, seed)))
+        f.write("".join(json.dumps(row) + "\n" for row in draw_dev_rows(name, directory, per_class, seed, at_random)))
     return path
 
 
-def draw_dev_rows(name: str, directory: str, per_class: int, seed: int) -> list[dict]:
+def draw_dev_rows(name: str, directory: str, per_class: int, seed: int, at_random: bool = False) -> list[dict]:
     """`per_class` labeled texts of each class (all of a smaller class's), drawn with `seed` from the task's labeled
-    texts outside the test set and, where there are enough, outside the pool (the demo: its dev split)."""
+    texts outside the test set and, where there are enough, outside the pool (the demo: its dev split). at_random:
+    as many texts in all (per_class x the classes), drawn at random from the same texts: the class shares of the data,
+    as a user who labels a random sample gets them (a small class may get none)."""
     source = os.path.join(directory, "dev.jsonl" if name == "demo" else "labeled.jsonl")
     with open(source) as f:
         rows = [json.loads(line) for line in f]
@@ -190,6 +192,8 @@ def draw_dev_rows(name: str, directory: str, per_class: int, seed: int) -> list[
     for row in rows:
         by_class.setdefault(row["label"], []).append(row)
     rng = random.Random(seed)
+    if at_random:
+        return [rows[i] for i in sorted(rng.sample(range(len(rows)), min(len(rows), per_class * len(by_class))))]
     return [
         row for label in sorted(by_class) for row in rng.sample(by_class[label], min(per_class, len(by_class[label])))
     ]
@@ -360,6 +364,7 @@ def main(
     work_dir: str = "bench/quality",
     reuse_reports: bool = False,
     dev_per_class: int = 0,
+    dev_at_random: bool = False,
 ) -> None:
     """Print the quality tables as markdown; every run's report stays under work_dir.
 
@@ -374,6 +379,7 @@ def main(
         dev_per_class: give every student a --dev_file of this many labeled texts per class, drawn with the student's
             seed from labeled texts in neither the test set nor (where the task has enough) the pool; the demo: its
             dev split (0: none).
+        dev_at_random: draw as many dev texts in all, at random: the data's class shares instead of equal counts.
     """
 
     tasks, learning_rates, seeds = as_list(tasks, str), as_list(learning_rates, float), as_list(seeds, int)
@@ -395,7 +401,7 @@ def main(
         f"{' ' + ' '.join(extra) if extra else ''} {' '.join(STUDENT_ARGS)}\n"
     )
     tag = "-".join(a.strip("-").replace("_", "") for a in extra) or "default"
-    tag += f"-dev{dev_per_class}" if dev_per_class else ""
+    tag += f"-dev{dev_per_class}{'random' if dev_at_random else ''}" if dev_per_class else ""
     for name in tasks:
         data_dir = os.path.join(work_dir, "data", name)
         template = build_task(name, data_dir)
@@ -413,7 +419,11 @@ def main(
                 report_dir = os.path.join(work_dir, "reports", name, os.path.basename(output))
                 seconds = None
                 if not (reuse_reports and os.path.exists(os.path.join(report_dir, "report.json"))):
-                    dev = ["--dev_file", draw_dev_file(name, data_dir, dev_per_class, seed)] if dev_per_class else []
+                    dev = (
+                        ["--dev_file", draw_dev_file(name, data_dir, dev_per_class, seed, dev_at_random)]
+                        if dev_per_class
+                        else []
+                    )
                     started = time.time()
                     run(
                         "train_student.py",

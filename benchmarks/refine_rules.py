@@ -9,9 +9,10 @@ teacher recall 0.3+, refined recall under 70% of it: issue 26's rule). Rows:
   - the default (zsdistill/refine.py) and label-free rules tried against issue 26's lost classes, each applied to
     the default's scores: the teacher's log posteriors added (a product of experts), the teacher's posteriors mixed
     in, a per-class bias that keeps every class at least half its teacher share on the pool;
-  - with k dev labels a class (benchmarks/quality.py's draw: outside the test set, and outside the pool where the
-    task has enough labeled texts), embedded by the cache's embedding model as train_student.py does, through
-    refine(labeled=...): centroids moved toward them, kappa fitted on them leave-one-out;
+  - with k dev labels a class, and as many drawn at random (the data's class shares), benchmarks/quality.py's draws
+    (outside the test set, and outside the pool where the task has enough labeled texts), embedded by the cache's
+    embedding model as train_student.py does, through refine(labeled=...): centroids moved toward them, kappa fitted
+    on them cross-fitted;
   - a supervised reference: logistic regression on the same embeddings of the task's labeled texts outside the test
     set (the pool's own labels where the task has no others), to say which tasks are furthest from what labels
     reach in this space.
@@ -103,8 +104,8 @@ def share_floor(log_scores: np.ndarray, teacher: np.ndarray, floor: float) -> np
     return bias
 
 
-def dev_draw(task: dict, per_class: int, seed: int) -> refine.LabeledTexts:
-    rows = quality.draw_dev_rows(task["name"], task["data_dir"], per_class, seed)
+def dev_draw(task: dict, per_class: int, seed: int, at_random: bool = False) -> refine.LabeledTexts:
+    rows = quality.draw_dev_rows(task["name"], task["data_dir"], per_class, seed, at_random)
     embeddings = train_student.embed_dev_texts(task["pool"]["manifest"], [r["text"] for r in rows])
     return refine.LabeledTexts(embeddings, np.array([task["class_names"].index(r["label"]) for r in rows]))
 
@@ -128,8 +129,10 @@ def main(
     seeds: str | int | tuple = (0, 1),
     work_dir: str = "bench/quality",
     supervised: bool = True,
+    dev_at_random: bool = True,
 ) -> None:
-    """Print one markdown table per task."""
+    """Print one markdown table per task; dev_at_random adds, for each k and seed, a dev set of as many texts drawn at
+    random (the data's class shares, a small class perhaps without any) beside the one with k a class."""
     for name in quality.as_list(tasks, str):
         task = load_task(name, work_dir)
         test, teacher = task["test"], task["test"]["teacher"]
@@ -156,6 +159,14 @@ def main(
                         refine.softmax_rows(anchored.log_scores(test["embeddings"]).astype(np.float64)),
                     )
                 )
+                if dev_at_random:
+                    anchored = fitted(task, dev_draw(task, k, seed, at_random=True))
+                    rows.append(
+                        (
+                            f"{k} x {len(task['class_names'])} dev labels at random, seed {seed}",
+                            refine.softmax_rows(anchored.log_scores(test["embeddings"]).astype(np.float64)),
+                        )
+                    )
         print(f"**{name}** ({len(task['class_names'])} classes, {len(task['labels'])} test texts)\n")
         print("| refined targets | accuracy / macro-F1 / ECE (classes lost against the teacher) |\n| --- | --- |")
         for label, probabilities in rows:
