@@ -67,6 +67,12 @@ class StudentOptions:
         "the last refinement round without the teacher anchor (default), so a class's centroid also takes in its "
         "surest texts that the teacher put elsewhere; --norefine_free_last_round anchors every round.",
     )
+    refine_density_weights: bool = option(
+        True,
+        "weight each text in its class's centroid by 1 / how many of the class's texts sit near it (default), so a "
+        "dense clump of alike texts does not take a class over; --norefine_density_weights gives the previous "
+        "release's refinement.",
+    )
     adapt_rounds: int = option(
         0,
         "rounds of adaptation before refining (default 0: none): fine-tune the cache's embedding model on "
@@ -149,6 +155,7 @@ class StudentOptions:
         self.multi_label = bool(self.multi_label)
         self.refine, self.refine_center = bool(self.refine), bool(self.refine_center)
         self.refine_free_last_round = bool(self.refine_free_last_round)
+        self.refine_density_weights = bool(self.refine_density_weights)
         self.refine_with_dev = bool(self.refine_with_dev)
         try:
             self.holdout_fraction = float(self.holdout_fraction)
@@ -240,6 +247,7 @@ def build_targets(
     adaptation: "adapt.AdaptSettings | None" = None,
     refine_free_last_round: bool = True,
     dev: tuple[list[str], np.ndarray] | None = None,
+    refine_density_weights: bool = True,
 ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record.
     With `dev` (texts, class indices), refinement moves its centroids toward them and fits its confidence on them."""
@@ -308,6 +316,7 @@ def build_targets(
         center=refine_center,
         free_last_round=refine_free_last_round,
         labeled=labeled,
+        density_weights=refine_density_weights,
     )
     info = {**refinement.settings(), "embedding_fingerprint": fingerprint, "seconds": round(time.time() - started, 3)}
     if adapted:
@@ -843,6 +852,7 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
             seed=seed,
             refine_center=options.refine_center,
             refine_free_last_round=options.refine_free_last_round,
+            refine_density_weights=options.refine_density_weights,
         )
     built = build_targets(
         options.cache,
@@ -854,6 +864,7 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
         adaptation,
         options.refine_free_last_round,
         dev if options.refine_with_dev and not options.multi_label else None,
+        options.refine_density_weights,
     )
     log(f"targets built in {time.time() - started:.1f}s")
     return built

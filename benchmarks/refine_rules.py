@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --tasks ... --seeds 0        # first: builds the tasks and their teacher caches
     python benchmarks/refine_rules.py                         # label-free rules, dev anchors, the supervised probe
+    python benchmarks/refine_rules.py --density_scales 5,6.5,8  # the density weights' scale on pool subsamples
 
 Per task: the refinement fitted on the unlabeled pool, applied to the test set (what the student is taught);
 accuracy / macro-F1 / ECE on the test labels, and the classes lost against the raw teacher (10+ test texts,
@@ -57,7 +58,7 @@ def load_task(name: str, work_dir: str) -> dict:
     return task
 
 
-def fitted(task: dict, labeled: refine.LabeledTexts | None = None) -> refine.Refinement:
+def fitted(task: dict, labeled: refine.LabeledTexts | None = None, **settings) -> refine.Refinement:
     pool = task["pool"]
     return refine.refine(
         lambda: iter([(0, pool["teacher"])]),
@@ -65,7 +66,12 @@ def fitted(task: dict, labeled: refine.LabeledTexts | None = None) -> refine.Ref
         len(pool["teacher"]),
         len(task["class_names"]),
         labeled=labeled,
+        **settings,
     )[1]
+
+
+def on_test_set(task: dict, refinement: refine.Refinement) -> np.ndarray:
+    return refine.softmax_rows(refinement.log_scores(task["test"]["embeddings"]).astype(np.float64))
 
 
 def lost_classes(task: dict, predicted: np.ndarray) -> list[str]:
@@ -123,6 +129,37 @@ def supervised_probe(task: dict) -> str:
     return cell(task, probe.predict_proba(task["test"]["embeddings"])) + f" ({len(rows)} labeled texts)"
 
 
+def density_sweep(names: list[str], scales: list[float], subsamples: int, work_dir: str) -> None:
+    """Macro-F1 of the refined targets (mean and spread over `subsamples` random 70% subsamples of each pool; classes
+    lost against the teacher, summed over them) without density weights and with each DENSITY_SCALE."""
+    tasks = {name: load_task(name, work_dir) for name in names}
+    print("| density scale | " + " | ".join(names) + " | mean |\n|" + " --- |" * (len(names) + 2))
+    for scale in [None, *scales]:
+        cells, means = [], []
+        for name, task in tasks.items():
+            pool, scores, lost = task["pool"], [], 0
+            for seed in range(subsamples):
+                rows = np.sort(
+                    np.random.default_rng(seed).choice(
+                        len(pool["teacher"]), int(0.7 * len(pool["teacher"])), replace=False
+                    )
+                )
+                sub = {
+                    **task,
+                    "pool": {**pool, "teacher": pool["teacher"][rows], "embeddings": pool["embeddings"][rows]},
+                }
+                default_scale, refine.DENSITY_SCALE = refine.DENSITY_SCALE, scale or refine.DENSITY_SCALE
+                try:
+                    probabilities = on_test_set(task, fitted(sub, density_weights=scale is not None))
+                finally:
+                    refine.DENSITY_SCALE = default_scale
+                scores.append(label_metrics(task["labels"], probabilities, task["class_names"], False)["macro_f1"])
+                lost += len(lost_classes(task, probabilities.argmax(1)))
+            cells.append(f"{np.mean(scores):.3f} ± {np.std(scores):.3f} ({lost})")
+            means.append(np.mean(scores))
+        print(f"| {scale or 'none'} | " + " | ".join(cells) + f" | {np.mean(means):.4f} |", flush=True)
+
+
 def main(
     tasks: str | tuple = tuple(quality.TASKS),
     dev_per_class: str | int | tuple = (4, 8, 16),
@@ -130,9 +167,15 @@ def main(
     work_dir: str = "bench/quality",
     supervised: bool = True,
     dev_at_random: bool = True,
+    density_scales: str | float | tuple = (),
+    subsamples: int = 3,
 ) -> None:
     """Print one markdown table per task; dev_at_random adds, for each k and seed, a dev set of as many texts drawn at
-    random (the data's class shares, a small class perhaps without any) beside the one with k a class."""
+    random (the data's class shares, a small class perhaps without any) beside the one with k a class. With
+    density_scales (e.g. 5,6.5,8): only the sweep of the density weights' scale on subsamples of the pools."""
+    if density_scales:
+        return density_sweep(quality.as_list(tasks, str), quality.as_list(density_scales, float), subsamples, work_dir)
+    before = dict(density_weights=False)
     for name in quality.as_list(tasks, str):
         task = load_task(name, work_dir)
         test, teacher = task["test"], task["test"]["teacher"]
@@ -141,6 +184,7 @@ def main(
         rows = [
             ("raw teacher", teacher),
             ("refined, the default", refine.softmax_rows(scores.copy())),
+            ("refined without density weights (the release before)", on_test_set(task, fitted(task, **before))),
             (
                 "+ 0.5 x the teacher's log posteriors",
                 refine.softmax_rows(scores + 0.5 * np.log(np.clip(teacher, 1e-12, 1))),
@@ -152,21 +196,13 @@ def main(
         rows.append(("every class at least half its teacher share (pool)", refine.softmax_rows(scores + bias)))
         for k in quality.as_list(dev_per_class, int):
             for seed in quality.as_list(seeds, int):
-                anchored = fitted(task, dev_draw(task, k, seed))
-                rows.append(
-                    (
-                        f"{k} dev labels a class, seed {seed}",
-                        refine.softmax_rows(anchored.log_scores(test["embeddings"]).astype(np.float64)),
-                    )
-                )
+                draw = dev_draw(task, k, seed)
+                rows.append((f"{k} dev labels a class, seed {seed}", on_test_set(task, fitted(task, draw))))
+                rows.append(("... without density weights", on_test_set(task, fitted(task, draw, **before))))
                 if dev_at_random:
-                    anchored = fitted(task, dev_draw(task, k, seed, at_random=True))
-                    rows.append(
-                        (
-                            f"{k} x {len(task['class_names'])} dev labels at random, seed {seed}",
-                            refine.softmax_rows(anchored.log_scores(test["embeddings"]).astype(np.float64)),
-                        )
-                    )
+                    draw = dev_draw(task, k, seed, at_random=True)
+                    label = f"{k} x {len(task['class_names'])} dev labels at random, seed {seed}"
+                    rows.append((label, on_test_set(task, fitted(task, draw))))
         print(f"**{name}** ({len(task['class_names'])} classes, {len(task['labels'])} test texts)\n")
         print("| refined targets | accuracy / macro-F1 / ECE (classes lost against the teacher) |\n| --- | --- |")
         for label, probabilities in rows:

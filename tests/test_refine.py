@@ -277,9 +277,12 @@ def test_target_building_memory_is_the_targets_plus_a_shard(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert got.shape == (n, k) and got.dtype == np.float32
-        # The targets, per-row bookkeeping (a few bytes a row) and a few shards' worth; a list of Python floats
-        # would be about 10x the targets, a copy of all embeddings 8x.
-        assert peak < 2 * targets_bytes + 16 * n + 8 * shard_bytes, (refine_flag, peak, targets_bytes)
+        # The targets, per-row bookkeeping (a few bytes a row), a few shards' worth and the density weights' reference
+        # texts (at most DENSITY_REFERENCE_ROWS a class, whatever N); a list of Python floats would be about 10x the
+        # targets, a copy of all embeddings 8x.
+        reference_bytes = k * refine.DENSITY_REFERENCE_ROWS * width * 4
+        bound = 2 * targets_bytes + 16 * n + 8 * shard_bytes + reference_bytes
+        assert peak < bound, (refine_flag, peak, targets_bytes)
 
 
 def half_aligned_task(per_class: int = 200, width: int = 16, seed: int = 0):
@@ -444,7 +447,7 @@ def test_a_generic_class_does_not_sink_a_small_one():
     found."""
     embeddings, teacher, labels = sink_task()
     taught = teacher.argmax(1)
-    before, _ = refine_arrays(teacher, embeddings, center=False, free_last_round=False)
+    before, _ = refine_arrays(teacher, embeddings, center=False, free_last_round=False, density_weights=False)
     after, refinement = refine_arrays(teacher, embeddings)
     before, after = before.argmax(1), after.argmax(1)
     assert recall(taught, labels, 3) >= 0.8 and (taught == labels).mean() >= 0.8
@@ -459,10 +462,12 @@ def test_a_generic_class_does_not_sink_a_small_one():
 
 
 def test_refinement_before_centring_is_reachable_and_unchanged(tmp_path):
-    """--norefine_center --norefine_free_last_round give the refinement of the previous release: its targets on the
-    sink task, as it wrote them."""
+    """--norefine_center --norefine_free_last_round --norefine_density_weights give the refinement of three releases
+    before: its targets on the sink task, as it wrote them."""
     embeddings, teacher, _ = sink_task()
-    targets_, refinement = refine_arrays(teacher, embeddings, center=False, free_last_round=False)
+    targets_, refinement = refine_arrays(
+        teacher, embeddings, center=False, free_last_round=False, density_weights=False
+    )
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_before_centering.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
         np.testing.assert_allclose(
@@ -493,10 +498,19 @@ def test_norefine_center_flag_reaches_the_refinement(tmp_path):
     manifest, _ = cache.load_cache(path)
     centred, _, info = train_student.build_targets(path, manifest, False, 1.0, refine=True)
     plain, _, plain_info = train_student.build_targets(
-        path, manifest, False, 1.0, refine=True, refine_center=False, refine_free_last_round=False
+        path,
+        manifest,
+        False,
+        1.0,
+        refine=True,
+        refine_center=False,
+        refine_free_last_round=False,
+        refine_density_weights=False,
     )
     assert info["center"] is True and plain_info["center"] is False and not np.array_equal(centred, plain)
     assert info["free_last_round"] is True and plain_info["free_last_round"] is False
+    assert info["density_weights"] is True and plain_info["density_weights"] is False
+    assert info["density_scale"] == refine.DENSITY_SCALE and plain_info["density_scale"] is None
 
 
 def test_the_last_round_drops_the_anchor_and_only_the_last():
@@ -514,14 +528,64 @@ def test_the_last_round_drops_the_anchor_and_only_the_last():
             assert anchors[-1] > anchors[-2] and anchors[-1] >= len(teacher) // 2
 
 
-def test_without_dev_labels_the_default_refinement_is_unchanged():
-    """Without --dev_file, refinement is the release before's, as it wrote its targets on the sink task (dev labels
-    only ever enter through `labeled`)."""
+def test_without_density_weights_the_refinement_is_the_release_befores():
+    """--norefine_density_weights (and no --dev_file) give the release before's refinement, as it wrote its targets on
+    the sink task (dev labels only ever enter through `labeled`)."""
     embeddings, teacher, _ = sink_task()
-    targets_, refinement = refine_arrays(teacher, embeddings)
+    targets_, refinement = refine_arrays(teacher, embeddings, density_weights=False)
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_dev_labels.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
         np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
         np.testing.assert_allclose(refinement.centroids, before["centroids"], atol=1e-6)
         assert abs(refinement.kappa - float(before["kappa"])) < 1e-4
     assert refinement.settings()["labeled_texts"] is None
+
+
+def clump_task(seed: int = 0, width: int = 32):
+    """Class 0's texts spread around one direction; 150 near-alike texts of class 1 (a clump) that the teacher is
+    sure are class 0, as Debian's dictionaries for `interpreters` (their descriptions say "language"); classes 1-3
+    around their own directions. Returns embeddings, teacher posteriors, labels."""
+    rng = np.random.default_rng(seed)
+    directions = np.linalg.qr(rng.normal(size=(width, width)))[0][:5]
+
+    def around(direction: np.ndarray, n: int, spread: float) -> np.ndarray:
+        x = direction + spread * rng.normal(size=(n, width)) / np.sqrt(width)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    parts = [(around(directions[0], 80, 1.2), 0), (around(directions[4], 150, 0.15), 1)]
+    parts += [(around(directions[k], 200, 1.0), k) for k in (1, 2, 3)]
+    embeddings = np.concatenate([part for part, _ in parts]).astype(np.float32)
+    labels = np.concatenate([np.full(len(part), k) for part, k in parts])
+    scores = rng.normal(0, 0.5, size=(len(labels), 4))
+    scores[np.arange(len(labels)), labels] += 1.0
+    scores[80:230, 0] += 2.0
+    teacher = np.exp(2 * scores)
+    return embeddings, (teacher / teacher.sum(1, keepdims=True)).astype(np.float32), labels
+
+
+def test_a_clump_of_alike_texts_does_not_take_a_class_over():
+    """Without density weights the clump, most of the teacher's surest class-0 texts, becomes class 0's centroid and
+    the class's own spread texts are lost; weighted, the clump counts as about one text and they are kept."""
+    embeddings, teacher, labels = clump_task()
+    taught = teacher.argmax(1)
+    before, _ = refine_arrays(teacher, embeddings, density_weights=False)
+    after, refinement = refine_arrays(teacher, embeddings)
+    assert recall(taught, labels, 0) >= 0.7
+    assert recall(before.argmax(1), labels, 0) < 0.3 * recall(taught, labels, 0)
+    assert recall(after.argmax(1), labels, 0) >= 0.9 and (after.argmax(1) == labels).mean() > 0.8
+    assert refinement.settings()["density_weights"] is True
+
+
+def test_density_weights_do_not_depend_on_chunks_and_sample_large_classes(monkeypatch):
+    """The same refinement in one chunk as in two; a class with more kept texts than DENSITY_REFERENCE_ROWS has its
+    densities estimated on a sample of them, close to the exact ones."""
+    embeddings, teacher, labels = clump_task()
+    one_chunk = lambda array: lambda: iter([(0, array)])  # noqa: E731
+    whole, whole_refinement = refine.refine(one_chunk(teacher), one_chunk(embeddings), len(teacher), 4)
+    split, split_refinement = refine_arrays(teacher, embeddings)
+    np.testing.assert_allclose(split_refinement.centroids, whole_refinement.centroids, atol=1e-5)
+    np.testing.assert_allclose(split, whole, atol=1e-5)
+    monkeypatch.setattr(refine, "DENSITY_REFERENCE_ROWS", 40)  # classes keep 40-150 texts a round here
+    sampled, sampled_refinement = refine_arrays(teacher, embeddings)
+    assert 0.0 < np.abs(sampled_refinement.centroids - whole_refinement.centroids).max() < 0.1
+    assert recall(sampled.argmax(1), labels, 0) >= 0.9

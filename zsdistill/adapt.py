@@ -56,6 +56,7 @@ class AdaptSettings:
     seed: int = 0
     refine_center: bool = True
     refine_free_last_round: bool = True
+    refine_density_weights: bool = True
 
     def key(self, cache_key: str, embedding_fingerprint: str, rounds: int) -> str:
         """The cache key of these settings' first `rounds` rounds."""
@@ -213,6 +214,7 @@ def adapted_embeddings(
             len(class_names),
             center=settings.refine_center,
             free_last_round=settings.refine_free_last_round,
+            density_weights=settings.refine_density_weights,
         )
         rows = surest_rows(posteriors, settings.fraction)
         chosen = [texts[i] for i in rows]
