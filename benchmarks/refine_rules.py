@@ -20,6 +20,7 @@ teacher recall 0.3+, refined recall under 70% of it: issue 26's rule). Rows:
 Seconds, not minutes: everything is numpy on cached embeddings except embedding the dev texts.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -160,6 +161,72 @@ def density_sweep(names: list[str], scales: list[float], subsamples: int, work_d
         print(f"| {scale or 'none'} | " + " | ".join(cells) + f" | {np.mean(means):.4f} |", flush=True)
 
 
+def label_shift_rows(task: dict, draw: refine.LabeledTexts) -> list[tuple[str, np.ndarray]]:
+    """The default's refinement with `draw`, its confidence re-fitted with each dev text weighted by (estimated share
+    of its class in the corpus) / (its share in the dev set): a dev set of k a class over-represents small classes,
+    and the targets' confidence fitted on it is that of a balanced test set. The shares are estimated without labels
+    of the pool by black-box shift estimation (Lipton et al. 2018): the dev texts' confusion matrix (each scored by a
+    refinement made without it, as refine() fits kappa) and the pool's predicted shares, C pi = mu, pi >= 0.
+    Rows: kappa re-fitted weighted (moves the argmax a little), and one temperature over the whole log scores (keeps
+    it). The distances of pi and of the refined priors from the test set's true shares are in the labels."""
+    from scipy.optimize import minimize_scalar, nnls
+
+    pool, num_classes = task["pool"], len(task["class_names"])
+    refinement = fitted(task, draw)
+    held_out = refine.cross_fitted_similarity(
+        draw,
+        num_classes,
+        lambda rest: refine.rounds(
+            lambda: iter([(0, pool["teacher"])]),
+            lambda: iter([(0, pool["embeddings"])]),
+            len(pool["teacher"]),
+            num_classes,
+            labeled=rest,
+        )[0],
+    ).astype(np.float64)
+    labels, log_priors = draw.labels, refinement.log_priors.astype(np.float64)
+    confusion = np.zeros((num_classes, num_classes))
+    np.add.at(confusion, ((refinement.kappa * held_out + log_priors).argmax(1), labels), 1.0)
+    confusion /= np.maximum(confusion.sum(0, keepdims=True), 1.0)
+    mu = np.bincount(refinement.log_scores(pool["embeddings"]).argmax(1), minlength=num_classes) / len(pool["teacher"])
+    shares = nnls(confusion, mu)[0]
+    shares /= shares.sum()
+    weights = (shares / (np.bincount(labels, minlength=num_classes) / len(labels)))[labels]
+    weights /= weights.mean()
+
+    def weighted_nll(scores: np.ndarray) -> float:
+        return float(((np.logaddexp.reduce(scores, axis=1) - scores[np.arange(len(scores)), labels]) * weights).mean())
+
+    lowest = np.log(refine.MIN_KAPPA_CENTERED)
+    log_kappa = minimize_scalar(
+        lambda lk: weighted_nll(np.exp(lk) * held_out + log_priors),
+        bounds=(lowest, np.log(refine.KAPPA)),
+        method="bounded",
+    ).x
+    dev_scores = refinement.kappa * held_out + log_priors
+    log_t = minimize_scalar(
+        lambda lt: weighted_nll(dev_scores / np.exp(lt)), bounds=(np.log(0.05), np.log(20.0)), method="bounded"
+    ).x
+    true = np.bincount(task["labels"], minlength=num_classes) / len(task["labels"])
+    priors = np.exp(log_priors - np.logaddexp.reduce(log_priors))
+    distance = (
+        f"shares' distance from the test set's: BBSE {0.5 * np.abs(shares - true).sum():.2f}, "
+        f"refined priors {0.5 * np.abs(priors - true).sum():.2f}"
+    )
+    reweighted = dataclasses.replace(refinement, kappa=float(np.exp(log_kappa)))
+    test_scores = refinement.log_scores(task["test"]["embeddings"]).astype(np.float64)
+    return [
+        (
+            f"... kappa fitted on them weighted to the estimated shares ({np.exp(log_kappa):.1f}; {distance})",
+            on_test_set(task, reweighted),
+        ),
+        (
+            f"... one temperature over the log scores, so weighted (T = {np.exp(log_t):.2f})",
+            refine.softmax_rows(test_scores / np.exp(log_t)),
+        ),
+    ]
+
+
 def main(
     tasks: str | tuple = tuple(quality.TASKS),
     dev_per_class: str | int | tuple = (4, 8, 16),
@@ -169,10 +236,12 @@ def main(
     dev_at_random: bool = True,
     density_scales: str | float | tuple = (),
     subsamples: int = 3,
+    label_shift: bool = False,
 ) -> None:
     """Print one markdown table per task; dev_at_random adds, for each k and seed, a dev set of as many texts drawn at
     random (the data's class shares, a small class perhaps without any) beside the one with k a class. With
-    density_scales (e.g. 5,6.5,8): only the sweep of the density weights' scale on subsamples of the pools."""
+    density_scales (e.g. 5,6.5,8): only the sweep of the density weights' scale on subsamples of the pools. label_shift
+    adds, under each draw of k a class, its confidence re-fitted to the estimated class shares (label_shift_rows)."""
     if density_scales:
         return density_sweep(quality.as_list(tasks, str), quality.as_list(density_scales, float), subsamples, work_dir)
     before = dict(density_weights=False)
@@ -199,6 +268,8 @@ def main(
                 draw = dev_draw(task, k, seed)
                 rows.append((f"{k} dev labels a class, seed {seed}", on_test_set(task, fitted(task, draw))))
                 rows.append(("... without density weights", on_test_set(task, fitted(task, draw, **before))))
+                if label_shift:
+                    rows.extend(label_shift_rows(task, draw))
                 if dev_at_random:
                     draw = dev_draw(task, k, seed, at_random=True)
                     label = f"{k} x {len(task['class_names'])} dev labels at random, seed {seed}"
