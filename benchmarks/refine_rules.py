@@ -161,18 +161,19 @@ def density_sweep(names: list[str], scales: list[float], subsamples: int, work_d
         print(f"| {scale or 'none'} | " + " | ".join(cells) + f" | {np.mean(means):.4f} |", flush=True)
 
 
-def label_shift_rows(task: dict, draw: refine.LabeledTexts) -> list[tuple[str, np.ndarray]]:
-    """The default's refinement with `draw`, its confidence re-fitted with each dev text weighted by (estimated share
-    of its class in the corpus) / (its share in the dev set): a dev set of k a class over-represents small classes,
-    and the targets' confidence fitted on it is that of a balanced test set. The shares are estimated without labels
-    of the pool by black-box shift estimation (Lipton et al. 2018): the dev texts' confusion matrix (each scored by a
-    refinement made without it, as refine() fits kappa) and the pool's predicted shares, C pi = mu, pi >= 0.
-    Rows: kappa re-fitted weighted (moves the argmax a little), and one temperature over the whole log scores (keeps
-    it). The distances of pi and of the refined priors from the test set's true shares are in the labels."""
+def label_shift_rows(
+    task: dict, draw: refine.LabeledTexts, refinement: refine.Refinement
+) -> list[tuple[str, np.ndarray]]:
+    """The default's `refinement` fitted with `draw`, its confidence re-fitted with each dev text weighted by
+    (estimated share of its class in the corpus) / (its share in the dev set): a dev set of k a class over-represents
+    small classes, and the targets' confidence fitted on it is that of a balanced test set. The shares are estimated
+    without labels of the pool by black-box shift estimation (Lipton et al. 2018): the dev texts' confusion matrix
+    (each scored by a refinement made without it, as refine() fits kappa) and the pool's predicted shares, C pi = mu,
+    pi >= 0. Rows: kappa re-fitted weighted (moves the argmax a little), and one temperature over the whole log scores
+    (keeps it). The distances of pi and of the refined priors from the test set's true shares are in the labels."""
     from scipy.optimize import minimize_scalar, nnls
 
     pool, num_classes = task["pool"], len(task["class_names"])
-    refinement = fitted(task, draw)
     held_out = refine.cross_fitted_similarity(
         draw,
         num_classes,
@@ -266,10 +267,11 @@ def main(
         for k in quality.as_list(dev_per_class, int):
             for seed in quality.as_list(seeds, int):
                 draw = dev_draw(task, k, seed)
-                rows.append((f"{k} dev labels a class, seed {seed}", on_test_set(task, fitted(task, draw))))
+                anchored = fitted(task, draw)
+                rows.append((f"{k} dev labels a class, seed {seed}", on_test_set(task, anchored)))
                 rows.append(("... without density weights", on_test_set(task, fitted(task, draw, **before))))
                 if label_shift:
-                    rows.extend(label_shift_rows(task, draw))
+                    rows.extend(label_shift_rows(task, draw, anchored))
                 if dev_at_random:
                     draw = dev_draw(task, k, seed, at_random=True)
                     label = f"{k} x {len(task['class_names'])} dev labels at random, seed {seed}"
