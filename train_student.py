@@ -132,6 +132,13 @@ class StudentOptions:
         "the dev labels (cross-fitted: each scored by a refinement without it); the dev metrics then come from texts "
         "that shaped the targets. --norefine_with_dev keeps the dev set for calibration and monitoring only.",
     )
+    refine_dev_bias: bool = option(
+        True,
+        "with the dev set in refinement: each class's log prior may also move by a bias fitted on the dev labels with "
+        "the confidence, correcting the class shares refinement estimated from its own labels; its strength (or none) "
+        "is chosen by held-out likelihood on the dev labels. --norefine_dev_bias keeps refinement's priors (the "
+        "release before).",
+    )
     dev_text_column: str = option("text", "text column of a tabular --dev_file.")
     dev_label_column: str = option(
         "label", "label column of a tabular --dev_file (a class name, or a list of names for multi-label)."
@@ -157,6 +164,7 @@ class StudentOptions:
         self.refine_free_last_round = bool(self.refine_free_last_round)
         self.refine_density_weights = bool(self.refine_density_weights)
         self.refine_with_dev = bool(self.refine_with_dev)
+        self.refine_dev_bias = bool(self.refine_dev_bias)
         try:
             self.holdout_fraction = float(self.holdout_fraction)
         except (TypeError, ValueError):
@@ -248,6 +256,7 @@ def build_targets(
     refine_free_last_round: bool = True,
     dev: tuple[list[str], np.ndarray] | None = None,
     refine_density_weights: bool = True,
+    refine_dev_bias: bool = True,
 ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record.
     With `dev` (texts, class indices), refinement moves its centroids toward them and fits its confidence on them."""
@@ -317,6 +326,7 @@ def build_targets(
         free_last_round=refine_free_last_round,
         labeled=labeled,
         density_weights=refine_density_weights,
+        dev_bias=refine_dev_bias,
     )
     info = {**refinement.settings(), "embedding_fingerprint": fingerprint, "seconds": round(time.time() - started, 3)}
     if adapted:
@@ -865,6 +875,7 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
         options.refine_free_last_round,
         dev if options.refine_with_dev and not options.multi_label else None,
         options.refine_density_weights,
+        options.refine_dev_bias,
     )
     log(f"targets built in {time.time() - started:.1f}s")
     return built

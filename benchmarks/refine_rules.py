@@ -268,8 +268,16 @@ def main(
             for seed in quality.as_list(seeds, int):
                 draw = dev_draw(task, k, seed)
                 anchored = fitted(task, draw)
-                rows.append((f"{k} dev labels a class, seed {seed}", on_test_set(task, anchored)))
+                std = anchored.dev_bias_std
+                label = f"{k} dev labels a class, seed {seed} (prior bias: " + (f"std {std:g})" if std else "none)")
+                rows.append((label, on_test_set(task, anchored)))
                 rows.append(("... without density weights", on_test_set(task, fitted(task, draw, **before))))
+                rows.append(
+                    (
+                        "... without the prior bias (the release before)",
+                        on_test_set(task, fitted(task, draw, dev_bias=False)),
+                    )
+                )
                 if label_shift:
                     rows.extend(label_shift_rows(task, draw, anchored))
                 if dev_at_random:

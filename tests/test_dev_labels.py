@@ -190,6 +190,71 @@ def test_dev_labels_give_back_a_class_the_teacher_is_confidently_wrong_about():
     assert fitted.kappa < in_sample
 
 
+def generic_class_task(seed: int = 0):
+    """Three classes, the third 40% of the texts and spread thin (a generic class); the teacher puts 70% of its texts
+    in the other two, so refinement's own priors give it under 30%."""
+    rng = np.random.default_rng(seed)
+    directions = np.zeros((3, 8))
+    directions[0, 0], directions[1, 1], directions[2, 2] = 3.0, 3.0, 1.2
+    labels = np.repeat(np.arange(3), [90, 90, 120])
+    embeddings = directions[labels] + rng.normal(0, 1.0, size=(len(labels), 8))
+    embeddings = (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)).astype(np.float32)
+    taught = labels.copy()
+    moved = (labels == 2) & (rng.random(len(labels)) < 0.7)
+    taught[moved] = rng.integers(0, 2, moved.sum())
+    posteriors = np.full((len(labels), 3), 0.05, dtype=np.float32)
+    posteriors[np.arange(len(labels)), taught] = 0.9
+    return embeddings, labels, posteriors
+
+
+def test_dev_labels_correct_the_share_of_a_class_refinement_under_estimates():
+    from zsdistill import refine
+
+    embeddings, labels, posteriors = generic_class_task()
+    dev = np.concatenate([np.flatnonzero(labels == k)[:8] for k in range(3)])
+    chunks = (lambda: iter([(0, posteriors)]), lambda: iter([(0, embeddings)]), len(labels), 3)
+    labeled = refine.LabeledTexts(embeddings[dev], labels[dev])
+    before, kept = refine.refine(*chunks, labeled=labeled, dev_bias=False)
+    after, biased = refine.refine(*chunks, labeled=labeled)
+    rest = np.setdiff1d(np.arange(len(labels)), dev)
+    recall = lambda p: (p.argmax(1)[rest][labels[rest] == 2] == 2).mean()  # noqa: E731
+    shares = np.exp(kept.log_priors) / np.exp(kept.log_priors).sum()
+    assert shares[2] < 0.3  # refinement's own share of the generic class (true: 0.4)
+    assert biased.dev_bias_std in refine.DEV_BIAS_STDS and biased.dev_bias[2] > 0.5  # 0.85 when written
+    assert recall(after) > recall(before) + 0.1  # 0.83 against 0.66
+    assert (after.argmax(1)[rest] == labels[rest]).mean() > (before.argmax(1)[rest] == labels[rest]).mean()
+    settings = biased.settings()["labeled_texts"]
+    assert settings["prior_bias"] == [round(b, 6) for b in biased.dev_bias] and settings["prior_bias_std"] > 0
+    # the bias lives in the saved log priors, so evaluate.py's refined teacher on a test cache applies it too
+    np.testing.assert_allclose(biased.log_priors, kept.log_priors + np.float32(biased.dev_bias), rtol=1e-6, atol=1e-6)
+    # --norefine_dev_bias is the release before: kappa alone, fitted as fit_kappa fits it
+    assert kept.dev_bias is None and kept.settings()["labeled_texts"]["prior_bias"] is None
+
+
+def test_the_prior_bias_fit_is_the_penalised_likelihood_optimum():
+    from scipy.optimize import minimize
+
+    from zsdistill import refine
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(4), 8)
+    similarity = 0.3 * np.eye(4)[labels] + rng.normal(0, 0.2, size=(32, 4))
+    log_priors = np.log(np.array([0.55, 0.3, 0.1, 0.05]))  # far from the dev set's equal shares
+
+    def objective(params):  # written out plainly, without the gradient
+        scores = np.exp(params[0]) * similarity + log_priors + params[1:]
+        nll = (np.logaddexp.reduce(scores, axis=1) - scores[np.arange(32), labels]).sum()
+        return nll + (params[1:] ** 2).sum() / (2 * 0.7**2)
+
+    kappa, bias = refine.fit_kappa_and_bias(similarity, log_priors, labels, refine.MIN_KAPPA_CENTERED, 0.7)
+    plain = minimize(objective, np.r_[np.log(10.0), np.zeros(4)], method="Nelder-Mead", options={"maxiter": 20000})
+    assert objective(np.r_[np.log(kappa), bias]) <= plain.fun + 1e-6
+    assert bias[3] > 0 > bias[0]  # the rare prior raised, the common one lowered
+    # the chosen strength: with priors far off a bias wins; with the dev set's own (equal) shares, none is needed
+    assert refine.choose_bias_std(similarity, log_priors, labels, refine.MIN_KAPPA_CENTERED) is not None
+    assert refine.choose_bias_std(similarity, np.log(np.full(4, 0.25)), labels, refine.MIN_KAPPA_CENTERED) is None
+
+
 def embedding_cache(root, fingerprint: str | None = None) -> tuple[str, str]:
     """A cache whose text embeddings come from a tiny local encoder named in its manifest (so stage 2 can embed dev
     texts the same way), a toy teacher that knows the keyword; and a dev file of texts it does not hold."""

@@ -83,6 +83,14 @@ MIN_CHANGE = 0.001
 LABELED_PSEUDO_COUNT = 8.0
 # With dev labels the targets' confidence is fitted on dev texts each scored by a refinement made without them.
 CROSS_FIT_FOLDS = 2
+# With dev labels each class's log prior may also move by a bias fitted on them together with kappa, under a Gaussian
+# prior of one of these standard deviations (nats), or not at all: whichever predicts held-out dev labels best (each
+# text left out in turn, up to DEV_BIAS_MAX_FOLDS folds; 10 folds chose less steadily on 8 labels a class).
+# Refinement's priors are its own predicted shares, which labels can correct where they are far off (debian-generic-12's
+# are 0.4 from the true shares in total variation) and should leave where they are right (the demo's, 0.1): measured in
+# benchmarks/README.md, "A handful of labels".
+DEV_BIAS_STDS = (0.35, 0.7, 1.4)
+DEV_BIAS_MAX_FOLDS = 100
 # A kept text's weight in its class's centroid: 1 / its density among the class's kept texts, density = the sum of
 # exp(DENSITY_SCALE * (cosine - 1)) over them (itself counts 1): a clump of near-alike texts counts about as one text.
 # Measured at 5, 6.5 and 8 on 70% subsamples of seven tasks' pools, all better than none (benchmarks/README.md).
@@ -111,6 +119,10 @@ class Refinement:
     changed: list[float] = field(default_factory=list)  # fraction of predictions that moved, per round
     agreement_with_teacher: float = 0.0
     labeled_per_class: list[int] | None = None  # labeled dev texts that joined each class's centroid; None: none
+    dev_bias: list[float] | None = (
+        None  # what the dev labels added to each log prior (already in log_priors); None: none
+    )
+    dev_bias_std: float | None = None  # the bias's prior standard deviation chosen on the dev labels; None: no bias
 
     def space(self, embeddings: np.ndarray) -> np.ndarray:
         """The embeddings as refinement compares them: centred on the corpus mean and normalised, if it centres."""
@@ -157,6 +169,8 @@ class Refinement:
                 "per_class": self.labeled_per_class,
                 "pseudo_count": LABELED_PSEUDO_COUNT,
                 "kappa_fitted_on": f"dev labels, cross-fitted ({CROSS_FIT_FOLDS} folds)",
+                "prior_bias": None if self.dev_bias is None else [round(b, 6) for b in self.dev_bias],
+                "prior_bias_std": self.dev_bias_std,
             },
         }
 
@@ -196,10 +210,7 @@ def cross_fitted_similarity(labeled: LabeledTexts, num_classes: int, refine_with
     refine_without(the other folds' texts). Scored by centroids it pulled (and by the pool texts those drew in), a
     text would make the fit over-confident: leaving it out of its own centroid alone left the targets' ECE at
     0.02-0.25 on seven tasks, cross-fitted 0.03-0.17 (benchmarks/README.md, "A handful of labels")."""
-    folds = np.zeros(len(labeled.labels), dtype=np.int64)
-    for k in np.unique(labeled.labels):
-        rows = np.flatnonzero(labeled.labels == k)
-        folds[rows] = np.arange(len(rows)) % CROSS_FIT_FOLDS
+    folds = round_robin_folds(labeled.labels, CROSS_FIT_FOLDS)
     similarity = np.zeros((len(labeled.labels), num_classes), dtype=np.float32)
     for fold in range(CROSS_FIT_FOLDS):
         held = folds == fold
@@ -207,6 +218,15 @@ def cross_fitted_similarity(labeled: LabeledTexts, num_classes: int, refine_with
             without = refine_without(LabeledTexts(labeled.embeddings[~held], labeled.labels[~held]))
             similarity[held] = without.space(labeled.embeddings[held]) @ without.centroids.T
     return similarity
+
+
+def round_robin_folds(labels: np.ndarray, num_folds: int) -> np.ndarray:
+    """Each labeled text's fold: round robin within its class, in file order (deterministic, every fold balanced)."""
+    folds = np.zeros(len(labels), dtype=np.int64)
+    for k in np.unique(labels):
+        rows = np.flatnonzero(labels == k)
+        folds[rows] = np.arange(len(rows)) % num_folds
+    return folds
 
 
 def centered(embeddings: np.ndarray, center: np.ndarray) -> np.ndarray:
@@ -271,6 +291,7 @@ def refine(
     free_last_round: bool = True,
     labeled: LabeledTexts | None = None,
     density_weights: bool = True,
+    dev_bias: bool = True,
 ) -> tuple[np.ndarray, Refinement]:
     """Refined targets (N, K) float32 at `temperature` and the fitted Refinement. Deterministic: no randomness anywhere.
 
@@ -280,7 +301,9 @@ def refine(
     density_weights=False alone the release before's.
     With `labeled` texts (train_student.py --dev_file), every round's centroids are moved toward their classes'
     labeled texts (see anchored) and kappa is fitted on their labels instead of the teacher's, each labeled text
-    scored by a refinement that did not see it (cross_fitted_similarity: CROSS_FIT_FOLDS more refinements).
+    scored by a refinement that did not see it (cross_fitted_similarity: CROSS_FIT_FOLDS more refinements), and with
+    `dev_bias` each class's log prior may move by a bias fitted with kappa (choose_bias_std, fit_kappa_and_bias);
+    dev_bias=False gives the release before's.
     """
     settings = dict(center=center, free_last_round=free_last_round, density_weights=density_weights)
     refinement, teacher_prediction = rounds(
@@ -302,10 +325,19 @@ def refine(
             teacher_chunks, embedding_chunks, num_rows, num_classes, labeled=rest, **settings
         )[0]
         held_out = cross_fitted_similarity(labeled, num_classes, refine_without)
-        refinement.kappa = fit_kappa(held_out, refinement.log_priors, labeled.labels, lowest)
+        std = choose_bias_std(held_out, refinement.log_priors, labeled.labels, lowest) if dev_bias else None
+        if std is None:
+            refinement.kappa = fit_kappa(held_out, refinement.log_priors, labeled.labels, lowest)
+        else:
+            refinement.kappa, bias = fit_kappa_and_bias(held_out, refinement.log_priors, labeled.labels, lowest, std)
+            refinement.log_priors = (refinement.log_priors + bias).astype(np.float32)
+            refinement.dev_bias, refinement.dev_bias_std = [float(b) for b in bias], std
         log(
-            f"refinement confidence: kappa {refinement.kappa:.2f}, the most likely for the {len(labeled.labels)} dev "
-            f"labels (each scored by a refinement made without it, {CROSS_FIT_FOLDS} folds)"
+            f"refinement confidence: kappa {refinement.kappa:.2f}"
+            + (f" and log-prior biases {np.round(bias, 2).tolist()} (prior std {std:g})" if std else "")
+            + f", the most likely for the {len(labeled.labels)} dev labels (each scored by a refinement made without "
+            f"it, {CROSS_FIT_FOLDS} folds)"
+            + ("; no prior bias: none predicted held-out dev labels better" if dev_bias and std is None else "")
         )
     for start in range(0, num_rows, 65_536):  # what Refinement.posteriors computes, without reading embeddings again
         block = similarity[start : start + 65_536]
@@ -445,6 +477,61 @@ def fit_kappa(similarity: np.ndarray, log_priors: np.ndarray, labels: np.ndarray
         negative_log_likelihood, bounds=(np.log(lowest), np.log(KAPPA)), method="bounded", options={"xatol": 1e-4}
     )
     return float(np.exp(best.x))
+
+
+def fit_kappa_and_bias(
+    similarity: np.ndarray, log_priors: np.ndarray, labels: np.ndarray, lowest: float, std: float
+) -> tuple[float, np.ndarray]:
+    """fit_kappa on dev labels with a bias per class added to the log priors: the kappa in [lowest, KAPPA] and the
+    (K,) bias that maximise the likelihood of `labels` under softmax(kappa * similarity + log prior + bias) times a
+    Gaussian prior N(0, std^2) on each bias (on the summed likelihood: more labels weigh more). Few labeled texts: (n,
+    K) in memory."""
+    from scipy.optimize import minimize
+
+    similarity, log_priors = similarity.astype(np.float64), log_priors.astype(np.float64)
+    chosen = np.zeros_like(similarity)
+    chosen[np.arange(len(labels)), labels] = 1.0
+
+    def negative_log_posterior(params: np.ndarray) -> tuple[float, np.ndarray]:
+        kappa, bias = np.exp(params[0]), params[1:]
+        scores = kappa * similarity + log_priors + bias
+        log_norm = np.logaddexp.reduce(scores, axis=1)
+        residual = np.exp(scores - log_norm[:, None]) - chosen  # d(-log likelihood) / d scores
+        value = float((log_norm - (scores * chosen).sum(1)).sum() + (bias**2).sum() / (2 * std**2))
+        gradient = np.concatenate([[kappa * (residual * similarity).sum()], residual.sum(0) + bias / std**2])
+        return value, gradient
+
+    start = np.concatenate([[np.log(np.clip(10.0, lowest, KAPPA))], np.zeros(similarity.shape[1])])
+    bounds = [(np.log(lowest), np.log(KAPPA))] + [(None, None)] * similarity.shape[1]
+    best = minimize(negative_log_posterior, start, jac=True, method="L-BFGS-B", bounds=bounds)
+    return float(np.exp(best.x[0])), best.x[1:]
+
+
+def choose_bias_std(similarity: np.ndarray, log_priors: np.ndarray, labels: np.ndarray, lowest: float) -> float | None:
+    """The DEV_BIAS_STDS value, or None (no bias: fit_kappa alone), under which fits on the other folds give each fold
+    of the dev labels the highest likelihood; None wins a tie. Leave-one-out up to DEV_BIAS_MAX_FOLDS texts, beyond
+    that as many folds, each text's the next in turn over the classes (every class's first texts, then its second...).
+    `similarity`: the dev texts' cross-fitted cosines to the centroids."""
+    similarity, log_priors = similarity.astype(np.float64), log_priors.astype(np.float64)
+    num_folds = min(len(labels), DEV_BIAS_MAX_FOLDS)
+    within_class = round_robin_folds(labels, len(labels))  # each text's position among its class's texts
+    folds = np.empty(len(labels), dtype=np.int64)
+    folds[np.lexsort((labels, within_class))] = np.arange(len(labels)) % num_folds
+
+    def held_out_nll(std: float | None) -> float:
+        total = 0.0
+        for fold in range(num_folds):
+            held = folds == fold
+            if not held.any() or held.all():
+                continue
+            rest = (similarity[~held], log_priors, labels[~held], lowest)
+            kappa, bias = (fit_kappa(*rest), 0.0) if std is None else fit_kappa_and_bias(*rest, std)
+            scores = kappa * similarity[held] + log_priors + bias
+            total += float((np.logaddexp.reduce(scores, axis=1) - scores[np.arange(len(scores)), labels[held]]).sum())
+        return total
+
+    nll = {std: held_out_nll(std) for std in (None, *DEV_BIAS_STDS)}
+    return min(nll, key=nll.get)
 
 
 def embedding_fingerprint(manifest: dict) -> str | None:
