@@ -307,6 +307,11 @@ def test_dev_texts_join_refinement_and_the_student_is_calibrated_through_its_tar
     text = open(os.path.join(student, card.CARD_FILE)).read()
     assert "calibrated on 40 dev labels through its targets" in text and "these are optimistic" in text
     assert "centroids moved toward 40 labeled dev texts" in text
+    labeled = info["refinement"]["labeled_texts"]
+    assert info["refine_dev_bias"] and ("class priors corrected" in text) == bool(labeled["prior_bias"])
+    biased = {**info, "refinement": {**info["refinement"], "labeled_texts": {**labeled, "prior_bias": [0.5, -0.25]}}}
+    assert "class priors corrected by them (biases +0.50, -0.25)" in card.render(biased)
+    assert "refinement's confidence and class priors fitted on them" in card.calibration_text(biased)
 
     kept_out = train_student.main(
         cache=path,

@@ -50,6 +50,11 @@ def render(info: dict, evaluations: str = "") -> str:
             + (
                 f"; centroids moved toward {labeled['examples']} labeled dev texts, confidence fitted on their labels "
                 f"(cross-fitted), kappa {refinement['kappa']:.1f}"
+                + (
+                    f", class priors corrected by them (biases {', '.join(f'{b:+.2f}' for b in labeled['prior_bias'])})"
+                    if labeled.get("prior_bias")
+                    else ""
+                )
                 if labeled
                 else f"; confidence fitted to the teacher's labels, kappa {refinement['kappa']:.1f}"
                 if "rounds_kappa" in refinement
@@ -127,9 +132,11 @@ def calibration_text(info: dict) -> str:
     calibration = info.get("calibration") or {}
     fitted_on = calibration.get("fitted_on", "held-out targets" if calibration.get("applied") else None)
     if calibration.get("dev_in_targets") and fitted_on == "held-out targets":
+        labeled = (info.get("refinement") or {}).get("labeled_texts") or {}
         return (
             f"calibrated on {calibration['dev_examples']} dev labels through its targets (refinement's confidence "
-            f"fitted on them, cross-fitted; the student fitted to its targets on held-out rows)"
+            + ("and class priors " if labeled.get("prior_bias") else "")
+            + "fitted on them, cross-fitted; the student fitted to its targets on held-out rows)"
         )
     if fitted_on == "dev labels":
         return f"calibrated on {calibration['dev_examples']} dev labels (one temperature folded into the head)"
