@@ -147,19 +147,27 @@ def test_dev_texts_that_are_in_the_cache_are_not_trained_on(task, tmp_path):
 # ---------------------------------------------------------------- dev labels in refinement (--refine_with_dev)
 
 
+def clustered_texts(rng, directions: np.ndarray, counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Unit embeddings scattered around each class's direction (counts[k] of class k), and their labels."""
+    labels = np.repeat(np.arange(len(counts)), counts)
+    embeddings = directions[labels] + rng.normal(0, 1.0, size=(len(labels), directions.shape[1]))
+    return (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def sure_teacher(taught: np.ndarray, num_classes: int) -> np.ndarray:
+    """Posteriors of a teacher 0.9 sure of the `taught` class of every text."""
+    posteriors = np.full((len(taught), num_classes), 0.05, dtype=np.float32)
+    posteriors[np.arange(len(taught)), taught] = 0.9
+    return posteriors
+
+
 def confidently_wrong_task(seed: int = 0):
     """Three classes as clusters of unit embeddings, class 2's beside class 0's; the teacher puts class 2's texts in
     class 0, sure of it, so the embedding space alone keeps them there."""
-    rng = np.random.default_rng(seed)
     directions = np.zeros((3, 8))
     directions[0, 0], directions[1, 1], directions[2, 0], directions[2, 3] = 3.0, 3.0, 2.4, 1.8
-    labels = np.repeat(np.arange(3), 60)
-    embeddings = directions[labels] + rng.normal(0, 1.0, size=(len(labels), 8))
-    embeddings = (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)).astype(np.float32)
-    taught = np.where(labels == 2, 0, labels)
-    posteriors = np.full((len(labels), 3), 0.05, dtype=np.float32)
-    posteriors[np.arange(len(labels)), taught] = 0.9
-    return embeddings, labels, posteriors
+    embeddings, labels = clustered_texts(np.random.default_rng(seed), directions, [60, 60, 60])
+    return embeddings, labels, sure_teacher(np.where(labels == 2, 0, labels), 3)
 
 
 def test_dev_labels_give_back_a_class_the_teacher_is_confidently_wrong_about():
@@ -196,15 +204,11 @@ def generic_class_task(seed: int = 0):
     rng = np.random.default_rng(seed)
     directions = np.zeros((3, 8))
     directions[0, 0], directions[1, 1], directions[2, 2] = 3.0, 3.0, 1.2
-    labels = np.repeat(np.arange(3), [90, 90, 120])
-    embeddings = directions[labels] + rng.normal(0, 1.0, size=(len(labels), 8))
-    embeddings = (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)).astype(np.float32)
+    embeddings, labels = clustered_texts(rng, directions, [90, 90, 120])
     taught = labels.copy()
     moved = (labels == 2) & (rng.random(len(labels)) < 0.7)
     taught[moved] = rng.integers(0, 2, moved.sum())
-    posteriors = np.full((len(labels), 3), 0.05, dtype=np.float32)
-    posteriors[np.arange(len(labels)), taught] = 0.9
-    return embeddings, labels, posteriors
+    return embeddings, labels, sure_teacher(taught, 3)
 
 
 def test_dev_labels_correct_the_share_of_a_class_refinement_under_estimates():
