@@ -119,9 +119,7 @@ class Refinement:
     changed: list[float] = field(default_factory=list)  # fraction of predictions that moved, per round
     agreement_with_teacher: float = 0.0
     labeled_per_class: list[int] | None = None  # labeled dev texts that joined each class's centroid; None: none
-    dev_bias: list[float] | None = (
-        None  # what the dev labels added to each log prior (already in log_priors); None: none
-    )
+    dev_bias: list[float] | None = None  # what the dev labels added to each log prior (in log_priors); None: none
     dev_bias_std: float | None = None  # the bias's prior standard deviation chosen on the dev labels; None: no bias
 
     def space(self, embeddings: np.ndarray) -> np.ndarray:
@@ -459,6 +457,11 @@ def _inverse_density(
     return weights
 
 
+def summed_negative_log_likelihood(scores: np.ndarray, labels: np.ndarray) -> float:
+    """-sum log softmax(scores)[label], row by row: the loss every confidence fit here minimises."""
+    return float((np.logaddexp.reduce(scores, axis=1) - scores[np.arange(len(scores)), labels]).sum())
+
+
 def fit_kappa(similarity: np.ndarray, log_priors: np.ndarray, labels: np.ndarray, lowest: float = MIN_KAPPA) -> float:
     """The kappa in [lowest, KAPPA] that maximises the likelihood of `labels` (the teacher's predicted labels, or a
     dev set's) under softmax(kappa * similarity + log prior), similarity being each text's (n, K) cosines to the
@@ -469,8 +472,7 @@ def fit_kappa(similarity: np.ndarray, log_priors: np.ndarray, labels: np.ndarray
         total = 0.0
         for start in range(0, len(similarity), 65_536):  # chunked: a float64 copy of (N, K) would double the memory
             scores = np.exp(log_kappa) * similarity[start : start + 65_536].astype(np.float64) + log_priors
-            chosen = labels[start : start + len(scores)]
-            total += float((np.logaddexp.reduce(scores, axis=1) - scores[np.arange(len(scores)), chosen]).sum())
+            total += summed_negative_log_likelihood(scores, labels[start : start + len(scores)])
         return total / max(len(similarity), 1)
 
     best = minimize_scalar(
@@ -526,8 +528,7 @@ def choose_bias_std(similarity: np.ndarray, log_priors: np.ndarray, labels: np.n
                 continue
             rest = (similarity[~held], log_priors, labels[~held], lowest)
             kappa, bias = (fit_kappa(*rest), 0.0) if std is None else fit_kappa_and_bias(*rest, std)
-            scores = kappa * similarity[held] + log_priors + bias
-            total += float((np.logaddexp.reduce(scores, axis=1) - scores[np.arange(len(scores)), labels[held]]).sum())
+            total += summed_negative_log_likelihood(kappa * similarity[held] + log_priors + bias, labels[held])
         return total
 
     nll = {std: held_out_nll(std) for std in (None, *DEV_BIAS_STDS)}
