@@ -35,6 +35,7 @@ from zsdistill.targets import holdout_split
 INFO_FILE = card.INFO_FILE  # written last: a student directory without it is not finished
 BALANCE_METHOD = "class-balanced row sampling"
 MIN_BALANCED_PRIOR = 0.1  # balanced distillation upweights a class at most as if its share of the rows were 0.1 / K
+LENGTH_GROUP_BATCHES = 50  # group_by_length sorts this many batches at a time (transformers' LengthGroupedSampler's)
 # The new head starts from random values and the body from pretrained ones: at the body's usual rates (5e-5) the head
 # barely moves in 2 epochs and the student under-fits its targets, the rarer classes first (benchmarks/README.md).
 HEAD_LEARNING_RATE_FACTOR = 100.0
@@ -395,10 +396,13 @@ def scale_classifier(model, num_labels: int, factor: float) -> None:
 class CompactRandomSampler:
     """A random order of the training rows, new each epoch, without torch RandomSampler's Python list of every
     index (36 bytes a row; 4 here). Seeded by --seed and the epoch alone, so every rank of a torchrun job draws
-    the same order (as accelerate's seedable sampler does)."""
+    the same order (as accelerate's seedable sampler does). With `lengths` (--train_sampling_strategy
+    group_by_length) the order is cut into megabatches of LENGTH_GROUP_BATCHES batches, each sorted longest first,
+    as transformers' LengthGroupedSampler does: a batch pads to texts of about its own length."""
 
-    def __init__(self, num_rows: int, seed: int):
+    def __init__(self, num_rows: int, seed: int, lengths: np.ndarray | None = None, batch_size: int = 1):
         self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+        self.lengths, self.batch_size = lengths, batch_size
 
     def __len__(self) -> int:
         return self.num_rows
@@ -407,11 +411,32 @@ class CompactRandomSampler:
         self.epoch = epoch
 
     def __iter__(self):
+        order = self.draw()
+        if self.lengths is not None:
+            size = LENGTH_GROUP_BATCHES * self.batch_size
+            megabatches = np.split(order, range(size, len(order), size))
+            order = np.concatenate([m[np.argsort(-self.lengths[m], kind="stable")] for m in megabatches])
+        yield from map(int, order)
+
+    def draw(self) -> np.ndarray:
         import torch
 
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
-        yield from map(int, torch.randperm(self.num_rows, generator=generator).numpy().astype(np.int32))
+        return torch.randperm(self.num_rows, generator=generator).numpy().astype(np.int32)
+
+
+class BalancedRandomSampler(CompactRandomSampler):
+    """len(weights) draws with replacement, row i with probability weights[i] / sum(weights); new each epoch,
+    seeded by --seed and the epoch alone (every rank draws the same rows)."""
+
+    def __init__(self, weights: np.ndarray, seed: int, lengths: np.ndarray | None = None, batch_size: int = 1):
+        super().__init__(len(weights), seed, lengths, batch_size)
+        self.probabilities = weights / weights.sum()
+
+    def draw(self) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        return rng.choice(self.num_rows, size=self.num_rows, p=self.probabilities).astype(np.int32)
 
 
 def class_balanced_weights(soft_targets: np.ndarray, rows: np.ndarray, power: float = 1.0) -> np.ndarray:
@@ -434,21 +459,6 @@ def class_balanced_weights(soft_targets: np.ndarray, rows: np.ndarray, power: fl
     return weights / weights.mean()
 
 
-class BalancedRandomSampler(CompactRandomSampler):
-    """len(weights) draws with replacement, row i with probability weights[i] / sum(weights); new each epoch,
-    seeded by --seed and the epoch alone (every rank draws the same rows)."""
-
-    def __init__(self, weights: np.ndarray, seed: int):
-        super().__init__(len(weights), seed)
-        self.probabilities = weights / weights.sum()
-
-    def __iter__(self):
-        draws = np.random.default_rng([self.seed, self.epoch]).choice(
-            self.num_rows, size=self.num_rows, p=self.probabilities
-        )
-        yield from map(int, draws.astype(np.int32))
-
-
 class RowSubset:
     """Rows `rows` of the (memory-mapped) tokenized texts with their targets, a map-style dataset for the Trainer."""
 
@@ -461,6 +471,13 @@ class RowSubset:
     def __getitem__(self, i: int) -> dict:
         row = int(self.rows[i])
         return {**self.tokenized[row], "labels": np.array(self.soft_targets[row])}
+
+    def lengths(self) -> np.ndarray:
+        """Tokens of each row's text, read from the Arrow column's offsets (no token is copied)."""
+        import pyarrow.compute as pc
+
+        column = self.tokenized.data.column("input_ids")
+        return pc.list_value_length(column).to_numpy(zero_copy_only=False)[self.rows]
 
 
 def held_out_dataset(tokenized_files: list[str], shards: list[dict], rows: np.ndarray, holdout_targets: np.ndarray):
@@ -672,13 +689,24 @@ class DistillationTrainer(Trainer):
         return optimizer
 
     def _get_train_sampler(self, train_dataset=None):
-        if self.args.train_sampling_strategy != "random":
+        strategy = self.args.train_sampling_strategy
+        train_dataset = self.train_dataset if train_dataset is None else train_dataset
+        if strategy not in ("random", "group_by_length"):
             return super()._get_train_sampler(train_dataset)
+        # group_by_length keeps the rows drawn (balanced or not) and only orders them, so batches pad less.
+        grouped = strategy == "group_by_length"
+        lengths = train_dataset.lengths() if grouped else None
+        batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps
         if self.sample_weights is not None:
-            return BalancedRandomSampler(self.sample_weights, self.args.seed)
-        return CompactRandomSampler(
-            len(train_dataset if train_dataset is not None else self.train_dataset), self.args.seed
-        )
+            return BalancedRandomSampler(self.sample_weights, self.args.seed, lengths, batch_size)
+        return CompactRandomSampler(len(train_dataset), self.args.seed, lengths, batch_size)
+
+    def _get_eval_sampler(self, eval_dataset):
+        # Rows in their order whatever the training order (transformers groups these by length too under
+        # group_by_length): calibration and the dev metrics match predictions to their rows' targets.
+        import torch
+
+        return torch.utils.data.SequentialSampler(eval_dataset) if self.args.world_size <= 1 else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         import torch

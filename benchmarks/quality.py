@@ -18,13 +18,14 @@ teacher (real weights, offline):
               labeled by the entry's subject tag (language, networking, the generic programming, ...);
               `artificial intelligence` is 0.7% of the texts
 The three others use the default template `This example is {}.`: nothing is chosen per task. Stage 2 runs as a user
-runs it (train_student.py, defaults plus the demo's training flags), stage 3 (evaluate.py) scores it; labels are
-read only by evaluate.py. Per task the table gives accuracy, macro-F1, ECE and the lowest per-class recall of the
-raw teacher, the refined targets (the refinement fitted on the pool, applied to the test set) and each student,
-and the checks: the student's macro-F1 gain over the raw teacher's; the classes it loses against the teacher (issue
-26: a class with 10 or more test texts and teacher recall 0.3 or more, at under 70% of that recall in the student)
-and against its targets (issue 18, the same rule with the targets' recall). `--reuse_reports` rebuilds the tables
-from the reports already under work_dir and trains only the students that have none.
+runs it (train_student.py, defaults plus the demo's training flags, but for its batches grouped by length, so the
+figures stay comparable with those before: add --student_args="--train_sampling_strategy group_by_length"), stage 3
+(evaluate.py) scores it; labels are read only by evaluate.py. Per task the table gives accuracy, macro-F1, ECE and the
+lowest per-class recall of the raw teacher, the refined targets (the refinement fitted on the pool, applied to the
+test set) and each student, and the checks: the student's macro-F1 gain over the raw teacher's; the classes it loses
+against the teacher (issue 26: a class with 10 or more test texts and teacher recall 0.3 or more, at under 70% of that
+recall in the student) and against its targets (issue 18, the same rule with the targets' recall). `--reuse_reports`
+rebuilds the tables from the reports already under work_dir and trains only the students that have none.
 """
 
 import json

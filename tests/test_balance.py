@@ -82,6 +82,78 @@ def test_balanced_sampler_draws_the_small_class_as_often_as_the_others_and_is_se
     assert first != list(sampler)
 
 
+def padded_tokens(order: list[int], lengths: np.ndarray, batch_size: int) -> int:
+    batches = [lengths[order[i : i + batch_size]] for i in range(0, len(order), batch_size)]
+    return sum(len(b) * b.max() for b in batches)
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_group_by_length_reorders_the_same_draws_so_batches_pad_less(balanced):
+    """--train_sampling_strategy group_by_length keeps the rows the sampler draws (balanced distillation's draws
+    included) and sorts each megabatch of 50 batches longest first, as transformers' LengthGroupedSampler does."""
+    rng = np.random.default_rng(0)
+    lengths, batch_size = rng.integers(3, 60, size=2_000), 8
+    weights = np.where(np.arange(2_000) < 200, 9.0, 1.0)
+    make = (
+        (lambda lengths: train_student.BalancedRandomSampler(weights, 4, lengths, batch_size))
+        if balanced
+        else (lambda lengths: train_student.CompactRandomSampler(2_000, 4, lengths, batch_size))
+    )
+    plain, grouped = list(make(None)), list(make(lengths))
+    assert sorted(plain) == sorted(grouped) and plain != grouped
+    megabatch = train_student.LENGTH_GROUP_BATCHES * batch_size
+    for start in range(0, 2_000, megabatch):
+        assert grouped[start : start + megabatch] == sorted(
+            plain[start : start + megabatch], key=lambda row: -lengths[row]
+        )
+    assert padded_tokens(grouped, lengths, batch_size) < 0.7 * padded_tokens(plain, lengths, batch_size)
+    sampler = make(lengths)
+    sampler.set_epoch(1)
+    assert list(sampler) != grouped
+
+
+def test_group_by_length_reaches_the_balanced_sampler_with_the_texts_token_counts(tmp_path):
+    """The Trainer's flag keeps balanced distillation (transformers' own LengthGroupedSampler would draw every row
+    once), the lengths are the student's tokens of each training row's text, and evaluation keeps the rows' order."""
+    texts, names, labels, columns = imbalanced_keyword_task([0.9, 0.1], 60)
+    path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, names, columns)
+    base = make_student_base(str(tmp_path / "base"))
+    seen = {}
+
+    class Recording(train_student.DistillationTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            seen["sampler"] = super()._get_train_sampler(train_dataset)
+            seen["rows"] = (train_dataset or self.train_dataset).rows
+            seen["eval_order"] = list(self._get_eval_sampler(self.train_dataset))
+            return seen["sampler"]
+
+    original = train_student.DistillationTrainer
+    train_student.DistillationTrainer = Recording
+    try:
+        train_student.main(
+            cache=path,
+            output_dir=str(tmp_path / "student"),
+            student_name_or_path=base,
+            train_sampling_strategy="group_by_length",
+            max_steps=1,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=2,
+            use_cpu=True,
+            save_strategy="no",
+            disable_tqdm=True,
+        )
+    finally:
+        train_student.DistillationTrainer = original
+    sampler = seen["sampler"]
+    assert type(sampler) is train_student.BalancedRandomSampler and sampler.batch_size == 8
+    from transformers import AutoTokenizer
+
+    tokens = AutoTokenizer.from_pretrained(base)([texts[row] for row in seen["rows"]], truncation=True)["input_ids"]
+    assert sampler.lengths.tolist() == [len(ids) for ids in tokens]
+    # Predictions (calibration, dev metrics) come back in row order: transformers' own eval sampler would group them.
+    assert seen["eval_order"] == list(range(len(seen["rows"])))
+
+
 def test_nobalance_draws_every_row_once_in_the_order_of_before(tmp_path):
     """--nobalance is the old sampler: a permutation seeded by --seed + epoch, exactly as before balancing existed."""
     texts, names, _, columns = imbalanced_keyword_task([0.9, 0.1], 40)
