@@ -112,58 +112,18 @@ def test_group_by_length_reorders_the_same_draws_so_batches_pad_less(balanced):
     assert list(sampler) != grouped
 
 
-def test_group_by_length_reaches_the_balanced_sampler_with_the_texts_token_counts(tmp_path):
-    """The Trainer's flag keeps balanced distillation (transformers' own LengthGroupedSampler would draw every row
-    once), the lengths are the student's tokens of each training row's text, and evaluation keeps the rows' order."""
-    texts, names, labels, columns = imbalanced_keyword_task([0.9, 0.1], 60)
+def train_one_step_recording_the_sampler(tmp_path, num_examples: int, **options) -> tuple[dict, list[str], str]:
+    """One training step on a toy cache (90% / 10% classes) with the Trainer's samplers recorded: (what was seen,
+    the cache's texts, the student's output directory)."""
+    texts, names, _, columns = imbalanced_keyword_task([0.9, 0.1], num_examples)
     path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, names, columns)
-    base = make_student_base(str(tmp_path / "base"))
-    seen = {}
+    seen = {"base": make_student_base(str(tmp_path / "base"))}
 
     class Recording(train_student.DistillationTrainer):
         def _get_train_sampler(self, train_dataset=None):
             seen["sampler"] = super()._get_train_sampler(train_dataset)
-            seen["rows"] = (train_dataset or self.train_dataset).rows
+            seen["rows"] = self.train_dataset.rows
             seen["eval_order"] = list(self._get_eval_sampler(self.train_dataset))
-            return seen["sampler"]
-
-    original = train_student.DistillationTrainer
-    train_student.DistillationTrainer = Recording
-    try:
-        train_student.main(
-            cache=path,
-            output_dir=str(tmp_path / "student"),
-            student_name_or_path=base,
-            train_sampling_strategy="group_by_length",
-            max_steps=1,
-            per_device_train_batch_size=4,
-            gradient_accumulation_steps=2,
-            use_cpu=True,
-            save_strategy="no",
-            disable_tqdm=True,
-        )
-    finally:
-        train_student.DistillationTrainer = original
-    sampler = seen["sampler"]
-    assert type(sampler) is train_student.BalancedRandomSampler and sampler.batch_size == 8
-    from transformers import AutoTokenizer
-
-    tokens = AutoTokenizer.from_pretrained(base)([texts[row] for row in seen["rows"]], truncation=True)["input_ids"]
-    assert sampler.lengths.tolist() == [len(ids) for ids in tokens]
-    # Predictions (calibration, dev metrics) come back in row order: transformers' own eval sampler would group them.
-    assert seen["eval_order"] == list(range(len(seen["rows"])))
-
-
-def test_nobalance_draws_every_row_once_in_the_order_of_before(tmp_path):
-    """--nobalance is the old sampler: a permutation seeded by --seed + epoch, exactly as before balancing existed."""
-    texts, names, _, columns = imbalanced_keyword_task([0.9, 0.1], 40)
-    path = write_toy_cache(str(tmp_path / "cache" / "toy"), texts, names, columns)
-    base = make_student_base(str(tmp_path / "base"))
-    seen = {}
-
-    class Recording(train_student.DistillationTrainer):
-        def _get_train_sampler(self, train_dataset=None):
-            seen["sampler"] = super()._get_train_sampler(train_dataset)
             return seen["sampler"]
 
     original = train_student.DistillationTrainer
@@ -172,17 +132,39 @@ def test_nobalance_draws_every_row_once_in_the_order_of_before(tmp_path):
         output = train_student.main(
             cache=path,
             output_dir=str(tmp_path / "student"),
-            student_name_or_path=base,
-            balance=False,
+            student_name_or_path=seen["base"],
             max_steps=1,
             per_device_train_batch_size=4,
             use_cpu=True,
             save_strategy="no",
             disable_tqdm=True,
-            seed=5,
+            **options,
         )
     finally:
         train_student.DistillationTrainer = original
+    return seen, texts, output
+
+
+def test_group_by_length_reaches_the_balanced_sampler_with_the_texts_token_counts(tmp_path):
+    """The Trainer's flag keeps balanced distillation (transformers' own LengthGroupedSampler would draw every row
+    once), the lengths are the student's tokens of each training row's text, and evaluation keeps the rows' order."""
+    seen, texts, _ = train_one_step_recording_the_sampler(
+        tmp_path, 60, train_sampling_strategy="group_by_length", gradient_accumulation_steps=2
+    )
+    sampler = seen["sampler"]
+    assert type(sampler) is train_student.BalancedRandomSampler and sampler.batch_size == 8
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(seen["base"])
+    tokens = tokenizer([texts[row] for row in seen["rows"]], truncation=True)["input_ids"]
+    assert sampler.lengths.tolist() == [len(ids) for ids in tokens]
+    # Predictions (calibration, dev metrics) come back in row order: transformers' own eval sampler would group them.
+    assert seen["eval_order"] == list(range(len(seen["rows"])))
+
+
+def test_nobalance_draws_every_row_once_in_the_order_of_before(tmp_path):
+    """--nobalance is the old sampler: a permutation seeded by --seed + epoch, exactly as before balancing existed."""
+    seen, _, output = train_one_step_recording_the_sampler(tmp_path, 40, balance=False, seed=5)
     sampler = seen["sampler"]
     assert type(sampler) is train_student.CompactRandomSampler
     generator = torch.Generator()
