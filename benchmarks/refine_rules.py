@@ -9,7 +9,8 @@ accuracy / macro-F1 / ECE on the test labels, and the classes lost against the r
 teacher recall 0.3+, refined recall under 70% of it: issue 26's rule). Rows:
   - the default (zsdistill/refine.py) and label-free rules tried against issue 26's lost classes, each applied to
     the default's scores: the teacher's log posteriors added (a product of experts), the teacher's posteriors mixed
-    in, a per-class bias that keeps every class at least half its teacher share on the pool;
+    in, a per-class bias that keeps every class at least half its teacher share on the pool, each class's prior
+    held at least at the teacher's mean posterior on the pool (the same kappa);
   - with k dev labels a class, and as many drawn at random (the data's class shares), benchmarks/quality.py's draws
     (outside the test set, and outside the pool where the task has enough labeled texts), embedded by the cache's
     embedding model as train_student.py does, through refine(labeled=...): centroids moved toward them, kappa fitted
@@ -109,6 +110,12 @@ def share_floor(log_scores: np.ndarray, teacher: np.ndarray, floor: float) -> np
         margins = np.sort((log_scores + bias).max(1) - (log_scores[:, c] + bias[c]))
         bias[c] += margins[min(int(np.ceil(floor * teacher_share[c] * n)), n) - 1] + 1e-6
     return bias
+
+
+def prior_floor(log_priors: np.ndarray, teacher: np.ndarray) -> np.ndarray:
+    """Refinement's log priors with each class's prior raised to at least the teacher's mean posterior, renormalised."""
+    priors = np.maximum(np.exp(log_priors.astype(np.float64)), teacher.mean(0))
+    return np.log(priors / priors.sum()).astype(np.float32)
 
 
 def dev_draw(task: dict, per_class: int, seed: int, at_random: bool = False) -> refine.LabeledTexts:
@@ -264,6 +271,8 @@ def main(
         pool_scores = default.log_scores(task["pool"]["embeddings"]).astype(np.float64)
         bias = share_floor(pool_scores, task["pool"]["teacher"], 0.5)
         rows.append(("every class at least half its teacher share (pool)", refine.softmax_rows(scores + bias)))
+        floored = dataclasses.replace(default, log_priors=prior_floor(default.log_priors, task["pool"]["teacher"]))
+        rows.append(("every class's prior at least the teacher's (pool)", on_test_set(task, floored)))
         for k in quality.as_list(dev_per_class, int):
             for seed in quality.as_list(seeds, int):
                 draw = dev_draw(task, k, seed)
