@@ -74,6 +74,12 @@ class StudentOptions:
         "dense clump of alike texts does not take a class over; --norefine_density_weights gives the previous "
         "release's refinement.",
     )
+    refine_prior_floor: bool = option(
+        True,
+        "without --dev_file: hold each class's refined prior at least at the smaller of the teacher's and 0.4 of a "
+        "uniform share (default), so refinement does not starve a small class the teacher finds; "
+        "--norefine_prior_floor gives the previous release's refinement.",
+    )
     adapt_rounds: int = option(
         0,
         "rounds of adaptation before refining (default 0: none): fine-tune the cache's embedding model on "
@@ -164,6 +170,7 @@ class StudentOptions:
         self.refine, self.refine_center = bool(self.refine), bool(self.refine_center)
         self.refine_free_last_round = bool(self.refine_free_last_round)
         self.refine_density_weights = bool(self.refine_density_weights)
+        self.refine_prior_floor = bool(self.refine_prior_floor)
         self.refine_with_dev = bool(self.refine_with_dev)
         self.refine_dev_bias = bool(self.refine_dev_bias)
         try:
@@ -258,6 +265,7 @@ def build_targets(
     dev: tuple[list[str], np.ndarray] | None = None,
     refine_density_weights: bool = True,
     refine_dev_bias: bool = True,
+    refine_prior_floor: bool = True,
 ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record.
     With `dev` (texts, class indices), refinement moves its centroids toward them and fits its confidence on them."""
@@ -328,6 +336,7 @@ def build_targets(
         labeled=labeled,
         density_weights=refine_density_weights,
         dev_bias=refine_dev_bias,
+        prior_floor=refine_prior_floor,
     )
     info = {**refinement.settings(), "embedding_fingerprint": fingerprint, "seconds": round(time.time() - started, 3)}
     if adapted:
@@ -891,6 +900,7 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
             refine_center=options.refine_center,
             refine_free_last_round=options.refine_free_last_round,
             refine_density_weights=options.refine_density_weights,
+            refine_prior_floor=options.refine_prior_floor,
         )
     built = build_targets(
         options.cache,
@@ -904,6 +914,7 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
         dev if options.refine_with_dev and not options.multi_label else None,
         options.refine_density_weights,
         options.refine_dev_bias,
+        options.refine_prior_floor,
     )
     log(f"targets built in {time.time() - started:.1f}s")
     return built

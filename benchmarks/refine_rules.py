@@ -7,10 +7,11 @@
 Per task: the refinement fitted on the unlabeled pool, applied to the test set (what the student is taught);
 accuracy / macro-F1 / ECE on the test labels, and the classes lost against the raw teacher (10+ test texts,
 teacher recall 0.3+, refined recall under 70% of it: issue 26's rule). Rows:
-  - the default (zsdistill/refine.py) and label-free rules tried against issue 26's lost classes, each applied to
-    the default's scores: the teacher's log posteriors added (a product of experts), the teacher's posteriors mixed
-    in, a per-class bias that keeps every class at least half its teacher share on the pool, each class's prior
-    held at least at the teacher's mean posterior on the pool (the same kappa);
+  - the default (zsdistill/refine.py), the releases before it (no prior floor; no density weights either), and
+    label-free rules tried against issue 26's lost classes, each applied to the default's scores: the teacher's log
+    posteriors added (a product of experts), the teacher's posteriors mixed in, a per-class bias that keeps every
+    class at least half its teacher share on the pool, each class's prior held at least at the teacher's mean
+    posterior on the pool (the same kappa);
   - with k dev labels a class, and as many drawn at random (the data's class shares), benchmarks/quality.py's draws
     (outside the test set, and outside the pool where the task has enough labeled texts), embedded by the cache's
     embedding model as train_student.py does, through refine(labeled=...): centroids moved toward them, kappa fitted
@@ -252,7 +253,7 @@ def main(
     adds, under each draw of k a class, its confidence re-fitted to the estimated class shares (label_shift_rows)."""
     if density_scales:
         return density_sweep(quality.as_list(tasks, str), quality.as_list(density_scales, float), subsamples, work_dir)
-    before = dict(density_weights=False)
+    before = dict(density_weights=False, prior_floor=False)
     for name in quality.as_list(tasks, str):
         task = load_task(name, work_dir)
         test, teacher = task["test"], task["test"]["teacher"]
@@ -261,7 +262,11 @@ def main(
         rows = [
             ("raw teacher", teacher),
             ("refined, the default", refine.softmax_rows(scores.copy())),
-            ("refined without density weights (the release before)", on_test_set(task, fitted(task, **before))),
+            (
+                "refined without the prior floor (the release before)",
+                on_test_set(task, fitted(task, prior_floor=False)),
+            ),
+            ("... nor density weights (two releases before)", on_test_set(task, fitted(task, **before))),
             (
                 "+ 0.5 x the teacher's log posteriors",
                 refine.softmax_rows(scores + 0.5 * np.log(np.clip(teacher, 1e-12, 1))),

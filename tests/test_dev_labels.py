@@ -315,6 +315,10 @@ def test_dev_texts_join_refinement_and_the_student_is_calibrated_through_its_tar
     assert info["refine_dev_bias"] and ("class priors corrected" in text) == bool(labeled["prior_bias"])
     biased = {**info, "refinement": {**info["refinement"], "labeled_texts": {**labeled, "prior_bias": [0.5, -0.25]}}}
     assert "class priors corrected by them (biases +0.50, -0.25)" in card.render(biased)
+    # With dev labels their prior bias sets the priors: no floor, and the card does not claim one.
+    assert info["refinement"]["prior_floor"] is None and "prior under the smaller" not in text
+    floored = {**info, "refinement": {**info["refinement"], "labeled_texts": None, "prior_floor": 0.4}}
+    assert "no class's prior under the smaller of the teacher's and 0.4 / K" in card.render(floored)
     assert "refinement's confidence and class priors fitted on them" in card.calibration_text(biased)
 
     kept_out = train_student.main(

@@ -466,7 +466,7 @@ def test_refinement_before_centring_is_reachable_and_unchanged(tmp_path):
     before: its targets on the sink task, as it wrote them."""
     embeddings, teacher, _ = sink_task()
     targets_, refinement = refine_arrays(
-        teacher, embeddings, center=False, free_last_round=False, density_weights=False
+        teacher, embeddings, center=False, free_last_round=False, density_weights=False, prior_floor=False
     )
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_before_centering.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
@@ -506,11 +506,13 @@ def test_norefine_center_flag_reaches_the_refinement(tmp_path):
         refine_center=False,
         refine_free_last_round=False,
         refine_density_weights=False,
+        refine_prior_floor=False,
     )
     assert info["center"] is True and plain_info["center"] is False and not np.array_equal(centred, plain)
     assert info["free_last_round"] is True and plain_info["free_last_round"] is False
     assert info["density_weights"] is True and plain_info["density_weights"] is False
     assert info["density_scale"] == refine.DENSITY_SCALE and plain_info["density_scale"] is None
+    assert plain_info["prior_floor"] is None and info["prior_floor"] == refine.PRIOR_FLOOR
 
 
 def test_the_last_round_drops_the_anchor_and_only_the_last():
@@ -532,7 +534,7 @@ def test_without_density_weights_the_refinement_is_the_release_befores():
     """--norefine_density_weights (and no --dev_file) give the release before's refinement, as it wrote its targets on
     the sink task (dev labels only ever enter through `labeled`)."""
     embeddings, teacher, _ = sink_task()
-    targets_, refinement = refine_arrays(teacher, embeddings, density_weights=False)
+    targets_, refinement = refine_arrays(teacher, embeddings, density_weights=False, prior_floor=False)
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_dev_labels.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
         np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
@@ -589,3 +591,60 @@ def test_density_weights_do_not_depend_on_chunks_and_sample_large_classes(monkey
     sampled, sampled_refinement = refine_arrays(teacher, embeddings)
     assert 0.0 < np.abs(sampled_refinement.centroids - whole_refinement.centroids).max() < 0.1
     assert recall(sampled.argmax(1), labels, 0) >= 0.9
+
+
+def small_class_task(seed: int = 0, width: int = 32):
+    """Three classes of 300 texts around their own directions and a small one (index 3, 24 texts, 2.6%) spread thin,
+    as foldoc-12's `artificial intelligence` (neural networks, expert systems, the Turing test). The teacher finds
+    most of each class, the small one included, and over-predicts it. Returns embeddings, teacher posteriors, labels."""
+    rng = np.random.default_rng(seed)
+    directions = np.linalg.qr(rng.normal(size=(width, width)))[0][:4]
+
+    def around(direction: np.ndarray, n: int, spread: float) -> np.ndarray:
+        x = direction + spread * rng.normal(size=(n, width)) / np.sqrt(width)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    parts = [(around(directions[k], 300, 1.0), k) for k in range(3)] + [(around(directions[3], 24, 1.4), 3)]
+    embeddings = np.concatenate([part for part, _ in parts]).astype(np.float32)
+    labels = np.concatenate([np.full(len(part), k) for part, k in parts])
+    scores = rng.normal(0, 0.5, size=(len(labels), 4))
+    scores[np.arange(len(labels)), labels] += 1.0
+    teacher = np.exp(2 * scores)
+    return embeddings, (teacher / teacher.sum(1, keepdims=True)).astype(np.float32), labels
+
+
+def test_the_prior_floor_keeps_a_small_class_the_teacher_finds():
+    """Re-estimated from the rounds' own predictions, the small class's prior falls to about its kept texts' share and
+    its texts go to the large classes; held at least at min(the teacher's prior, PRIOR_FLOOR / K) they are kept, and
+    a class above its floor is left as it was."""
+    embeddings, teacher, labels = small_class_task()
+    taught = teacher.argmax(1)
+    before, unfloored = refine_arrays(teacher, embeddings, prior_floor=False)
+    after, refinement = refine_arrays(teacher, embeddings)
+    assert recall(taught, labels, 3) >= 0.8
+    assert recall(before.argmax(1), labels, 3) < 0.1 and np.exp(unfloored.log_priors[3]) < 0.03
+    assert recall(after.argmax(1), labels, 3) >= 0.7 * recall(taught, labels, 3)
+    assert (after.argmax(1) == labels).mean() > (before.argmax(1) == labels).mean()
+    floor = min(teacher[:, 3].mean(), refine.PRIOR_FLOOR / 4)
+    assert np.exp(refinement.log_priors[3]) == pytest.approx(floor / (1 - np.exp(unfloored.log_priors[3]) + floor))
+    assert refinement.settings()["prior_floor"] == refine.PRIOR_FLOOR and unfloored.settings()["prior_floor"] is None
+    # No class under its floor: the priors are refinement's own, bit for bit.
+    log_priors = np.log(np.array([0.4, 0.3, 0.17, 0.13], dtype=np.float32))  # all above PRIOR_FLOOR / 4
+    assert refine.floored_priors(log_priors, np.full(4, 0.25)) is log_priors
+
+
+def test_without_the_prior_floor_the_refinement_is_the_release_befores():
+    """--norefine_prior_floor gives the release before's refinement, as it wrote its targets on the small-class task;
+    with dev labels the floor is never applied (their prior bias decides)."""
+    embeddings, teacher, labels = small_class_task()
+    targets_, refinement = refine_arrays(teacher, embeddings, prior_floor=False)
+    with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_prior_floor.npz")) as before:
+        assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
+        np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
+        np.testing.assert_allclose(refinement.log_priors, before["log_priors"], atol=1e-6)
+        assert abs(refinement.kappa - float(before["kappa"])) < 1e-4
+    dev = np.concatenate([np.flatnonzero(labels == k)[:4] for k in range(4)])
+    labeled = refine.LabeledTexts(embeddings[dev], labels[dev])
+    with_dev, fitted = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False)
+    plain, _ = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False, prior_floor=False)
+    assert fitted.prior_floor is False and np.array_equal(with_dev, plain)

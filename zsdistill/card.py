@@ -61,6 +61,11 @@ def render(info: dict, evaluations: str = "") -> str:
                 else ""
             )
             + ("; embeddings centred on the corpus mean" if refinement.get("center") else "")
+            + (
+                f"; no class's prior under the smaller of the teacher's and {refinement['prior_floor']:g} / K"
+                if refinement.get("prior_floor")
+                else ""
+            )
             + ")"
         )
     else:

@@ -15,6 +15,8 @@ Gera et al. 2022):
         centroid_k = normalised weighted mean embedding of the kept rows, each weighted 1 / its density among them
                      (--norefine_density_weights: all 1); prior_k = mean of P[:, k]
         P = softmax_k(KAPPA * <x, centroid_k> + log prior_k)
+    then, once: prior_k = max(prior_k, min(mean of the teacher's P[:, k], PRIOR_FLOOR / K)), renormalised
+                (--norefine_prior_floor skips it; with dev labels their prior bias does this job)
     then, once: kappa = the value in [MIN_KAPPA(_CENTERED), KAPPA] under which
                 softmax_k(kappa * <x, centroid_k> + log prior_k) gives the teacher's own labels the highest
                 likelihood; the targets are made with it
@@ -95,6 +97,13 @@ DEV_BIAS_MAX_FOLDS = 100
 # exp(DENSITY_SCALE * (cosine - 1)) over them (itself counts 1): a clump of near-alike texts counts about as one text.
 # Measured at 5, 6.5 and 8 on 70% subsamples of seven tasks' pools, all better than none (benchmarks/README.md).
 DENSITY_SCALE = 6.5
+# Label-free, each class's final prior is at least the smaller of the teacher's prior for it (its mean posterior over
+# the corpus) and PRIOR_FLOOR / K (then renormalised). The rounds re-estimate each prior from their own predictions, so
+# a class whose kept texts are few and diverse loses share every round until its right texts score second (foldoc-12's
+# `artificial intelligence`: teacher 3.2%, refined 0.75%). A class above PRIOR_FLOOR / K is never touched, so one the
+# teacher over-predicts may still shrink that far. 0.4 chosen among 0.25-1 on 70% subsamples of seven tasks' pools
+# (benchmarks/README.md, "A floor under small classes' priors").
+PRIOR_FLOOR = 0.4
 DENSITY_REFERENCE_ROWS = 1000  # a class with more kept texts: its density is estimated on this many of them
 DENSITY_REFERENCE_TOTAL = 16_000  # and on fewer with many classes: (at most this many, H) float32 held per round
 FILE = "refinement.npz"  # in the student directory: lets evaluate.py show the refined teacher on a test cache
@@ -121,6 +130,7 @@ class Refinement:
     labeled_per_class: list[int] | None = None  # labeled dev texts that joined each class's centroid; None: none
     dev_bias: list[float] | None = None  # what the dev labels added to each log prior (in log_priors); None: none
     dev_bias_std: float | None = None  # the bias's prior standard deviation chosen on the dev labels; None: no bias
+    prior_floor: bool = False  # whether the final priors were held up to floored_priors' floor
 
     def space(self, embeddings: np.ndarray) -> np.ndarray:
         """The embeddings as refinement compares them: centred on the corpus mean and normalised, if it centres."""
@@ -152,6 +162,7 @@ class Refinement:
             "free_last_round": self.free_last_round,
             "density_weights": self.density_weights,
             "density_scale": DENSITY_SCALE if self.density_weights else None,
+            "prior_floor": PRIOR_FLOOR if self.prior_floor else None,
             "kappa": round(float(self.kappa), 6),
             "rounds_kappa": KAPPA,
             "keep_fraction": self.keep_fraction,
@@ -290,6 +301,7 @@ def refine(
     labeled: LabeledTexts | None = None,
     density_weights: bool = True,
     dev_bias: bool = True,
+    prior_floor: bool = True,
 ) -> tuple[np.ndarray, Refinement]:
     """Refined targets (N, K) float32 at `temperature` and the fitted Refinement. Deterministic: no randomness anywhere.
 
@@ -301,7 +313,9 @@ def refine(
     labeled texts (see anchored) and kappa is fitted on their labels instead of the teacher's, each labeled text
     scored by a refinement that did not see it (cross_fitted_similarity: CROSS_FIT_FOLDS more refinements), and with
     `dev_bias` each class's log prior may move by a bias fitted with kappa (choose_bias_std, fit_kappa_and_bias);
-    dev_bias=False gives the release before's.
+    dev_bias=False gives the release before's. Without `labeled` texts and with `prior_floor` each class's final prior
+    is held up to floored_priors' floor (the dev labels' prior bias does this job where there are labels);
+    prior_floor=False gives the release before's.
     """
     settings = dict(center=center, free_last_round=free_last_round, density_weights=density_weights)
     refinement, teacher_prediction = rounds(
@@ -312,6 +326,9 @@ def refine(
     similarity = np.empty((num_rows, num_classes), dtype=np.float32)
     for start, chunk in embedding_chunks():
         similarity[start : start + len(chunk)] = refinement.space(chunk) @ refinement.centroids.T
+    if labeled is None and prior_floor:
+        teacher_prior = _summaries(teacher_chunks(), num_rows, num_classes)[2]
+        refinement.log_priors, refinement.prior_floor = floored_priors(refinement.log_priors, teacher_prior), True
     if labeled is None:
         refinement.kappa = fit_kappa(similarity, refinement.log_priors, teacher_prediction, lowest)
         log(
@@ -341,6 +358,16 @@ def refine(
         block = similarity[start : start + 65_536]
         block[:] = softmax_rows((refinement.kappa * block + refinement.log_priors).astype(np.float32) / temperature)
     return similarity, refinement
+
+
+def floored_priors(log_priors: np.ndarray, teacher_prior: np.ndarray) -> np.ndarray:
+    """Log priors with each class's prior raised to at least min(its teacher prior, PRIOR_FLOOR / K), renormalised;
+    unchanged where no class is under its floor."""
+    priors, floor = np.exp(log_priors.astype(np.float64)), np.minimum(teacher_prior, PRIOR_FLOOR / len(log_priors))
+    if not (priors < floor).any():
+        return log_priors
+    priors = np.maximum(priors, floor)
+    return np.log(priors / priors.sum()).astype(np.float32)
 
 
 def rounds(
