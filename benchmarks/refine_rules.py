@@ -3,6 +3,7 @@
     python benchmarks/quality.py --tasks ... --seeds 0        # first: builds the tasks and their teacher caches
     python benchmarks/refine_rules.py                         # label-free rules, dev anchors, the supervised probe
     python benchmarks/refine_rules.py --density_scales 5,6.5,8  # the density weights' scale on pool subsamples
+    python benchmarks/refine_rules.py --prior_floors 0.25,0.4,0.5  # the prior floor's value, the same way
 
 Per task: the refinement fitted on the unlabeled pool, applied to the test set (what the student is taught);
 accuracy / macro-F1 / ECE on the test labels, and the classes lost against the raw teacher (10+ test texts,
@@ -138,12 +139,14 @@ def supervised_probe(task: dict) -> str:
     return cell(task, probe.predict_proba(task["test"]["embeddings"])) + f" ({len(rows)} labeled texts)"
 
 
-def density_sweep(names: list[str], scales: list[float], subsamples: int, work_dir: str) -> None:
+def subsample_sweep(names: list[str], setting: str, values: list[float], subsamples: int, work_dir: str) -> None:
     """Macro-F1 of the refined targets (mean and spread over `subsamples` random 70% subsamples of each pool; classes
-    lost against the teacher, summed over them) without density weights and with each DENSITY_SCALE."""
+    lost against the teacher, summed over them) without a refinement setting and with each value of its constant:
+    setting "density_weights" (refine.DENSITY_SCALE) or "prior_floor" (refine.PRIOR_FLOOR)."""
+    constant = {"density_weights": "DENSITY_SCALE", "prior_floor": "PRIOR_FLOOR"}[setting]
     tasks = {name: load_task(name, work_dir) for name in names}
-    print("| density scale | " + " | ".join(names) + " | mean |\n|" + " --- |" * (len(names) + 2))
-    for scale in [None, *scales]:
+    print(f"| {setting} | " + " | ".join(names) + " | mean |\n|" + " --- |" * (len(names) + 2))
+    for value in [None, *values]:
         cells, means = [], []
         for name, task in tasks.items():
             pool, scores, lost = task["pool"], [], 0
@@ -157,16 +160,17 @@ def density_sweep(names: list[str], scales: list[float], subsamples: int, work_d
                     **task,
                     "pool": {**pool, "teacher": pool["teacher"][rows], "embeddings": pool["embeddings"][rows]},
                 }
-                default_scale, refine.DENSITY_SCALE = refine.DENSITY_SCALE, scale or refine.DENSITY_SCALE
+                default_value = getattr(refine, constant)
+                setattr(refine, constant, value or default_value)
                 try:
-                    probabilities = on_test_set(task, fitted(sub, density_weights=scale is not None))
+                    probabilities = on_test_set(task, fitted(sub, **{setting: value is not None}))
                 finally:
-                    refine.DENSITY_SCALE = default_scale
+                    setattr(refine, constant, default_value)
                 scores.append(label_metrics(task["labels"], probabilities, task["class_names"], False)["macro_f1"])
                 lost += len(lost_classes(task, probabilities.argmax(1)))
             cells.append(f"{np.mean(scores):.3f} ± {np.std(scores):.3f} ({lost})")
             means.append(np.mean(scores))
-        print(f"| {scale or 'none'} | " + " | ".join(cells) + f" | {np.mean(means):.4f} |", flush=True)
+        print(f"| {value or 'none'} | " + " | ".join(cells) + f" | {np.mean(means):.4f} |", flush=True)
 
 
 def label_shift_rows(
@@ -244,15 +248,19 @@ def main(
     supervised: bool = True,
     dev_at_random: bool = True,
     density_scales: str | float | tuple = (),
+    prior_floors: str | float | tuple = (),
     subsamples: int = 3,
     label_shift: bool = False,
 ) -> None:
     """Print one markdown table per task; dev_at_random adds, for each k and seed, a dev set of as many texts drawn at
     random (the data's class shares, a small class perhaps without any) beside the one with k a class. With
-    density_scales (e.g. 5,6.5,8): only the sweep of the density weights' scale on subsamples of the pools. label_shift
+    density_scales (e.g. 5,6.5,8) or prior_floors (e.g. 0.25,0.4,0.5): only that setting's sweep on subsamples of the
+    pools (subsample_sweep). label_shift
     adds, under each draw of k a class, its confidence re-fitted to the estimated class shares (label_shift_rows)."""
-    if density_scales:
-        return density_sweep(quality.as_list(tasks, str), quality.as_list(density_scales, float), subsamples, work_dir)
+    for setting, values in (("density_weights", density_scales), ("prior_floor", prior_floors)):
+        if values:
+            names, values = quality.as_list(tasks, str), quality.as_list(values, float)
+            return subsample_sweep(names, setting, values, subsamples, work_dir)
     before = dict(density_weights=False, prior_floor=False)
     for name in quality.as_list(tasks, str):
         task = load_task(name, work_dir)
