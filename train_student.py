@@ -75,10 +75,10 @@ class StudentOptions:
         "release's refinement.",
     )
     refine_prior_floor: bool = option(
-        True,
-        "without --dev_file: hold each class's refined prior at least at the smaller of the teacher's and 0.4 of a "
-        "uniform share (default), so refinement does not starve a small class the teacher finds; "
-        "--norefine_prior_floor gives the previous release's refinement.",
+        False,
+        "opt-in, without --dev_file: hold each class's refined prior at least at the smaller of the teacher's and 0.4 "
+        "of a uniform share, so refinement does not starve a small class the teacher finds (it lifts the refined "
+        "targets where a class is small and diverse, measured not to carry over to the student; benchmarks/README.md).",
     )
     adapt_rounds: int = option(
         0,
@@ -265,7 +265,7 @@ def build_targets(
     dev: tuple[list[str], np.ndarray] | None = None,
     refine_density_weights: bool = True,
     refine_dev_bias: bool = True,
-    refine_prior_floor: bool = True,
+    refine_prior_floor: bool = False,
 ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record.
     With `dev` (texts, class indices), refinement moves its centroids toward them and fits its confidence on them."""
@@ -900,7 +900,6 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
             refine_center=options.refine_center,
             refine_free_last_round=options.refine_free_last_round,
             refine_density_weights=options.refine_density_weights,
-            refine_prior_floor=options.refine_prior_floor,
         )
     built = build_targets(
         options.cache,

@@ -8,7 +8,7 @@
 Per task: the refinement fitted on the unlabeled pool, applied to the test set (what the student is taught);
 accuracy / macro-F1 / ECE on the test labels, and the classes lost against the raw teacher (10+ test texts,
 teacher recall 0.3+, refined recall under 70% of it: issue 26's rule). Rows:
-  - the default (zsdistill/refine.py), the releases before it (no prior floor; no density weights either), and
+  - the default (zsdistill/refine.py), with the opt-in prior floor, the release before (no density weights), and
     label-free rules tried against issue 26's lost classes, each applied to the default's scores: the teacher's log
     posteriors added (a product of experts), the teacher's posteriors mixed in, a per-class bias that keeps every
     class at least half its teacher share on the pool, each class's prior held at least at the teacher's mean
@@ -114,7 +114,7 @@ def share_floor(log_scores: np.ndarray, teacher: np.ndarray, floor: float) -> np
     return bias
 
 
-def prior_floor(log_priors: np.ndarray, teacher: np.ndarray) -> np.ndarray:
+def teacher_prior_floor(log_priors: np.ndarray, teacher: np.ndarray) -> np.ndarray:
     """Refinement's log priors with each class's prior raised to at least the teacher's mean posterior, renormalised."""
     priors = np.maximum(np.exp(log_priors.astype(np.float64)), teacher.mean(0))
     return np.log(priors / priors.sum()).astype(np.float32)
@@ -142,7 +142,7 @@ def supervised_probe(task: dict) -> str:
 def subsample_sweep(names: list[str], setting: str, values: list[float], subsamples: int, work_dir: str) -> None:
     """Macro-F1 of the refined targets (mean and spread over `subsamples` random 70% subsamples of each pool; classes
     lost against the teacher, summed over them) without a refinement setting and with each value of its constant:
-    setting "density_weights" (refine.DENSITY_SCALE) or "prior_floor" (refine.PRIOR_FLOOR)."""
+    setting "density_weights" (refine.DENSITY_SCALE) or "prior_floor" (refine.PRIOR_FLOOR; none: without the floor)."""
     constant = {"density_weights": "DENSITY_SCALE", "prior_floor": "PRIOR_FLOOR"}[setting]
     tasks = {name: load_task(name, work_dir) for name in names}
     print(f"| {setting} | " + " | ".join(names) + " | mean |\n|" + " --- |" * (len(names) + 2))
@@ -261,7 +261,7 @@ def main(
         if values:
             names, values = quality.as_list(tasks, str), quality.as_list(values, float)
             return subsample_sweep(names, setting, values, subsamples, work_dir)
-    before = dict(density_weights=False, prior_floor=False)
+    before = dict(density_weights=False)
     for name in quality.as_list(tasks, str):
         task = load_task(name, work_dir)
         test, teacher = task["test"], task["test"]["teacher"]
@@ -270,11 +270,8 @@ def main(
         rows = [
             ("raw teacher", teacher),
             ("refined, the default", refine.softmax_rows(scores.copy())),
-            (
-                "refined without the prior floor (the release before)",
-                on_test_set(task, fitted(task, prior_floor=False)),
-            ),
-            ("... nor density weights (two releases before)", on_test_set(task, fitted(task, **before))),
+            ("with the prior floor (--refine_prior_floor)", on_test_set(task, fitted(task, prior_floor=True))),
+            ("refined without density weights (the release before)", on_test_set(task, fitted(task, **before))),
             (
                 "+ 0.5 x the teacher's log posteriors",
                 refine.softmax_rows(scores + 0.5 * np.log(np.clip(teacher, 1e-12, 1))),
@@ -284,7 +281,9 @@ def main(
         pool_scores = default.log_scores(task["pool"]["embeddings"]).astype(np.float64)
         bias = share_floor(pool_scores, task["pool"]["teacher"], 0.5)
         rows.append(("every class at least half its teacher share (pool)", refine.softmax_rows(scores + bias)))
-        floored = dataclasses.replace(default, log_priors=prior_floor(default.log_priors, task["pool"]["teacher"]))
+        floored = dataclasses.replace(
+            default, log_priors=teacher_prior_floor(default.log_priors, task["pool"]["teacher"])
+        )
         rows.append(("every class's prior at least the teacher's (pool)", on_test_set(task, floored)))
         for k in quality.as_list(dev_per_class, int):
             for seed in quality.as_list(seeds, int):

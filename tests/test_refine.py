@@ -506,13 +506,13 @@ def test_norefine_center_flag_reaches_the_refinement(tmp_path):
         refine_center=False,
         refine_free_last_round=False,
         refine_density_weights=False,
-        refine_prior_floor=False,
     )
+    _, _, floored_info = train_student.build_targets(path, manifest, False, 1.0, refine=True, refine_prior_floor=True)
     assert info["center"] is True and plain_info["center"] is False and not np.array_equal(centred, plain)
     assert info["free_last_round"] is True and plain_info["free_last_round"] is False
     assert info["density_weights"] is True and plain_info["density_weights"] is False
     assert info["density_scale"] == refine.DENSITY_SCALE and plain_info["density_scale"] is None
-    assert plain_info["prior_floor"] is None and info["prior_floor"] == refine.PRIOR_FLOOR
+    assert info["prior_floor"] is None and floored_info["prior_floor"] == refine.PRIOR_FLOOR
 
 
 def test_the_last_round_drops_the_anchor_and_only_the_last():
@@ -619,8 +619,8 @@ def test_the_prior_floor_keeps_a_small_class_the_teacher_finds():
     a class above its floor is left as it was."""
     embeddings, teacher, labels = small_class_task()
     taught = teacher.argmax(1)
-    before, unfloored = refine_arrays(teacher, embeddings, prior_floor=False)
-    after, refinement = refine_arrays(teacher, embeddings)
+    before, unfloored = refine_arrays(teacher, embeddings)
+    after, refinement = refine_arrays(teacher, embeddings, prior_floor=True)
     assert recall(taught, labels, 3) >= 0.8
     assert recall(before.argmax(1), labels, 3) < 0.1 and np.exp(unfloored.log_priors[3]) < 0.03
     assert recall(after.argmax(1), labels, 3) >= 0.7 * recall(taught, labels, 3)
@@ -634,10 +634,10 @@ def test_the_prior_floor_keeps_a_small_class_the_teacher_finds():
 
 
 def test_without_the_prior_floor_the_refinement_is_the_release_befores():
-    """--norefine_prior_floor gives the release before's refinement, as it wrote its targets on the small-class task;
-    with dev labels the floor is never applied (their prior bias decides)."""
+    """Without --refine_prior_floor (the default) the refinement is the release before's, as it wrote its targets on
+    the small-class task; with dev labels the floor is never applied (their prior bias decides)."""
     embeddings, teacher, labels = small_class_task()
-    targets_, refinement = refine_arrays(teacher, embeddings, prior_floor=False)
+    targets_, refinement = refine_arrays(teacher, embeddings)
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_prior_floor.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
         np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
@@ -645,6 +645,6 @@ def test_without_the_prior_floor_the_refinement_is_the_release_befores():
         assert abs(refinement.kappa - float(before["kappa"])) < 1e-4
     dev = np.concatenate([np.flatnonzero(labels == k)[:4] for k in range(4)])
     labeled = refine.LabeledTexts(embeddings[dev], labels[dev])
-    with_dev, fitted = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False)
-    plain, _ = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False, prior_floor=False)
+    with_dev, fitted = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False, prior_floor=True)
+    plain, _ = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False)
     assert fitted.prior_floor is False and np.array_equal(with_dev, plain)

@@ -57,7 +57,6 @@ class AdaptSettings:
     refine_center: bool = True
     refine_free_last_round: bool = True
     refine_density_weights: bool = True
-    refine_prior_floor: bool = True
 
     def key(self, cache_key: str, embedding_fingerprint: str, rounds: int) -> str:
         """The cache key of these settings' first `rounds` rounds."""
@@ -216,7 +215,6 @@ def adapted_embeddings(
             center=settings.refine_center,
             free_last_round=settings.refine_free_last_round,
             density_weights=settings.refine_density_weights,
-            prior_floor=settings.refine_prior_floor,
         )
         rows = surest_rows(posteriors, settings.fraction)
         chosen = [texts[i] for i in rows]

@@ -15,8 +15,8 @@ Gera et al. 2022):
         centroid_k = normalised weighted mean embedding of the kept rows, each weighted 1 / its density among them
                      (--norefine_density_weights: all 1); prior_k = mean of P[:, k]
         P = softmax_k(KAPPA * <x, centroid_k> + log prior_k)
-    then, once: prior_k = max(prior_k, min(mean of the teacher's P[:, k], PRIOR_FLOOR / K)), renormalised
-                (--norefine_prior_floor skips it; with dev labels their prior bias does this job)
+    then, once, with --refine_prior_floor (opt-in, label-free only):
+                prior_k = max(prior_k, min(mean of the teacher's P[:, k], PRIOR_FLOOR / K)), renormalised
     then, once: kappa = the value in [MIN_KAPPA(_CENTERED), KAPPA] under which
                 softmax_k(kappa * <x, centroid_k> + log prior_k) gives the teacher's own labels the highest
                 likelihood; the targets are made with it
@@ -97,12 +97,14 @@ DEV_BIAS_MAX_FOLDS = 100
 # exp(DENSITY_SCALE * (cosine - 1)) over them (itself counts 1): a clump of near-alike texts counts about as one text.
 # Measured at 5, 6.5 and 8 on 70% subsamples of seven tasks' pools, all better than none (benchmarks/README.md).
 DENSITY_SCALE = 6.5
-# Label-free, each class's final prior is at least the smaller of the teacher's prior for it (its mean posterior over
-# the corpus) and PRIOR_FLOOR / K (then renormalised). The rounds re-estimate each prior from their own predictions, so
-# a class whose kept texts are few and diverse loses share every round until its right texts score second (foldoc-12's
-# `artificial intelligence`: teacher 3.2%, refined 0.75%). A class above PRIOR_FLOOR / K is never touched, so one the
-# teacher over-predicts may still shrink that far. 0.4 chosen among 0.25-1 on 70% subsamples of seven tasks' pools
-# (benchmarks/README.md, "A floor under small classes' priors").
+# With prior_floor (opt-in), label-free, each class's final prior is at least the smaller of the teacher's prior for
+# it (its mean posterior over the corpus) and PRIOR_FLOOR / K (then renormalised). The rounds re-estimate each prior
+# from their own predictions, so a class whose kept texts are few and diverse loses share every round until its right
+# texts score second (foldoc-12's `artificial intelligence`: teacher 3.2%, refined 0.75%). A class above PRIOR_FLOOR / K
+# is never touched, so one the teacher over-predicts may still shrink that far. 0.4 chosen among 0.25-1 on 70%
+# subsamples of seven tasks' pools. Not the default: it lifts the refined targets (foldoc-12 +5.4 macro-F1,
+# debian-generic-12 +2.3) but not the students trained on them (benchmarks/README.md, "A floor under small classes'
+# priors").
 PRIOR_FLOOR = 0.4
 DENSITY_REFERENCE_ROWS = 1000  # a class with more kept texts: its density is estimated on this many of them
 DENSITY_REFERENCE_TOTAL = 16_000  # and on fewer with many classes: (at most this many, H) float32 held per round
@@ -301,7 +303,7 @@ def refine(
     labeled: LabeledTexts | None = None,
     density_weights: bool = True,
     dev_bias: bool = True,
-    prior_floor: bool = True,
+    prior_floor: bool = False,
 ) -> tuple[np.ndarray, Refinement]:
     """Refined targets (N, K) float32 at `temperature` and the fitted Refinement. Deterministic: no randomness anywhere.
 
@@ -313,9 +315,8 @@ def refine(
     labeled texts (see anchored) and kappa is fitted on their labels instead of the teacher's, each labeled text
     scored by a refinement that did not see it (cross_fitted_similarity: CROSS_FIT_FOLDS more refinements), and with
     `dev_bias` each class's log prior may move by a bias fitted with kappa (choose_bias_std, fit_kappa_and_bias);
-    dev_bias=False gives the release before's. Without `labeled` texts and with `prior_floor` each class's final prior
-    is held up to floored_priors' floor (the dev labels' prior bias does this job where there are labels);
-    prior_floor=False gives the release before's.
+    dev_bias=False gives the release before's. With `prior_floor` and no `labeled` texts each class's final prior is
+    held up to floored_priors' floor (the dev labels' prior bias does this job where there are labels).
     """
     settings = dict(center=center, free_last_round=free_last_round, density_weights=density_weights)
     refinement, teacher_prediction = rounds(
