@@ -255,8 +255,8 @@ def main(
     """Print one markdown table per task; dev_at_random adds, for each k and seed, a dev set of as many texts drawn at
     random (the data's class shares, a small class perhaps without any) beside the one with k a class. With
     density_scales (e.g. 5,6.5,8) or prior_floors (e.g. 0.25,0.4,0.5): only that setting's sweep on subsamples of the
-    pools (subsample_sweep). label_shift
-    adds, under each draw of k a class, its confidence re-fitted to the estimated class shares (label_shift_rows)."""
+    pools (subsample_sweep). label_shift adds, under each draw of k a class, its confidence re-fitted to the estimated
+    class shares (label_shift_rows)."""
     for setting, values in (("density_weights", density_scales), ("prior_floor", prior_floors)):
         if values:
             names, values = quality.as_list(tasks, str), quality.as_list(values, float)

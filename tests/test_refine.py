@@ -466,7 +466,7 @@ def test_refinement_before_centring_is_reachable_and_unchanged(tmp_path):
     before: its targets on the sink task, as it wrote them."""
     embeddings, teacher, _ = sink_task()
     targets_, refinement = refine_arrays(
-        teacher, embeddings, center=False, free_last_round=False, density_weights=False, prior_floor=False
+        teacher, embeddings, center=False, free_last_round=False, density_weights=False
     )
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_before_centering.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
@@ -534,13 +534,19 @@ def test_without_density_weights_the_refinement_is_the_release_befores():
     """--norefine_density_weights (and no --dev_file) give the release before's refinement, as it wrote its targets on
     the sink task (dev labels only ever enter through `labeled`)."""
     embeddings, teacher, _ = sink_task()
-    targets_, refinement = refine_arrays(teacher, embeddings, density_weights=False, prior_floor=False)
+    targets_, refinement = refine_arrays(teacher, embeddings, density_weights=False)
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_dev_labels.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
         np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
         np.testing.assert_allclose(refinement.centroids, before["centroids"], atol=1e-6)
         assert abs(refinement.kappa - float(before["kappa"])) < 1e-4
     assert refinement.settings()["labeled_texts"] is None
+
+
+def around(rng: np.random.Generator, direction: np.ndarray, n: int, spread: float) -> np.ndarray:
+    """n unit vectors scattered around `direction` (spread: the noise's norm relative to it)."""
+    x = direction + spread * rng.normal(size=(n, len(direction))) / np.sqrt(len(direction))
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def clump_task(seed: int = 0, width: int = 32):
@@ -550,12 +556,8 @@ def clump_task(seed: int = 0, width: int = 32):
     rng = np.random.default_rng(seed)
     directions = np.linalg.qr(rng.normal(size=(width, width)))[0][:5]
 
-    def around(direction: np.ndarray, n: int, spread: float) -> np.ndarray:
-        x = direction + spread * rng.normal(size=(n, width)) / np.sqrt(width)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-    parts = [(around(directions[0], 80, 1.2), 0), (around(directions[4], 150, 0.15), 1)]
-    parts += [(around(directions[k], 200, 1.0), k) for k in (1, 2, 3)]
+    parts = [(around(rng, directions[0], 80, 1.2), 0), (around(rng, directions[4], 150, 0.15), 1)]
+    parts += [(around(rng, directions[k], 200, 1.0), k) for k in (1, 2, 3)]
     embeddings = np.concatenate([part for part, _ in parts]).astype(np.float32)
     labels = np.concatenate([np.full(len(part), k) for part, k in parts])
     scores = rng.normal(0, 0.5, size=(len(labels), 4))
@@ -600,11 +602,7 @@ def small_class_task(seed: int = 0, width: int = 32):
     rng = np.random.default_rng(seed)
     directions = np.linalg.qr(rng.normal(size=(width, width)))[0][:4]
 
-    def around(direction: np.ndarray, n: int, spread: float) -> np.ndarray:
-        x = direction + spread * rng.normal(size=(n, width)) / np.sqrt(width)
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-    parts = [(around(directions[k], 300, 1.0), k) for k in range(3)] + [(around(directions[3], 24, 1.4), 3)]
+    parts = [(around(rng, directions[k], 300, 1.0), k) for k in range(3)] + [(around(rng, directions[3], 24, 1.4), 3)]
     embeddings = np.concatenate([part for part, _ in parts]).astype(np.float32)
     labels = np.concatenate([np.full(len(part), k) for part, k in parts])
     scores = rng.normal(0, 0.5, size=(len(labels), 4))
