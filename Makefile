@@ -84,8 +84,10 @@ wordnet:
 
 # The whole workflow offline on real data (WordNet glosses) with real weights (all-MiniLM-L6-v2 as an
 # embedding teacher, and as the student's backbone). The template was chosen on the dev split
-# (data/choose_template.py), never on the test set. A second `make demo` reuses both teacher caches. Batches
-# grouped by length: the student trains about twice as fast on CPUs (benchmarks/length_grouping.py).
+# (data/choose_template.py), never on the test set; the student uses the same 400 labeled dev texts (--dev_file: they
+# pull refinement's centroids and set its confidence, as a user's own few labels would). A second `make demo` reuses
+# both teacher caches. Batches grouped by length: the student trains about twice as fast on CPUs
+# (benchmarks/length_grouping.py).
 DEMO ?= demo
 DEMO_TEMPLATE ?= a word for a {}
 DEMO_STUDENT_ARGS ?= --num_train_epochs 2 --learning_rate 1e-4 --per_device_train_batch_size 32 --train_sampling_strategy group_by_length \
@@ -99,7 +101,7 @@ demo: install wordnet
 	$(PY) evaluate.py --teacher_cache "$$train_cache" --output_dir $(DEMO)/inspect >/dev/null; \
 	echo "look before you train: $(DEMO)/inspect/report.md (what the teacher does on the training texts, without labels)"; \
 	$(PY) train_student.py --cache "$$train_cache" --output_dir $(DEMO)/student --student_name_or_path "$$minilm" \
-		--overwrite_output_dir --export onnx $(DEMO_STUDENT_ARGS) >/dev/null; \
+		--dev_file $(DEMO)/data/dev.jsonl --overwrite_output_dir --export onnx $(DEMO_STUDENT_ARGS) >/dev/null; \
 	$(PY) evaluate.py --model $(DEMO)/student --test_file $(DEMO)/data/test.jsonl --teacher_cache "$$test_cache" \
 		--output_dir $(DEMO)/report --time_teacher --time_teacher_samples 256 --onnx
 
