@@ -321,6 +321,17 @@ def test_dev_texts_join_refinement_and_the_student_is_calibrated_through_its_tar
     assert "no class's prior under the smaller of the teacher's and 0.4 / K" in card.render(floored)
     assert "refinement's confidence and class priors fitted on them" in card.calibration_text(biased)
 
+    # A dev set of k a class cannot show the class shares its prior bias was fitted to: the card says so, only then.
+    def labeled_as(info: dict, **changes) -> dict:
+        refinement = info["refinement"]
+        return {**info, "refinement": {**refinement, "labeled_texts": {**refinement["labeled_texts"], **changes}}}
+
+    equal = labeled_as(info, prior_bias=[0.5, -0.25, 0.0], per_class=[8, 8, 8])
+    said = card.calibration_text(equal)
+    assert "the dev set has 8 of every class, so the class priors lean toward equal shares" in said
+    uneven, unbiased = labeled_as(equal, per_class=[8, 3, 8]), labeled_as(equal, prior_bias=None)
+    assert "of every class" not in card.calibration_text(uneven) + card.calibration_text(unbiased)
+
     kept_out = train_student.main(
         cache=path,
         output_dir=str(tmp_path / "t"),
