@@ -6,7 +6,7 @@ import shutil
 import sys
 
 import pytest
-from conftest import CLASS_NAMES, CORPUS, make_student_base, run_script
+from conftest import CLASS_NAMES, CORPUS, make_student_base, run_main
 
 import teacher_infer
 import train_student
@@ -100,8 +100,8 @@ def test_a_crafted_manifest_is_refused_by_every_stage(made, tmp_path, case):
     backup = craft(made, tmp_path, lambda m: change(m, made))
     try:
         runs = {
-            "stage 1": run_script("teacher_infer.py", *made["args"], "--shard_size", "4"),
-            "stage 2": run_script(
+            "stage 1": run_main("teacher_infer.py", *made["args"], "--shard_size", "4"),
+            "stage 2": run_main(
                 "train_student.py",
                 "--cache",
                 made["cache"],
@@ -111,7 +111,7 @@ def test_a_crafted_manifest_is_refused_by_every_stage(made, tmp_path, case):
                 "1",
                 "--use_cpu",
             ),
-            "stage 3": run_script(
+            "stage 3": run_main(
                 "evaluate.py",
                 "--model",
                 made["student"],
@@ -181,7 +181,7 @@ def test_a_crafted_donor_is_skipped_with_a_note(made, teachers, tmp_path):
     args = list(made["args"])
     args[args.index("--class_names_file") + 1] = str(classes)
     try:
-        result = run_script("teacher_infer.py", *args, "--shard_size", "4")
+        result = run_main("teacher_infer.py", *args, "--shard_size", "4")
     finally:
         shutil.rmtree(donor)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -118,12 +118,12 @@ def test_one_class_is_fine_for_multi_label_only(files, teachers):
     assert result.returncode == 0, result.stderr
     cache_path = result.stdout.strip().splitlines()[-1]
     base = make_student_base(str(files / "base"))
-    single = run_script(
+    single = run_main(
         "train_student.py", "--cache", cache_path, "--output_dir", files / "single", "--student_name_or_path", base
     )
     assert_user_error(single, "at least 2 classes", "--multi_label")
     assert not (files / "single").exists()
-    multi = run_script(
+    multi = run_main(
         "train_student.py",
         "--cache",
         cache_path,
@@ -263,10 +263,10 @@ def test_non_empty_output_dir(toy_cache, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     base = make_student_base(str(tmp_path / "base"))
-    result = run_script("train_student.py", "--cache", toy_cache, "--output_dir", out, "--student_name_or_path", base)
+    result = run_main("train_student.py", "--cache", toy_cache, "--output_dir", out, "--student_name_or_path", base)
     assert_user_error(result, "exists and is not empty", "--overwrite_output_dir")
     assert os.listdir(out) == ["notes.txt"]
-    result = run_script(
+    result = run_main(
         "train_student.py",
         "--cache",
         toy_cache,
@@ -302,7 +302,7 @@ def test_resume_from_checkpoint_found_in_output_dir(toy_cache, tmp_path):
     train_student.main(max_steps=2, **args)
     os.unlink(out / "distill_info.json")  # as if the run died after its checkpoint, before finishing
     os.unlink(out / "config.json")
-    result = run_script(
+    result = run_main(
         "train_student.py",
         "--cache",
         toy_cache,

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import CLASS_NAMES, CORPUS, make_student_base, run_script
+from conftest import CLASS_NAMES, CORPUS, make_student_base, run_main, run_script
 
 import evaluate
 import teacher_infer
@@ -139,7 +139,7 @@ def test_unknown_labels_are_an_error(teachers, labeled, tmp_path):
     _, student = distil(teachers["two"], labeled, tmp_path, max_steps=1)
     bad = tmp_path / "bad.tsv"
     bad.write_text("sports\tA match.\ncooking\tA pie.\ngardening\tA rose.\n")
-    result = run_script("evaluate.py", "--model", student, "--test_file", bad, "--output_dir", tmp_path / "report")
+    result = run_main("evaluate.py", "--model", student, "--test_file", bad, "--output_dir", tmp_path / "report")
     assert result.returncode == 2
     assert "labels not among the model's classes: 'cooking', 'gardening'" in result.stderr
     assert "known classes: 'sports'" in result.stderr

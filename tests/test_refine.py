@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import CLASS_NAMES, CORPUS, make_student_base, run_script, write_toy_cache
+from conftest import CLASS_NAMES, CORPUS, make_student_base, run_main, run_script, write_toy_cache
 
 import evaluate
 import teacher_infer
@@ -208,7 +208,7 @@ def test_nli_cache_with_embedding_model_is_refined_and_evaluated(teachers, embed
 
 def test_embedding_model_with_an_embedding_teacher_is_a_user_error(embedding_teacher, corpus_files, tmp_path):
     data, classes = corpus_files
-    result = run_script(
+    result = run_main(
         "teacher_infer.py",
         "--data_file",
         data,
