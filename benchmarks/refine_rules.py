@@ -4,6 +4,7 @@
     python benchmarks/refine_rules.py                         # label-free rules, dev anchors, the supervised probe
     python benchmarks/refine_rules.py --density_scales 5,6.5,8  # the density weights' scale on pool subsamples
     python benchmarks/refine_rules.py --prior_floors 0.25,0.4,0.5  # the prior floor's value, the same way
+    python benchmarks/refine_rules.py --center_strengths 0.8,0.9  # centring on a fraction of the mean, the same way
 
 Per task: the refinement fitted on the unlabeled pool, applied to the test set (what the student is taught);
 accuracy / macro-F1 / ECE on the test labels, and the classes lost against the raw teacher (10+ test texts,
@@ -23,6 +24,7 @@ teacher recall 0.3+, refined recall under 70% of it: issue 26's rule). Rows:
 Seconds, not minutes: everything is numpy on cached embeddings except embedding the dev texts.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -52,6 +54,7 @@ def load_task(name: str, work_dir: str) -> dict:
         )
         manifest = cache.read_manifest(path)
         task[part] = {
+            "path": path,
             "manifest": manifest,
             "teacher": targets.cache_probabilities(path, manifest, False),
             "embeddings": np.concatenate([c for _, c in refine.embedding_chunks(path, manifest)()]),
@@ -139,11 +142,33 @@ def supervised_probe(task: dict) -> str:
     return cell(task, probe.predict_proba(task["test"]["embeddings"])) + f" ({len(rows)} labeled texts)"
 
 
+@contextlib.contextmanager
+def refinement_setting(setting: str, value: float | None):
+    """refine() with `setting` at `value` while inside, and the settings for fitted(): "density_weights"
+    (refine.DENSITY_SCALE; None: without density weights), "prior_floor" (refine.PRIOR_FLOOR; None: without the floor)
+    or "center_strength" (centring on value x the corpus mean instead of the mean itself, a rule tried and left; None:
+    the default, the whole mean)."""
+    if setting == "center_strength":
+        mean_embedding = refine.mean_embedding
+        refine.mean_embedding = lambda chunks, rows: (value or 1.0) * mean_embedding(chunks, rows)
+        try:
+            yield {}
+        finally:
+            refine.mean_embedding = mean_embedding
+        return
+    constant = {"density_weights": "DENSITY_SCALE", "prior_floor": "PRIOR_FLOOR"}[setting]
+    default_value = getattr(refine, constant)
+    setattr(refine, constant, value or default_value)
+    try:
+        yield {setting: value is not None}
+    finally:
+        setattr(refine, constant, default_value)
+
+
 def subsample_sweep(names: list[str], setting: str, values: list[float], subsamples: int, work_dir: str) -> None:
     """Macro-F1 of the refined targets (mean and spread over `subsamples` random 70% subsamples of each pool; classes
-    lost against the teacher, summed over them) without a refinement setting and with each value of its constant:
-    setting "density_weights" (refine.DENSITY_SCALE) or "prior_floor" (refine.PRIOR_FLOOR; none: without the floor)."""
-    constant = {"density_weights": "DENSITY_SCALE", "prior_floor": "PRIOR_FLOOR"}[setting]
+    lost against the teacher, summed over them) without a refinement setting and with each of its values
+    (refinement_setting)."""
     tasks = {name: load_task(name, work_dir) for name in names}
     print(f"| {setting} | " + " | ".join(names) + " | mean |\n|" + " --- |" * (len(names) + 2))
     for value in [None, *values]:
@@ -160,12 +185,8 @@ def subsample_sweep(names: list[str], setting: str, values: list[float], subsamp
                     **task,
                     "pool": {**pool, "teacher": pool["teacher"][rows], "embeddings": pool["embeddings"][rows]},
                 }
-                default_value = getattr(refine, constant)
-                setattr(refine, constant, value or default_value)
-                try:
-                    probabilities = on_test_set(task, fitted(sub, **{setting: value is not None}))
-                finally:
-                    setattr(refine, constant, default_value)
+                with refinement_setting(setting, value) as settings:
+                    probabilities = on_test_set(task, fitted(sub, **settings))
                 scores.append(label_metrics(task["labels"], probabilities, task["class_names"], False)["macro_f1"])
                 lost += len(lost_classes(task, probabilities.argmax(1)))
             cells.append(f"{np.mean(scores):.3f} ± {np.std(scores):.3f} ({lost})")
@@ -249,15 +270,17 @@ def main(
     dev_at_random: bool = True,
     density_scales: str | float | tuple = (),
     prior_floors: str | float | tuple = (),
+    center_strengths: str | float | tuple = (),
     subsamples: int = 3,
     label_shift: bool = False,
 ) -> None:
     """Print one markdown table per task; dev_at_random adds, for each k and seed, a dev set of as many texts drawn at
     random (the data's class shares, a small class perhaps without any) beside the one with k a class. With
-    density_scales (e.g. 5,6.5,8) or prior_floors (e.g. 0.25,0.4,0.5): only that setting's sweep on subsamples of the
-    pools (subsample_sweep). label_shift adds, under each draw of k a class, its confidence re-fitted to the estimated
-    class shares (label_shift_rows)."""
-    for setting, values in (("density_weights", density_scales), ("prior_floor", prior_floors)):
+    density_scales (e.g. 5,6.5,8), prior_floors (e.g. 0.25,0.4,0.5) or center_strengths (e.g. 0.8,0.9): only that
+    setting's sweep on subsamples of the pools (subsample_sweep). label_shift adds, under each draw of k a class, its
+    confidence re-fitted to the estimated class shares (label_shift_rows)."""
+    sweeps = (("density_weights", density_scales), ("prior_floor", prior_floors), ("center_strength", center_strengths))
+    for setting, values in sweeps:
         if values:
             names, values = quality.as_list(tasks, str), quality.as_list(values, float)
             return subsample_sweep(names, setting, values, subsamples, work_dir)

@@ -133,6 +133,7 @@ class Refinement:
     dev_bias: list[float] | None = None  # what the dev labels added to each log prior (in log_priors); None: none
     dev_bias_std: float | None = None  # the bias's prior standard deviation chosen on the dev labels; None: no bias
     prior_floor: bool = False  # whether the final priors were held up to floored_priors' floor
+    teacher_prior: np.ndarray | None = None  # (K,) the teacher's mean posterior over the corpus, from rounds()
 
     def space(self, embeddings: np.ndarray) -> np.ndarray:
         """The embeddings as refinement compares them: centred on the corpus mean and normalised, if it centres."""
@@ -328,8 +329,8 @@ def refine(
     for start, chunk in embedding_chunks():
         similarity[start : start + len(chunk)] = refinement.space(chunk) @ refinement.centroids.T
     if labeled is None and prior_floor:
-        teacher_prior = _summaries(teacher_chunks(), num_rows, num_classes)[2]
-        refinement.log_priors, refinement.prior_floor = floored_priors(refinement.log_priors, teacher_prior), True
+        refinement.log_priors = floored_priors(refinement.log_priors, refinement.teacher_prior)
+        refinement.prior_floor = True
     if labeled is None:
         refinement.kappa = fit_kappa(similarity, refinement.log_priors, teacher_prediction, lowest)
         log(
@@ -385,6 +386,7 @@ def rounds(
     """refine's rounds: the Refinement with its centroids and priors (kappa still the rounds' KAPPA), and the
     teacher's predicted labels."""
     prediction, confidence, prior = _summaries(teacher_chunks(), num_rows, num_classes)
+    teacher_prior = prior
     mean = mean_embedding(embedding_chunks, num_rows) if center else None
     space = (lambda chunk: chunk) if mean is None else (lambda chunk: centered(chunk, mean))  # noqa: E731
     teacher_prediction = prediction.copy()
@@ -436,6 +438,7 @@ def rounds(
             break
         settled = changed < MIN_CHANGE
     refinement.agreement_with_teacher = float((prediction == teacher_prediction).mean())
+    refinement.teacher_prior = teacher_prior
     if labeled is not None:
         refinement.labeled_per_class = [int(c) for c in labeled_counts]
     return refinement, teacher_prediction
