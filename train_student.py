@@ -823,7 +823,7 @@ def read_dev_set(options: StudentOptions, class_names: list[str]) -> tuple[list[
         f"dev set {options.dev_file}: {len(texts)} labeled texts, {counts.min()} to {counts.max()} a class; the "
         f"student never trains on them"
     )
-    if not options.multi_label and len(class_names) > 2 and counts.min() == counts.max():
+    if not options.multi_label and card.same_count_per_class(counts):
         log(
             f"dev set: {counts.min()} of every class, so it shows nothing of how common each class is; class priors "
             "fitted on it lean toward equal shares (docs/student.md: a random sample of your texts carries their "

@@ -132,25 +132,30 @@ def render(info: dict, evaluations: str = "") -> str:
     return f"---\n{card}\n---\n\n" + "\n".join(lines) + (evaluations or "")
 
 
+def same_count_per_class(per_class) -> int | None:
+    """k where a dev set has k texts of every one of its more than two classes: such a set (drawn k a class) carries
+    none of the classes' shares. None otherwise."""
+    return int(min(per_class)) if len(per_class) > 2 and min(per_class) == max(per_class) else None
+
+
 def calibration_text(info: dict) -> str:
     """How the student's confidence was calibrated, in words the stage 3 report repeats."""
     calibration = info.get("calibration") or {}
     fitted_on = calibration.get("fitted_on", "held-out targets" if calibration.get("applied") else None)
     if calibration.get("dev_in_targets") and fitted_on == "held-out targets":
         labeled = (info.get("refinement") or {}).get("labeled_texts") or {}
-        per_class = labeled.get("per_class") or []
         # A dev set of k a class carries no class shares: a prior bias fitted on it leans toward equal shares, which
         # left a generic class holding 37% of the texts under-predicted and the confidence high (benchmarks/README.md).
-        equal = labeled.get("prior_bias") and len(per_class) > 2 and min(per_class) == max(per_class)
+        same_count = same_count_per_class(labeled.get("per_class") or []) if labeled.get("prior_bias") else None
         return (
             f"calibrated on {calibration['dev_examples']} dev labels through its targets (refinement's confidence "
             + ("and class priors " if labeled.get("prior_bias") else "")
             + "fitted on them, cross-fitted; the student fitted to its targets on held-out rows)"
             + (
-                f"; the dev set has {per_class[0]} of every class, so the class priors lean toward equal shares: "
+                f"; the dev set has {same_count} of every class, so the class priors lean toward equal shares: "
                 "where the classes are imbalanced the confidence may run high (a random sample of your texts "
                 "carries their shares)"
-                if equal
+                if same_count
                 else ""
             )
         )
