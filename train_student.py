@@ -312,14 +312,8 @@ def build_targets(
     if adaptation is not None and adaptation.rounds > 0:
         embeddings, adapted = adapt.adapted_embeddings(cache_path, manifest, adaptation, teacher_chunks, log)
         embedding_chunks = lambda: iter([(0, embeddings)])  # noqa: E731
-        key = adaptation.key(manifest["key"], fingerprint, adaptation.rounds)
-        adapted = {
-            "settings": dataclasses.asdict(adaptation),
-            "rounds": adapted["rounds"],
-            "key": key,
-            "directory": os.path.join(cache_path, adapt.DIRECTORY, key),
-        }
-        fingerprint = f"adapted:{key}"  # a refinement fitted here applies only to texts embedded by the adapted encoder
+        # A refinement fitted here applies only to texts embedded by the adapted encoder.
+        fingerprint = f"adapted:{adapted['key']}"
     labeled = None
     if dev is not None:
         encoder = os.path.join(adapted["directory"], adapt.ENCODER) if adapted else None

@@ -24,17 +24,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402
 import refine_rules  # noqa: E402
 import train_student  # noqa: E402
-from zsdistill import adapt, models, refine  # noqa: E402
+from zsdistill import adapt, models  # noqa: E402
 
 
-def test_embeddings_after(task: dict, settings: adapt.AdaptSettings) -> np.ndarray:
-    """The task's test texts embedded by the pool's adapted encoder (the last round's, read from the pool cache), the
-    way stage 2 embeds dev texts with it."""
-    manifest = task["pool"]["manifest"]
-    key = settings.key(manifest["key"], refine.embedding_fingerprint(manifest), settings.rounds)
-    encoder = os.path.join(task["pool"]["path"], adapt.DIRECTORY, key, adapt.ENCODER)
+def test_embeddings_after(task: dict, adapted: dict) -> np.ndarray:
+    """The task's test texts embedded by the pool's adapted encoder (the last round's, `adapted` the pool's record),
+    the way stage 2 embeds dev texts with it."""
     texts = adapt.read_texts(task["test"]["path"], task["test"]["manifest"])
-    return train_student.embed_dev_texts(manifest, texts, encoder)
+    return train_student.embed_dev_texts(
+        task["pool"]["manifest"], texts, os.path.join(adapted["directory"], adapt.ENCODER)
+    )
 
 
 def main(tasks: str | tuple = tuple(quality.TASKS), rounds: int = 1, work_dir: str = "bench/quality") -> None:
@@ -56,7 +55,7 @@ def main(tasks: str | tuple = tuple(quality.TASKS), rounds: int = 1, work_dir: s
         adapted_task = {
             **task,
             "pool": {**pool, "embeddings": embeddings},
-            "test": {**task["test"], "embeddings": test_embeddings_after(task, settings)},
+            "test": {**task["test"], "embeddings": test_embeddings_after(task, record)},
         }
         adapted = refine_rules.cell(
             adapted_task, refine_rules.on_test_set(adapted_task, refine_rules.fitted(adapted_task))

@@ -70,6 +70,8 @@ def test_an_adaptation_round_moves_texts_toward_their_class_and_is_a_cache_hit_t
     assert (after.argmax(1) == labels).mean() > (before.argmax(1) == labels).mean() + 0.05  # 0.375 -> 0.458
     key = settings.key(manifest["key"], "tiny", 1)
     assert os.listdir(os.path.join(path, adapt.DIRECTORY)) == [key]  # no staging directory left
+    assert record["key"] == key and record["directory"] == os.path.join(path, adapt.DIRECTORY, key)
+    assert os.path.isdir(os.path.join(record["directory"], adapt.ENCODER))  # what stage 2 embeds dev texts with
     # The second time: read from the cache, no model loaded, the same embeddings.
     from transformers import AutoModel
 

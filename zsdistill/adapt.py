@@ -165,8 +165,9 @@ def adapted_embeddings(
     teacher_chunks: refine.Chunks,
     log: Callable[[str], None] = lambda _: None,
 ) -> tuple[np.ndarray, dict]:
-    """The cache's texts embedded by the encoder after settings.rounds rounds (N, H) float32, and the record of the
-    rounds (per round: texts trained on, loss, seconds, whether it was read from the cache)."""
+    """The cache's texts embedded by the encoder after settings.rounds rounds (N, H) float32, and the record stage 2
+    keeps: the settings, per round the texts trained on, loss, seconds and whether it was read from the cache, and the
+    last round's key and directory (its encoder embeds new texts into the same space)."""
     from zsdistill import inference, models
     from zsdistill import teacher as zs_teacher
 
@@ -178,6 +179,10 @@ def adapted_embeddings(
     def round_key(rounds: int) -> str:
         return settings.key(manifest["key"], fingerprint, rounds)
 
+    def record(rounds: list[dict]) -> dict:
+        key = round_key(settings.rounds)
+        return {"settings": asdict(settings), "rounds": rounds, "key": key, "directory": os.path.join(root, key)}
+
     # The newest round already cached, if any: rounds before it are never redone.
     done = next((r for r in range(settings.rounds, 0, -1) if os.path.exists(os.path.join(root, round_key(r), INFO))), 0)
     records = []
@@ -186,7 +191,7 @@ def adapted_embeddings(
             records = [{**r, "cached": True} for r in json.load(f)["rounds"]]
     if done == settings.rounds:
         log(f"adaptation: {done} round(s) read from {os.path.join(root, round_key(done))}")
-        return np.load(os.path.join(root, round_key(done), EMBEDDINGS)), {"rounds": records}
+        return np.load(os.path.join(root, round_key(done), EMBEDDINGS)), record(records)
 
     from transformers import AutoModel, AutoTokenizer
 
@@ -224,14 +229,14 @@ def adapted_embeddings(
             model, tokenizer, chosen, posteriors.argmax(1)[rows], manifest["hypotheses"], settings, pooling, log
         )
         embeddings = inference.embed(model, tokenizer, texts, max_length, 64, 16384, pooling)
-        record = {
+        this_round = {
             "round": round_number,
             "texts_trained_on": int(len(rows)),
             "loss": round(loss, 6),
             "seconds": round(time.time() - started, 3),
             "cached": False,
         }
-        records.append(record)
+        records.append(this_round)
         _publish(
             root,
             round_key(round_number),
@@ -244,9 +249,9 @@ def adapted_embeddings(
             f"adaptation round {round_number}: fine-tuned on {len(rows)} texts ({settings.fraction:.0%} surest of "
             f"each refined "
             f"class{', class names masked' if settings.mask_class_names else ''}), re-embedded {n} texts in "
-            f"{record['seconds']:.1f}s"
+            f"{this_round['seconds']:.1f}s"
         )
-    return embeddings, {"rounds": records}
+    return embeddings, record(records)
 
 
 def _publish(root: str, key: str, embeddings: np.ndarray, model, tokenizer, info: dict) -> None:
