@@ -94,6 +94,11 @@ class StudentOptions:
         adapt.AdaptSettings.mask_class_names,
         "remove the class names' words from those texts (Gera et al.'s token masking).",
     )
+    adapt_teacher_agrees: bool = option(
+        adapt.AdaptSettings.teacher_agrees,
+        "train adaptation only on texts whose teacher label is their refined class (the teacher's hypotheses and the "
+        "texts' neighbours agree), the surest of them up to each class's --adapt_fraction.",
+    )
     balance: bool | float = option(
         True,
         "balanced distillation (default): draw training rows as often as their classes are rare in the targets, so "
@@ -896,6 +901,7 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
             rounds=options.adapt_rounds,
             fraction=options.adapt_fraction,
             mask_class_names=options.adapt_mask_class_names,
+            teacher_agrees=options.adapt_teacher_agrees,
             seed=seed,
             refine_center=options.refine_center,
             refine_free_last_round=options.refine_free_last_round,

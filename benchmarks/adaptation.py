@@ -36,11 +36,17 @@ def test_embeddings_after(task: dict, adapted: dict) -> np.ndarray:
     )
 
 
-def main(tasks: str | tuple = tuple(quality.TASKS), rounds: int = 1, work_dir: str = "bench/quality") -> None:
-    """Print one markdown row per task: the frozen space against `rounds` adaptation rounds."""
+def main(
+    tasks: str | tuple = tuple(quality.TASKS),
+    rounds: int = 1,
+    work_dir: str = "bench/quality",
+    teacher_agrees: bool = False,
+) -> None:
+    """Print one markdown row per task: the frozen space against `rounds` adaptation rounds (with --teacher_agrees,
+    rounds that train only on texts whose teacher label is their refined class)."""
     import torch
 
-    settings = adapt.AdaptSettings(rounds=rounds)
+    settings = adapt.AdaptSettings(rounds=rounds, teacher_agrees=teacher_agrees)
     machine = models.hardware_name(torch.device("cpu"))
     print(f"Machine: {machine}; {time.strftime('%Y-%m-%d')}; {settings}\n")
     print("| task | frozen space | adapted | texts trained on (per round) | round seconds (cached: read) |")

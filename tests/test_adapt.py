@@ -101,6 +101,39 @@ def test_round_two_starts_from_round_one_and_the_student_records_it(tmp_path):
     assert refined.shape == (len(labels), 3)
 
 
+def test_adaptation_on_the_texts_the_teacher_agrees_with_is_recorded_and_cached_apart(tmp_path):
+    path, labels, _ = adapted_cache(tmp_path)
+    manifest, _ = cache.load_cache(path)
+    plain = adapt.AdaptSettings(rounds=1, mask_class_names=False, epochs=1, batch_size=16)
+    agreeing = adapt.AdaptSettings(rounds=1, mask_class_names=False, epochs=1, batch_size=16, teacher_agrees=True)
+    _, _, info = train_student.build_targets(path, manifest, False, 1.0, refine=True, adaptation=plain)
+    _, _, info_agreeing = train_student.build_targets(path, manifest, False, 1.0, refine=True, adaptation=agreeing)
+    assert (
+        info_agreeing["adaptation"]["settings"]["teacher_agrees"]
+        and not info["adaptation"]["settings"]["teacher_agrees"]
+    )
+    assert info_agreeing["adaptation"]["key"] != info["adaptation"]["key"]
+    assert sorted(os.listdir(os.path.join(path, adapt.DIRECTORY))) == sorted(
+        [info["adaptation"]["key"], info_agreeing["adaptation"]["key"]]
+    )
+    trained = [i["adaptation"]["rounds"][0]["texts_trained_on"] for i in (info, info_agreeing)]
+    assert 0 < trained[1] <= trained[0]
+
+
+def test_surest_rows_with_the_teacher_take_only_texts_the_two_views_agree_on():
+    posteriors = np.array([[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4], [0.2, 0.8], [0.1, 0.9]])
+    assert adapt.surest_rows(posteriors, 0.5).tolist() == [0, 1, 5]  # 2 of class 0's 4 rows, 1 of class 1's 2
+    teacher = np.array([1, 0, 0, 0, 1, 0])  # the surest class-0 row and the surest class-1 row disagree
+    assert adapt.surest_rows(posteriors, 0.5, teacher).tolist() == [1, 2, 4]  # the next surest that agree
+    assert adapt.surest_rows(posteriors, 0.5, np.array([1, 1, 1, 1, 0, 0])).tolist() == []  # none agree: none
+
+
+def test_the_teacher_agreement_setting_keys_only_its_own_rounds():
+    # Rounds cached before the setting existed keep their key (ba58... is that code's key for these arguments).
+    assert adapt.AdaptSettings().key("abc", "tiny", 1) == "ba584667649c4ed8603f"
+    assert adapt.AdaptSettings(teacher_agrees=True).key("abc", "tiny", 1) != "ba584667649c4ed8603f"
+
+
 def test_class_name_words_are_masked():
     texts = ["An operating system for small computers.", "Systems programming in C", "the SYSTEM operates"]
     assert adapt.mask_class_names(texts, ["operating system", "programming"]) == [

@@ -5,7 +5,8 @@ sentence similarity, not for this task's classes. Gera et al. 2022 ("Zero-Shot T
 Self-Training") fine-tune the zero-shot model on its own most confident predictions; in embedding form, one round:
 
     refine in the current space (zsdistill.refine, the stage 2 method and settings)
-    per refined class, its ADAPT_FRACTION most confident texts (at least one), with the class names' words
+    per refined class, its ADAPT_FRACTION most confident texts (at least one; with teacher_agrees, only texts whose
+        teacher label is that class, as co-training takes what two views agree on), with the class names' words
         removed from them (Gera et al.'s token masking: the model must learn the texts' other words, not the names)
     fine-tune the encoder EPOCHS epoch(s) on them with the zero-shot loss
         cross-entropy(softmax_k(KAPPA * cos(text, hypothesis_k)), refined class)
@@ -49,6 +50,7 @@ class AdaptSettings:
     rounds: int = 1
     fraction: float = 0.3  # of each refined class, its surest texts are trained on (Gera et al.'s share)
     mask_class_names: bool = True  # remove the class names' words from the texts trained on
+    teacher_agrees: bool = False  # train only on texts whose teacher label is their refined class (two views agree)
     epochs: int = 1
     learning_rate: float = 2e-5
     batch_size: int = 32
@@ -60,8 +62,11 @@ class AdaptSettings:
 
     def key(self, cache_key: str, embedding_fingerprint: str, rounds: int) -> str:
         """The cache key of these settings' first `rounds` rounds."""
+        settings = asdict(self)
+        if not self.teacher_agrees:
+            del settings["teacher_agrees"]  # keys of rounds cached before the setting existed stay the same
         fields = {
-            **asdict(self),
+            **settings,
             "rounds": rounds,
             "cache": cache_key,
             "embedding_model": embedding_fingerprint,
@@ -86,14 +91,18 @@ def mask_class_names(texts: list[str], class_names: list[str]) -> list[str]:
     return [" ".join(pattern.sub(" ", text).split()) for text in texts]
 
 
-def surest_rows(posteriors: np.ndarray, fraction: float) -> np.ndarray:
-    """Per predicted class, its `fraction` most confident rows (at least one), in row order."""
+def surest_rows(posteriors: np.ndarray, fraction: float, teacher_prediction: np.ndarray | None = None) -> np.ndarray:
+    """Per predicted class, its `fraction` most confident rows (at least one), in row order. With the teacher's
+    predicted labels, only rows the teacher also gives that class are candidates (as many as there are, up to the
+    class's `fraction`)."""
     prediction, confidence = posteriors.argmax(1), posteriors.max(1)
     chosen = []
     for k in range(posteriors.shape[1]):
         rows = np.flatnonzero(prediction == k)
+        count = max(1, int(np.ceil(fraction * len(rows))))
+        if teacher_prediction is not None:
+            rows = rows[teacher_prediction[rows] == k]
         if len(rows):
-            count = max(1, int(np.ceil(fraction * len(rows))))
             chosen.append(rows[np.argsort(-confidence[rows], kind="stable")[:count]])
     return np.sort(np.concatenate(chosen)) if chosen else np.array([], dtype=np.int64)
 
@@ -203,6 +212,7 @@ def adapted_embeddings(
     model = AutoModel.from_pretrained(start_from).to(models.select_device())  # a GPU where there is one
     pooling = described.get("pooling") or "mean"
     texts = read_texts(cache_path, manifest)
+    teacher_prediction = np.concatenate([chunk.argmax(1) for _, chunk in teacher_chunks()])
     if done:
         embeddings = np.load(os.path.join(root, round_key(done), EMBEDDINGS))
     else:
@@ -221,7 +231,7 @@ def adapted_embeddings(
             free_last_round=settings.refine_free_last_round,
             density_weights=settings.refine_density_weights,
         )
-        rows = surest_rows(posteriors, settings.fraction)
+        rows = surest_rows(posteriors, settings.fraction, teacher_prediction if settings.teacher_agrees else None)
         chosen = [texts[i] for i in rows]
         if settings.mask_class_names:
             chosen = mask_class_names(chosen, class_names)
