@@ -212,7 +212,9 @@ def adapted_embeddings(
     model = AutoModel.from_pretrained(start_from).to(models.select_device())  # a GPU where there is one
     pooling = described.get("pooling") or "mean"
     texts = read_texts(cache_path, manifest)
-    teacher_prediction = np.concatenate([chunk.argmax(1) for _, chunk in teacher_chunks()])
+    teacher_prediction = (
+        np.concatenate([chunk.argmax(1) for _, chunk in teacher_chunks()]) if settings.teacher_agrees else None
+    )
     if done:
         embeddings = np.load(os.path.join(root, round_key(done), EMBEDDINGS))
     else:
@@ -231,7 +233,7 @@ def adapted_embeddings(
             free_last_round=settings.refine_free_last_round,
             density_weights=settings.refine_density_weights,
         )
-        rows = surest_rows(posteriors, settings.fraction, teacher_prediction if settings.teacher_agrees else None)
+        rows = surest_rows(posteriors, settings.fraction, teacher_prediction)
         chosen = [texts[i] for i in rows]
         if settings.mask_class_names:
             chosen = mask_class_names(chosen, class_names)
