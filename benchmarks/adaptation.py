@@ -27,7 +27,7 @@ import train_student  # noqa: E402
 from zsdistill import adapt, models  # noqa: E402
 
 
-def test_embeddings_after(task: dict, adapted: dict) -> np.ndarray:
+def embedded_test_texts(task: dict, adapted: dict) -> np.ndarray:
     """The task's test texts embedded by the pool's adapted encoder (the last round's, `adapted` the pool's record),
     the way stage 2 embeds dev texts with it."""
     texts = adapt.read_texts(task["test"]["path"], task["test"]["manifest"])
@@ -61,7 +61,7 @@ def main(
         adapted_task = {
             **task,
             "pool": {**pool, "embeddings": embeddings},
-            "test": {**task["test"], "embeddings": test_embeddings_after(task, record)},
+            "test": {**task["test"], "embeddings": embedded_test_texts(task, record)},
         }
         adapted = refine_rules.cell(
             adapted_task, refine_rules.on_test_set(adapted_task, refine_rules.fitted(adapted_task))
