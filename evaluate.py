@@ -388,7 +388,7 @@ def teacher_against_labels(
         },
         "cache_report": cache_report.build(teacher_cache, manifest, log),
     }
-    cache_report.confirm_with_labels(report["cache_report"], true, probabilities.argmax(1))
+    cache_report.confirm_with_labels(report["cache_report"], true, probabilities)
     metrics = report["teacher"]["metrics"]
     lines = [
         f"# Teacher against labels: {manifest['teacher']['name_or_path']}",
@@ -591,9 +591,11 @@ def teacher_report(report: dict, options: EvaluateOptions, manifest: dict, table
         }
     report["cache_report"] = cache_report.build(options.teacher_cache, manifest, log)
     if not multi_label:
-        cache_order = np.array([class_names.index(name) for name in manifest["class_names"]])  # labels, cache's order
-        predicted = cache_order[teacher_probabilities.argmax(1)]
-        cache_report.confirm_with_labels(report["cache_report"], cache_order[true], predicted)
+        # The report counts classes in the cache's order: the labels and the teacher's columns moved into it.
+        columns = np.array([class_names.index(name) for name in manifest["class_names"]])  # cache's class i's column
+        cache_report.confirm_with_labels(
+            report["cache_report"], np.argsort(columns)[true], teacher_probabilities[:, columns]
+        )
     return teacher_probabilities
 
 

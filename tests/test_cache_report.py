@@ -195,3 +195,52 @@ def test_a_class_refinement_grows_with_texts_spread_thin_is_called_a_possible_si
         "labels"
     ]
     assert checked["confirmed"] and "true share of 'generic' 31.9%" in checked["evidence"]
+
+
+def drift_task() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Embeddings (N, 16), teacher posteriors and labels of three clustered classes where the texts the teacher is
+    surest are 'alpha' (30 of its 100) sit in 'beta''s cluster: refinement moves them to 'beta' (as FOLDOC's language
+    definitions went to the generic `programming`)."""
+    labels = np.repeat([0, 1, 2], 100)
+    clusters = labels.copy()
+    clusters[:30] = 1  # alpha's first 30 texts look like beta's
+    embeddings = clustered_embeddings(clusters, 3, noise=0.2)
+    teacher = np.full((300, 3), 0.1, dtype=np.float32)
+    teacher[np.arange(300), labels] = 0.8
+    teacher[:30] = [0.9, 0.05, 0.05]  # the teacher is surest of exactly those
+    teacher[30:100] = [0.6, 0.2, 0.2]
+    return embeddings, teacher, labels
+
+
+def test_a_class_refinement_takes_the_teachers_surest_texts_from_is_said_to_drift(tmp_path):
+    """The report says refinement drifts from 'alpha' (it moves every text the teacher is surest are 'alpha'),
+    instead of telling the user the teacher over-predicts it; the labels check those texts."""
+    from zsdistill import targets
+
+    embeddings, teacher, labels = drift_task()
+    names, texts = ["alpha", "beta", "gamma"], [f"text {i}" for i in range(300)]
+    columns = {"similarity": (targets.SIMILARITY_SCALE * np.log(teacher)).astype(np.float32)}
+    path = write_toy_cache(
+        str(tmp_path / "cache" / "drift"), texts, names, columns, kind="embedding", shard_size=64,
+        text_embeddings=embeddings,
+    )  # fmt: skip
+    report = report_of(path, str(tmp_path / "report"))
+    assert report["teacher_surest_moved"][0] == [0, 30, 0]  # alpha's surest 20% (ties: all 30) went to beta
+    drift = [w for w in report["warnings"] if w["kind"] == "refinement_drifts"]
+    assert [w["classes"] for w in drift] == [["alpha"]]
+    assert "keeps only 0 of the 30 texts the teacher is surest are 'alpha'" in drift[0]["message"]
+    assert "'beta' (30)" in drift[0]["message"] and "--dev_file" in drift[0]["message"]
+    assert not [
+        w for w in report["warnings"] if w["kind"] == "teacher_and_refinement_disagree" and "alpha" in w["classes"]
+    ]
+    assert "- refined, sure" in open(tmp_path / "report" / "report.md").read()
+    for truth, confirmed in ((labels, True), (np.where(np.arange(300) < 30, 1, labels), False)):
+        (tmp_path / "labeled.jsonl").write_text(
+            "".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, truth))
+        )
+        checked = evaluate.main(
+            teacher_cache=path, test_file=str(tmp_path / "labeled.jsonl"), output_dir=str(tmp_path / "labeled")
+        )["cache_report"]["warnings"]
+        evidence = [w["labels"] for w in checked if w["kind"] == "refinement_drifts"][0]
+        assert evidence["confirmed"] == confirmed
+        assert evidence["evidence"].startswith(f"{30 if confirmed else 0} of the 30 texts the teacher is surest")

@@ -10,11 +10,14 @@ every class (and, mostly, each text's embedding), so without a single label it s
 - the class pairs most often each other's runner-up (a confusion picture without labels);
 - warnings that name the class and what to try: a class (almost) never predicted (and which class takes its
   texts), a class that takes far more than a plausible share, two classes the teacher cannot tell apart, texts
-  cut at the teacher's maximum length, scores too flat to prefer any class.
+  cut at the teacher's maximum length, scores too flat to prefer any class, and where refinement and the
+  teacher part ways: a class refinement grows with texts spread thin (a possible sink), one that drifts away from
+  the texts the teacher is surest about.
 
-Memory is flat in the number of texts: one pass over the shards (and one more for the refined view), keeping
-O(K^2 + K * EXAMPLES) numbers; refinement is fitted on an even sample of at most REFINE_SAMPLE texts (all of them
-in smaller caches, where the refined view is exactly the targets stage 2 makes) and then applied shard by shard.
+Memory: one pass over the shards (and one more for the refined view), keeping O(K^2 + K * EXAMPLES) numbers and two
+a text (the teacher's class and its probability); refinement is fitted on an even sample of at most REFINE_SAMPLE
+texts (all of them in smaller caches, where the refined view is exactly the targets stage 2 makes) and then applied
+shard by shard.
 evaluate.py writes it (`--teacher_cache` without `--model`/`--test_file`; `make inspect`), and beside a labeled
 report, where the labels confirm or refute each warning.
 """
@@ -41,6 +44,15 @@ SPREAD_THIN = 0.6
 DISAGREEMENT = (
     1.5  # refinement gives a class 1.5x (or 1/1.5) the teacher's share, and at least half a uniform share more (less)
 )
+# A class "drifts" when refinement keeps under DRIFT_KEPT of the texts the teacher is surest are in it (its top
+# SUREST_FRACTION by the teacher's probability, at least MIN_SUREST texts) in it. Where the teacher over-predicts a
+# class, refinement takes its doubtful texts away and keeps its surest ones; where it moves the surest ones too, the
+# refined class means something else: FOLDOC's `language` (refinement kept 2 of the teacher's 59 surest, language
+# definitions, and became a tight group of country codes; recall 0.24 -> 0.01). Measured on seven tasks'
+# caches in benchmarks/README.md ("The label-free report").
+SUREST_FRACTION = 0.2
+DRIFT_KEPT = 0.25
+MIN_SUREST = 10
 SIMILAR_CORRELATION = 0.95  # two classes' scores, each text's mean removed, move together this closely
 MIN_TEXTS = 20  # runner-up patterns need this many texts of each class to mean anything
 TRUNCATED_SHARE = 0.01  # warn when this share of the texts were cut
@@ -176,16 +188,19 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
 
     # 1. The teacher: its single-label probabilities (T = 1, as stage 2's targets) and its raw scores, one pass.
     teacher = View(k, prediction=np.empty(n, np.int16))
+    teacher_confidence = np.empty(n, np.float32)  # each text's top probability: which texts the teacher is surest of
     centered_sum, centered_products = np.zeros(k), np.zeros((k, k))  # for the correlation of classes' scores
     for start, table in cache.iter_shards(cache_path, manifest, [score_column]):
         scores = cache.list_column_to_numpy(table.column(score_column), k)
-        teacher.add(start, targets.teacher_probabilities({score_column: scores}, multi_label=False))
+        probabilities = targets.teacher_probabilities({score_column: scores}, multi_label=False)
+        teacher.add(start, probabilities)
+        teacher_confidence[start : start + len(probabilities)] = probabilities.max(1)
         centered = scores.astype(np.float64) - scores.mean(1, keepdims=True)  # each text's general level removed
         centered_sum += centered.sum(0)
         centered_products += centered.T @ centered
 
     # 2. The refined view, where the cache holds text embeddings: what stage 2 would train on.
-    refined, moved, refinement_info = None, None, None
+    refined, moved, refinement_info, surest_moved = None, None, None, None
     if manifest.get("text_embedding_column"):
         step = max(1, math.ceil(n / REFINE_SAMPLE))
         teacher_chunks = lambda: targets.cache_probability_chunks(cache_path, manifest, False)  # noqa: E731
@@ -193,7 +208,8 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
         _, refinement = refine.refine(
             _sampled(teacher_chunks, step), _sampled(embedding_chunks, step), math.ceil(n / step), k, log=log
         )
-        refined, moved = View(k), np.zeros((k, k), np.int64)
+        refined, moved, surest_moved = View(k), np.zeros((k, k), np.int64), np.zeros((k, k), np.int64)
+        surest_cut = surest_cuts(teacher.prediction, teacher_confidence, k)
         # How spread each class's texts are: the length of their mean embedding, centred on the corpus mean (1: all
         # alike, near 0: texts of every topic), for the refined classes and for the teacher's.
         center = refinement.center if refinement.center is not None else refine.mean_embedding(embedding_chunks, n)
@@ -203,6 +219,8 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
             top, taught = probabilities.argmax(1), teacher.prediction[start : start + len(chunk)]
             refined.add(start, probabilities)
             np.add.at(moved, (taught, top), 1)
+            surest = teacher_confidence[start : start + len(chunk)] >= surest_cut[taught]
+            np.add.at(surest_moved, (taught[surest], top[surest]), 1)
             centred = refine.centered(chunk, center)
             np.add.at(refined_sums, top, centred)
             np.add.at(teacher_sums, taught, centred)
@@ -211,6 +229,8 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
             "fitted_on": math.ceil(n / step),
             "cohesion": _cohesion(refined_sums, refined.count),
             "teacher_cohesion": _cohesion(teacher_sums, teacher.count),
+            # per class, the teacher's probability from which a text predicted k is among its surest SUREST_FRACTION
+            "teacher_surest_cut": [float(v) if np.isfinite(v) else None for v in surest_cut],
         }
 
     texts = _texts(cache_path, manifest, teacher.rows_shown() | (refined.rows_shown() if refined else set()))
@@ -231,9 +251,22 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
         "refined_view": refined.summary(class_names, texts) if refined else None,
         "refinement": refinement_info,
         "moved_by_refinement": moved.tolist() if moved is not None else None,  # [teacher's class, refined class]
+        # the same, over the texts the teacher is surest about (teacher_surest_cut)
+        "teacher_surest_moved": surest_moved.tolist() if surest_moved is not None else None,
     }
     report["warnings"] = warnings(report)
     return report
+
+
+def surest_cuts(prediction: np.ndarray, confidence: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per class, the teacher's probability from which a text it predicts k is among the SUREST_FRACTION it is surest
+    of (ties included; inf for a class it never predicts)."""
+    cuts = np.full(num_classes, np.inf, dtype=np.float32)
+    for c in range(num_classes):
+        mine = np.sort(confidence[prediction == c])[::-1]
+        if len(mine):
+            cuts[c] = mine[max(1, math.ceil(SUREST_FRACTION * len(mine))) - 1]
+    return cuts
 
 
 def _cohesion(sums: np.ndarray, count: np.ndarray) -> list:
@@ -301,8 +334,29 @@ def warnings(report: dict) -> list[dict]:
             [c for c in refinement.get("teacher_cohesion") or [] if c is not None],
         )
         typical = float(np.median(teacher_cohesion)) if cohesion and teacher_cohesion else None
+        surest = np.array(report.get("teacher_surest_moved") or np.zeros((k, k)), dtype=np.int64)
         for c, name in enumerate(names):
             before, after = view["classes"][name]["share"], refined["classes"][name]["share"]
+            total, kept = int(surest[c].sum()), int(surest[c, c])
+            if before >= RARE_SHARE * uniform and total >= MIN_SUREST and kept < DRIFT_KEPT * total:
+                # Refinement moves even the texts the teacher is surest about: "the teacher over-predicts" would be
+                # the wrong advice (the class may be right and refinement drawn to other texts).
+                away = surest[c].copy()
+                away[c] = 0
+                where = ", ".join(f"'{names[i]}' ({away[i]})" for i in np.argsort(-away, kind="stable")[:3] if away[i])
+                now = refined["classes"][name]["most_confident"]
+                example = f' such as "{_clip(now[0]["text"], 80)}"' if now else ""
+                warn(
+                    "refinement_drifts",
+                    [name],
+                    f"refinement keeps only {kept} of the {total} texts the teacher is surest are '{name}' (its top "
+                    f"{SUREST_FRACTION:.0%}) in '{name}' (the others go to {where}); what it calls '{name}' instead "
+                    f"are texts{example}. Refinement may have drifted from what the teacher means by '{name}' (a "
+                    f"tight group of other texts can take a class over). Compare the two views' texts of '{name}' "
+                    f"below: if the teacher's are right, a few labeled '{name}' texts (train_student.py --dev_file) "
+                    f"anchor the class, or --norefine trains on the teacher's own targets.",
+                )
+                continue
             if (
                 before < RARE_SHARE * uniform
                 or abs(after - before) < 0.5 * uniform
@@ -403,8 +457,10 @@ def warnings(report: dict) -> list[dict]:
     return out
 
 
-def confirm_with_labels(report: dict, true: np.ndarray, teacher_prediction: np.ndarray) -> None:
-    """Add to each warning what held-out labels say of it (single-label): `labels` = {evidence, confirmed}."""
+def confirm_with_labels(report: dict, true: np.ndarray, teacher_probabilities: np.ndarray) -> None:
+    """Add to each warning what held-out labels say of it (single-label): `labels` = {evidence, confirmed}.
+    `true` and the teacher's (N, K) probabilities in the cache's class order."""
+    teacher_prediction = teacher_probabilities.argmax(1)
     names = report["class_names"]
     index = {name: i for i, name in enumerate(names)}
     for warning in report["warnings"]:
@@ -444,6 +500,16 @@ def confirm_with_labels(report: dict, true: np.ndarray, teacher_prediction: np.n
                 "evidence": f"true share of '{names[c]}' {true_share:.1%} against the teacher's "
                 f"{predicted_share:.1%}, teacher recall {recall:.2f}",
                 "confirmed": true_share > 1.25 * predicted_share if under else true_share * 1.25 < predicted_share,
+            }
+        elif warning["kind"] == "refinement_drifts":
+            c = classes[0]
+            cut = report["refinement"]["teacher_surest_cut"][c]
+            surest = (teacher_prediction == c) & (teacher_probabilities.max(1) >= cut)
+            right = int((true[surest] == c).sum())
+            warning["labels"] = {
+                "evidence": f"{right} of the {int(surest.sum())} texts the teacher is surest are '{names[c]}' are "
+                f"'{names[c]}'",
+                "confirmed": bool(right >= 0.5 * surest.sum()),
             }
         elif warning["kind"] in ("indistinct", "confused_pair"):
             a, b = classes
@@ -686,6 +752,12 @@ def markdown(report: dict, heading: str = "#") -> str:
         f"{sub} Per class: most confident and most borderline texts (teacher)",
         "",
     ]
+    refinement_warned = {  # where refinement and the teacher part ways, its surest texts too
+        c
+        for w in report["warnings"]
+        if w["kind"] in ("refinement_drifts", "refinement_grows_a_spread_class")
+        for c in w["classes"]
+    }
     for c in names:
         t = teacher["classes"][c]
         lines.append(f"**{c}** ({t['predicted']} texts)")
@@ -699,6 +771,9 @@ def markdown(report: dict, heading: str = "#") -> str:
             )
         if not t["predicted"]:
             lines.append("- no text has it as its top class")
+        if c in refinement_warned:
+            for e in refined["classes"][c]["most_confident"][:SHOWN]:
+                lines.append(f"- refined, sure ({e['confidence']:.2f}): {_clip(e['text'])}")
         lines.append("")
     return "\n".join(lines) + "\n"
 
