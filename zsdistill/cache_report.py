@@ -47,9 +47,9 @@ DISAGREEMENT = (
 # A class "drifts" when refinement keeps under DRIFT_KEPT of the texts the teacher is surest are in it (its top
 # SUREST_FRACTION by the teacher's probability, at least MIN_SUREST texts) in it. Where the teacher over-predicts a
 # class, refinement takes its doubtful texts away and keeps its surest ones; where it moves the surest ones too, the
-# refined class means something else: FOLDOC's `language` (refinement kept 2 of the teacher's 59 surest, language
-# definitions, and became a tight group of country codes; recall 0.24 -> 0.01). Measured on seven tasks'
-# caches in benchmarks/README.md ("The label-free report").
+# refined class means something else: FOLDOC's `language` (refinement kept 2 of the teacher's 60 surest, language
+# definitions, and became a tight group of country codes; recall 0.24 -> 0.01). Measured on seven tasks' caches in
+# benchmarks/README.md ("A class refinement drifts from").
 SUREST_FRACTION = 0.2
 DRIFT_KEPT = 0.25
 MIN_SUREST = 10
