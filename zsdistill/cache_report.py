@@ -74,6 +74,7 @@ class View:
         default_factory=list
     )  # per class: [(margin, row, runner-up, confidence, runner-up probability)]
     prediction: np.ndarray | None = None  # (N,) int16 when kept (the teacher's, to compare with the refined view)
+    confidence: np.ndarray | None = None  # (N,) float32 top probability when kept (which texts it is surest of)
 
     def __post_init__(self):
         k = self.num_classes
@@ -119,6 +120,8 @@ class View:
             )[:EXAMPLES]
         if self.prediction is not None:
             self.prediction[start : start + len(top)] = top
+        if self.confidence is not None:
+            self.confidence[start : start + len(top)] = confidence
 
     def summary(self, class_names: list[str], texts: dict[int, str]) -> dict:
         n = max(int(self.count.sum()), 1)
@@ -187,14 +190,11 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
     score_column = "similarity" if "similarity" in manifest["score_columns"] else "entailment"
 
     # 1. The teacher: its single-label probabilities (T = 1, as stage 2's targets) and its raw scores, one pass.
-    teacher = View(k, prediction=np.empty(n, np.int16))
-    teacher_confidence = np.empty(n, np.float32)  # each text's top probability: which texts the teacher is surest of
+    teacher = View(k, prediction=np.empty(n, np.int16), confidence=np.empty(n, np.float32))
     centered_sum, centered_products = np.zeros(k), np.zeros((k, k))  # for the correlation of classes' scores
     for start, table in cache.iter_shards(cache_path, manifest, [score_column]):
         scores = cache.list_column_to_numpy(table.column(score_column), k)
-        probabilities = targets.teacher_probabilities({score_column: scores}, multi_label=False)
-        teacher.add(start, probabilities)
-        teacher_confidence[start : start + len(probabilities)] = probabilities.max(1)
+        teacher.add(start, targets.teacher_probabilities({score_column: scores}, multi_label=False))
         centered = scores.astype(np.float64) - scores.mean(1, keepdims=True)  # each text's general level removed
         centered_sum += centered.sum(0)
         centered_products += centered.T @ centered
@@ -209,7 +209,7 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
             _sampled(teacher_chunks, step), _sampled(embedding_chunks, step), math.ceil(n / step), k, log=log
         )
         refined, moved, surest_moved = View(k), np.zeros((k, k), np.int64), np.zeros((k, k), np.int64)
-        surest_cut = surest_cuts(teacher.prediction, teacher_confidence, k)
+        surest_cut = surest_cuts(teacher.prediction, teacher.confidence, k)
         # How spread each class's texts are: the length of their mean embedding, centred on the corpus mean (1: all
         # alike, near 0: texts of every topic), for the refined classes and for the teacher's.
         center = refinement.center if refinement.center is not None else refine.mean_embedding(embedding_chunks, n)
@@ -219,7 +219,7 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
             top, taught = probabilities.argmax(1), teacher.prediction[start : start + len(chunk)]
             refined.add(start, probabilities)
             np.add.at(moved, (taught, top), 1)
-            surest = teacher_confidence[start : start + len(chunk)] >= surest_cut[taught]
+            surest = among_surest(taught, teacher.confidence[start : start + len(chunk)], surest_cut)
             np.add.at(surest_moved, (taught[surest], top[surest]), 1)
             centred = refine.centered(chunk, center)
             np.add.at(refined_sums, top, centred)
@@ -267,6 +267,11 @@ def surest_cuts(prediction: np.ndarray, confidence: np.ndarray, num_classes: int
         if len(mine):
             cuts[c] = mine[max(1, math.ceil(SUREST_FRACTION * len(mine))) - 1]
     return cuts
+
+
+def among_surest(prediction: np.ndarray, confidence: np.ndarray, cuts) -> np.ndarray:
+    """Whether each text is among those the teacher is surest are its predicted class (cuts: surest_cuts')."""
+    return confidence >= np.asarray(cuts, dtype=np.float64)[prediction]
 
 
 def _cohesion(sums: np.ndarray, count: np.ndarray) -> list:
@@ -334,7 +339,7 @@ def warnings(report: dict) -> list[dict]:
             [c for c in refinement.get("teacher_cohesion") or [] if c is not None],
         )
         typical = float(np.median(teacher_cohesion)) if cohesion and teacher_cohesion else None
-        surest = np.array(report.get("teacher_surest_moved") or np.zeros((k, k)), dtype=np.int64)
+        surest = np.array(report["teacher_surest_moved"])  # the same, over the teacher's surest texts
         for c, name in enumerate(names):
             before, after = view["classes"][name]["share"], refined["classes"][name]["share"]
             total, kept = int(surest[c].sum()), int(surest[c, c])
@@ -503,8 +508,8 @@ def confirm_with_labels(report: dict, true: np.ndarray, teacher_probabilities: n
             }
         elif warning["kind"] == "refinement_drifts":
             c = classes[0]
-            cut = report["refinement"]["teacher_surest_cut"][c]
-            surest = (teacher_prediction == c) & (teacher_probabilities.max(1) >= cut)
+            cuts = [np.inf if v is None else v for v in report["refinement"]["teacher_surest_cut"]]
+            surest = (teacher_prediction == c) & among_surest(teacher_prediction, teacher_probabilities.max(1), cuts)
             right = int((true[surest] == c).sum())
             warning["labels"] = {
                 "evidence": f"{right} of the {int(surest.sum())} texts the teacher is surest are '{names[c]}' are "
