@@ -80,6 +80,12 @@ class StudentOptions:
         "of a uniform share, so refinement does not starve a small class the teacher finds (it lifts the refined "
         "targets where a class is small and diverse, measured not to carry over to the student; benchmarks/README.md).",
     )
+    refine_drift_guard: bool = option(
+        True,
+        "without --dev_file: where refinement moves a class away from the texts the teacher is surest are in it (it "
+        "keeps under a quarter of them), refine again with that class anchored to those texts (default), so a tight "
+        "group of other texts cannot take the class over; --norefine_drift_guard gives the previous release's.",
+    )
     adapt_rounds: int = option(
         0,
         "rounds of adaptation before refining (default 0: none): fine-tune the cache's embedding model on "
@@ -176,6 +182,7 @@ class StudentOptions:
         self.refine_free_last_round = bool(self.refine_free_last_round)
         self.refine_density_weights = bool(self.refine_density_weights)
         self.refine_prior_floor = bool(self.refine_prior_floor)
+        self.refine_drift_guard = bool(self.refine_drift_guard)
         self.refine_with_dev = bool(self.refine_with_dev)
         self.refine_dev_bias = bool(self.refine_dev_bias)
         try:
@@ -271,6 +278,7 @@ def build_targets(
     refine_density_weights: bool = True,
     refine_dev_bias: bool = True,
     refine_prior_floor: bool = False,
+    refine_drift_guard: bool = True,
 ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record.
     With `dev` (texts, class indices), refinement moves its centroids toward them and fits its confidence on them."""
@@ -336,6 +344,7 @@ def build_targets(
         density_weights=refine_density_weights,
         dev_bias=refine_dev_bias,
         prior_floor=refine_prior_floor,
+        drift_guard=refine_drift_guard,
     )
     info = {**refinement.settings(), "embedding_fingerprint": fingerprint, "seconds": round(time.time() - started, 3)}
     if adapted:
@@ -906,6 +915,7 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
             refine_center=options.refine_center,
             refine_free_last_round=options.refine_free_last_round,
             refine_density_weights=options.refine_density_weights,
+            refine_drift_guard=options.refine_drift_guard,
         )
     built = build_targets(
         options.cache,
@@ -920,6 +930,7 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
         options.refine_density_weights,
         options.refine_dev_bias,
         options.refine_prior_floor,
+        options.refine_drift_guard,
     )
     log(f"targets built in {time.time() - started:.1f}s")
     return built

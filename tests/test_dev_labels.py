@@ -319,6 +319,11 @@ def test_dev_texts_join_refinement_and_the_student_is_calibrated_through_its_tar
     assert info["refinement"]["prior_floor"] is None and "prior under the smaller" not in text
     floored = {**info, "refinement": {**info["refinement"], "labeled_texts": None, "prior_floor": 0.4}}
     assert "no class's prior under the smaller of the teacher's and 0.4 / K" in card.render(floored)
+    # With dev labels the drift guard is not applied, and the card names a guarded class only where there is one.
+    assert info["refinement"]["drift_guard"] is False and "refined again anchored" not in text
+    guarded = {**info, "refinement": {**info["refinement"], "labeled_texts": None, "guarded_classes": [1]}}
+    name = info["cache_summary"]["class_names"][1]
+    assert f"refined again anchored to the texts the teacher is surest of for `{name}`" in card.render(guarded)
     assert "refinement's confidence and class priors fitted on them" in card.calibration_text(biased)
 
     # A dev set of k a class cannot show the class shares its prior bias was fitted to: the card says so, only then.

@@ -462,11 +462,11 @@ def test_a_generic_class_does_not_sink_a_small_one():
 
 
 def test_refinement_before_centring_is_reachable_and_unchanged(tmp_path):
-    """--norefine_center --norefine_free_last_round --norefine_density_weights give the refinement of three releases
-    before: its targets on the sink task, as it wrote them."""
+    """--norefine_center --norefine_free_last_round --norefine_density_weights --norefine_drift_guard give the
+    refinement of four releases before: its targets on the sink task, as it wrote them."""
     embeddings, teacher, _ = sink_task()
     targets_, refinement = refine_arrays(
-        teacher, embeddings, center=False, free_last_round=False, density_weights=False
+        teacher, embeddings, center=False, free_last_round=False, density_weights=False, drift_guard=False
     )
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_before_centering.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
@@ -508,6 +508,10 @@ def test_norefine_center_flag_reaches_the_refinement(tmp_path):
         refine_density_weights=False,
     )
     _, _, floored_info = train_student.build_targets(path, manifest, False, 1.0, refine=True, refine_prior_floor=True)
+    _, _, unguarded_info = train_student.build_targets(
+        path, manifest, False, 1.0, refine=True, refine_drift_guard=False
+    )
+    assert info["drift_guard"] is True and unguarded_info["drift_guard"] is False
     assert info["center"] is True and plain_info["center"] is False and not np.array_equal(centred, plain)
     assert info["free_last_round"] is True and plain_info["free_last_round"] is False
     assert info["density_weights"] is True and plain_info["density_weights"] is False
@@ -617,8 +621,10 @@ def test_the_prior_floor_keeps_a_small_class_the_teacher_finds():
     a class above its floor is left as it was."""
     embeddings, teacher, labels = small_class_task()
     taught = teacher.argmax(1)
-    before, unfloored = refine_arrays(teacher, embeddings)
-    after, refinement = refine_arrays(teacher, embeddings, prior_floor=True)
+    # Without the drift guard: it looks at the small class too (refinement moves the teacher's surest texts of it),
+    # so with it the two refinements would differ by more than the floor.
+    before, unfloored = refine_arrays(teacher, embeddings, drift_guard=False)
+    after, refinement = refine_arrays(teacher, embeddings, prior_floor=True, drift_guard=False)
     assert recall(taught, labels, 3) >= 0.8
     assert recall(before.argmax(1), labels, 3) < 0.1 and np.exp(unfloored.log_priors[3]) < 0.03
     assert recall(after.argmax(1), labels, 3) >= 0.7 * recall(taught, labels, 3)
@@ -632,10 +638,11 @@ def test_the_prior_floor_keeps_a_small_class_the_teacher_finds():
 
 
 def test_without_the_prior_floor_the_refinement_is_the_release_befores():
-    """Without --refine_prior_floor (the default) the refinement is the release before's, as it wrote its targets on
-    the small-class task; with dev labels the floor is never applied (their prior bias decides)."""
+    """Without --refine_prior_floor (the default) and --norefine_drift_guard the refinement is the one of two releases
+    before, as it wrote its targets on the small-class task; with dev labels the floor is never applied (their prior
+    bias decides)."""
     embeddings, teacher, labels = small_class_task()
-    targets_, refinement = refine_arrays(teacher, embeddings)
+    targets_, refinement = refine_arrays(teacher, embeddings, drift_guard=False)
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_prior_floor.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
         np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
@@ -646,3 +653,61 @@ def test_without_the_prior_floor_the_refinement_is_the_release_befores():
     with_dev, fitted = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False, prior_floor=True)
     plain, _ = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False)
     assert fitted.prior_floor is False and np.array_equal(with_dev, plain)
+
+
+def drift_task(seed: int = 0, width: int = 32):
+    """Class 0's texts spread wide around a direction near the generic class 2's, which the teacher gives most of
+    them; a tight clump of 150 class-1 texts far from every class that the teacher puts in class 0, less surely than
+    the class-0 texts it finds, as FOLDOC's country codes in `language` (its real texts near `programming`).
+    Returns embeddings, teacher posteriors, labels."""
+    rng = np.random.default_rng(seed)
+    directions = np.linalg.qr(rng.normal(size=(width, width)))[0][:5]
+    near_generic = directions[0] + 3.0 * directions[2]
+    parts = [(around(rng, near_generic / np.linalg.norm(near_generic), 150, 1.4), 0)]
+    parts += [(around(rng, directions[4], 150, 0.15), 1), (around(rng, directions[1], 200, 1.0), 1)]
+    parts += [(around(rng, directions[2], 250, 1.4), 2), (around(rng, directions[3], 200, 1.0), 3)]
+    embeddings = np.concatenate([part for part, _ in parts]).astype(np.float32)
+    labels = np.concatenate([np.full(len(part), k) for part, k in parts])
+    scores = rng.normal(0, 0.5, size=(len(labels), 4))
+    scores[np.arange(len(labels)), labels] += 1.0
+    scores[:150, 2] += 0.9  # the generic class takes most class-0 texts
+    scores[150:300, 0] += 1.3  # the clump: class 0 to the teacher
+    teacher = np.exp(2 * scores)
+    return embeddings, (teacher / teacher.sum(1, keepdims=True)).astype(np.float32), labels
+
+
+def test_the_drift_guard_keeps_a_class_on_the_texts_the_teacher_is_surest_of():
+    """Without the guard the clump, surest to refinement, becomes class 0 and its own texts go to the generic class
+    (refinement keeps under a quarter of the texts the teacher is surest are class 0); with it the class is refined
+    again anchored to those texts and keeps what the teacher found. Without a drifting class nothing changes."""
+    embeddings, teacher, labels = drift_task()
+    taught, sure = teacher.argmax(1), teacher.max(1)
+    unguarded, plain = refine_arrays(teacher, embeddings, drift_guard=False)
+    guarded, refinement = refine_arrays(teacher, embeddings)
+    assert recall(taught, labels, 0) >= 0.5
+    assert recall(unguarded.argmax(1), labels, 0) < 0.7 * recall(taught, labels, 0)
+    assert refine.drifted_classes(taught, sure, unguarded.argmax(1), 4) == [0]
+    assert recall(guarded.argmax(1), labels, 0) >= 0.7 * recall(taught, labels, 0) + 0.1
+    assert (guarded.argmax(1) == labels).mean() > (unguarded.argmax(1) == labels).mean()
+    assert refinement.guarded == [0] and refinement.settings()["guarded_classes"] == [0]
+    assert plain.guarded == [] and plain.settings()["drift_guard"] is False
+    assert refinement.settings()["drift_guard"] is True
+    # --norefine_drift_guard is the release before's refinement, as it wrote its targets on this task.
+    with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_drift_guard.npz")) as before:
+        assert np.array_equal(unguarded.argmax(1), before["targets"].argmax(1))
+        np.testing.assert_allclose(unguarded, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
+    # No class drifts on the clump task: the guard looks and leaves the refinement as it was, bit for bit.
+    embeddings, teacher, _ = clump_task()
+    looked, looked_refinement = refine_arrays(teacher, embeddings)
+    unlooked, _ = refine_arrays(teacher, embeddings, drift_guard=False)
+    assert looked_refinement.guarded == [] and np.array_equal(looked, unlooked)
+
+
+def test_dev_labels_replace_the_drift_guard():
+    """With dev labels the guard is not applied: the labeled texts anchor each class themselves."""
+    embeddings, teacher, labels = drift_task()
+    dev = np.concatenate([np.flatnonzero(labels == k)[:4] for k in range(4)])
+    labeled = refine.LabeledTexts(embeddings[dev], labels[dev])
+    with_guard, fitted = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False)
+    without, _ = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False, drift_guard=False)
+    assert fitted.guarded == [] and fitted.drift_guard is False and np.array_equal(with_guard, without)

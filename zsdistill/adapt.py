@@ -59,12 +59,15 @@ class AdaptSettings:
     refine_center: bool = True
     refine_free_last_round: bool = True
     refine_density_weights: bool = True
+    refine_drift_guard: bool = True
 
     def key(self, cache_key: str, embedding_fingerprint: str, rounds: int) -> str:
         """The cache key of these settings' first `rounds` rounds."""
         settings = asdict(self)
         if not self.teacher_agrees:
             del settings["teacher_agrees"]  # keys of rounds cached before the setting existed stay the same
+        if not self.refine_drift_guard:
+            del settings["refine_drift_guard"]  # the rounds cached before the guard existed were made without it
         fields = {
             **settings,
             "rounds": rounds,
@@ -232,6 +235,7 @@ def adapted_embeddings(
             center=settings.refine_center,
             free_last_round=settings.refine_free_last_round,
             density_weights=settings.refine_density_weights,
+            drift_guard=settings.refine_drift_guard,
         )
         rows = surest_rows(posteriors, settings.fraction, teacher_prediction)
         chosen = [texts[i] for i in rows]

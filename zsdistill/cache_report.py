@@ -44,15 +44,8 @@ SPREAD_THIN = 0.6
 DISAGREEMENT = (
     1.5  # refinement gives a class 1.5x (or 1/1.5) the teacher's share, and at least half a uniform share more (less)
 )
-# A class "drifts" when refinement keeps under DRIFT_KEPT of the texts the teacher is surest are in it (its top
-# SUREST_FRACTION by the teacher's probability, at least MIN_SUREST texts) in it. Where the teacher over-predicts a
-# class, refinement takes its doubtful texts away and keeps its surest ones; where it moves the surest ones too, the
-# refined class means something else: FOLDOC's `language` (refinement kept 2 of the teacher's 60 surest, language
-# definitions, and became a tight group of country codes; recall 0.24 -> 0.01). Measured on seven tasks' caches in
-# benchmarks/README.md ("A class refinement drifts from").
-SUREST_FRACTION = 0.2
-DRIFT_KEPT = 0.25
-MIN_SUREST = 10
+# A class "drifts" when refinement keeps under refine.DRIFT_KEPT of the texts the teacher is surest are in it in it
+# (refine.drifts, the rule stage 2's drift guard acts on): the report names a class that drifts despite the guard.
 SIMILAR_CORRELATION = 0.95  # two classes' scores, each text's mean removed, move together this closely
 MIN_TEXTS = 20  # runner-up patterns need this many texts of each class to mean anything
 TRUNCATED_SHARE = 0.01  # warn when this share of the texts were cut
@@ -209,7 +202,7 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
             _sampled(teacher_chunks, step), _sampled(embedding_chunks, step), math.ceil(n / step), k, log=log
         )
         refined, moved, surest_moved = View(k), np.zeros((k, k), np.int64), np.zeros((k, k), np.int64)
-        surest_cut = surest_cuts(teacher.prediction, teacher.confidence, k)
+        surest_cut = refine.surest_cuts(teacher.prediction, teacher.confidence, k)
         # How spread each class's texts are: the length of their mean embedding, centred on the corpus mean (1: all
         # alike, near 0: texts of every topic), for the refined classes and for the teacher's.
         center = refinement.center if refinement.center is not None else refine.mean_embedding(embedding_chunks, n)
@@ -219,7 +212,7 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
             top, taught = probabilities.argmax(1), teacher.prediction[start : start + len(chunk)]
             refined.add(start, probabilities)
             np.add.at(moved, (taught, top), 1)
-            surest = among_surest(taught, teacher.confidence[start : start + len(chunk)], surest_cut)
+            surest = refine.among_surest(taught, teacher.confidence[start : start + len(chunk)], surest_cut)
             np.add.at(surest_moved, (taught[surest], top[surest]), 1)
             centred = refine.centered(chunk, center)
             np.add.at(refined_sums, top, centred)
@@ -229,7 +222,7 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
             "fitted_on": math.ceil(n / step),
             "cohesion": _cohesion(refined_sums, refined.count),
             "teacher_cohesion": _cohesion(teacher_sums, teacher.count),
-            # per class, the teacher's probability from which a text predicted k is among its surest SUREST_FRACTION
+            # per class, the teacher's probability from which a text predicted k is among its surest
             "teacher_surest_cut": [float(v) if np.isfinite(v) else None for v in surest_cut],
         }
 
@@ -256,22 +249,6 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
     }
     report["warnings"] = warnings(report)
     return report
-
-
-def surest_cuts(prediction: np.ndarray, confidence: np.ndarray, num_classes: int) -> np.ndarray:
-    """Per class, the teacher's probability from which a text it predicts k is among the SUREST_FRACTION it is surest
-    of (ties included; inf for a class it never predicts)."""
-    cuts = np.full(num_classes, np.inf, dtype=np.float32)
-    for c in range(num_classes):
-        mine = np.sort(confidence[prediction == c])[::-1]
-        if len(mine):
-            cuts[c] = mine[max(1, math.ceil(SUREST_FRACTION * len(mine))) - 1]
-    return cuts
-
-
-def among_surest(prediction: np.ndarray, confidence: np.ndarray, cuts) -> np.ndarray:
-    """Whether each text is among those the teacher is surest are its predicted class (cuts: surest_cuts')."""
-    return confidence >= np.asarray(cuts, dtype=np.float64)[prediction]
 
 
 def _cohesion(sums: np.ndarray, count: np.ndarray) -> list:
@@ -343,7 +320,7 @@ def warnings(report: dict) -> list[dict]:
         for c, name in enumerate(names):
             before, after = view["classes"][name]["share"], refined["classes"][name]["share"]
             total, kept = int(surest[c].sum()), int(surest[c, c])
-            if before >= RARE_SHARE * uniform and total >= MIN_SUREST and kept < DRIFT_KEPT * total:
+            if refine.drifts(before, total, kept, k):
                 # Refinement moves even the texts the teacher is surest about: "the teacher over-predicts" would be
                 # the wrong advice (the class may be right and refinement drawn to other texts).
                 away = surest[c].copy()
@@ -355,11 +332,11 @@ def warnings(report: dict) -> list[dict]:
                     "refinement_drifts",
                     [name],
                     f"refinement keeps only {kept} of the {total} texts the teacher is surest are '{name}' (its top "
-                    f"{SUREST_FRACTION:.0%}) in '{name}' (the others go to {where}); what it calls '{name}' instead "
-                    f"are texts{example}. Refinement may have drifted from what the teacher means by '{name}' (a "
-                    f"tight group of other texts can take a class over). Compare the two views' texts of '{name}' "
-                    f"below: if the teacher's are right, a few labeled '{name}' texts (train_student.py --dev_file) "
-                    f"anchor the class, or --norefine trains on the teacher's own targets.",
+                    f"{refine.SUREST_FRACTION:.0%}) in '{name}' (the others go to {where}); what it calls '{name}' "
+                    f"instead are texts{example}. Refinement may have drifted from what the teacher means by "
+                    f"'{name}', even re-anchored to those texts (its drift guard). Compare the two views' texts of "
+                    f"'{name}' below: if the teacher's are right, a few labeled '{name}' texts (train_student.py "
+                    f"--dev_file) anchor the class, or --norefine trains on the teacher's own targets.",
                 )
                 continue
             if (
@@ -509,7 +486,9 @@ def confirm_with_labels(report: dict, true: np.ndarray, teacher_probabilities: n
         elif warning["kind"] == "refinement_drifts":
             c = classes[0]
             cuts = [np.inf if v is None else v for v in report["refinement"]["teacher_surest_cut"]]
-            surest = (teacher_prediction == c) & among_surest(teacher_prediction, teacher_probabilities.max(1), cuts)
+            surest = (teacher_prediction == c) & refine.among_surest(
+                teacher_prediction, teacher_probabilities.max(1), cuts
+            )
             right = int((true[surest] == c).sum())
             warning["labels"] = {
                 "evidence": f"{right} of the {int(surest.sum())} texts the teacher is surest are '{names[c]}' are "

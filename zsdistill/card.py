@@ -62,6 +62,13 @@ def render(info: dict, evaluations: str = "") -> str:
             )
             + ("; embeddings centred on the corpus mean" if refinement.get("center") else "")
             + (
+                "; refined again anchored to the texts the teacher is surest of for "
+                + ", ".join(f"`{summary['class_names'][k]}`" for k in refinement["guarded_classes"])
+                + ", which the first refinement drifted from"
+                if refinement.get("guarded_classes")
+                else ""
+            )
+            + (
                 f"; no class's prior under the smaller of the teacher's and {refinement['prior_floor']:g} / K"
                 if refinement.get("prior_floor")
                 else ""
