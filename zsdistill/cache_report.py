@@ -44,7 +44,7 @@ SPREAD_THIN = 0.6
 DISAGREEMENT = (
     1.5  # refinement gives a class 1.5x (or 1/1.5) the teacher's share, and at least half a uniform share more (less)
 )
-# A class "drifts" when refinement keeps under refine.DRIFT_KEPT of the texts the teacher is surest are in it in it
+# A class "drifts" when refinement keeps under refine.DRIFT_KEPT of the texts the teacher is surest are in it
 # (refine.drifts, the rule stage 2's drift guard acts on): the report names a class that drifts despite the guard.
 SIMILAR_CORRELATION = 0.95  # two classes' scores, each text's mean removed, move together this closely
 MIN_TEXTS = 20  # runner-up patterns need this many texts of each class to mean anything

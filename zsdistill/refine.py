@@ -397,7 +397,7 @@ def refine(
     release before's.
     """
     settings = dict(center=center, free_last_round=free_last_round, density_weights=density_weights)
-    refinement, teacher_prediction = rounds(
+    refinement, (teacher_prediction, teacher_confidence) = rounds(
         teacher_chunks, embedding_chunks, num_rows, num_classes, log, labeled=labeled, **settings
     )
     lowest = MIN_KAPPA if refinement.center is None else MIN_KAPPA_CENTERED
@@ -407,9 +407,6 @@ def refine(
     if labeled is None:
         _fit_label_free(refinement, similarity, teacher_prediction, prior_floor, lowest)
         if drift_guard:
-            teacher_confidence = np.empty(num_rows, dtype=np.float32)
-            for start, chunk in teacher_chunks():
-                teacher_confidence[start : start + len(chunk)] = chunk.max(1)
             drifted = drifted_classes(
                 teacher_prediction, teacher_confidence, _predictions(similarity, refinement), num_classes
             )
@@ -502,11 +499,12 @@ def rounds(
     labeled: LabeledTexts | None = None,
     density_weights: bool = True,
     guarded: list[int] | None = None,
-) -> tuple[Refinement, np.ndarray]:
+) -> tuple[Refinement, tuple[np.ndarray, np.ndarray]]:
     """refine's rounds: the Refinement with its centroids and priors (kappa still the rounds' KAPPA), and the
-    teacher's predicted labels. The `guarded` classes' anchors are chosen by the teacher's confidence (_kept_rows)."""
+    teacher's (predicted labels, their probabilities). The `guarded` classes' anchors are chosen by the teacher's
+    confidence (_kept_rows)."""
     prediction, confidence, prior = _summaries(teacher_chunks(), num_rows, num_classes)
-    teacher_prior, teacher_confidence = prior, confidence.copy() if guarded else None
+    teacher_prior, teacher_confidence = prior, confidence.copy()
     mean = mean_embedding(embedding_chunks, num_rows) if center else None
     space = (lambda chunk: chunk) if mean is None else (lambda chunk: centered(chunk, mean))  # noqa: E731
     teacher_prediction = prediction.copy()
@@ -568,7 +566,7 @@ def rounds(
     if labeled is not None:
         refinement.labeled_per_class = [int(c) for c in labeled_counts]
     refinement.guarded = list(guarded or [])
-    return refinement, teacher_prediction
+    return refinement, (teacher_prediction, teacher_confidence)
 
 
 def _density_reference(
