@@ -5,12 +5,13 @@
     python benchmarks/refine_rules.py --density_scales 5,6.5,8  # the density weights' scale on pool subsamples
     python benchmarks/refine_rules.py --prior_floors 0.25,0.4,0.5  # the prior floor's value, the same way
     python benchmarks/refine_rules.py --center_strengths 0.8,0.9  # centring on a fraction of the mean, the same way
+    python benchmarks/refine_rules.py --starved_floor  # subsamples without and with the starved floor
 
 Per task: the refinement fitted on the unlabeled pool, applied to the test set (what the student is taught);
 accuracy / macro-F1 / ECE on the test labels, and the classes lost against the raw teacher (10+ test texts,
 teacher recall 0.3+, refined recall under 70% of it: issue 26's rule). Rows:
-  - the default (zsdistill/refine.py), with the opt-in prior floor, the release before (no drift guard), the one
-    before it (no density weights either), and
+  - the default (zsdistill/refine.py), with the opt-in prior floor, the release before (no starved floor), the one
+    before it (no drift guard either), the one before that (no density weights either), and
     label-free rules tried against issue 26's lost classes, each applied to the default's scores: the teacher's log
     posteriors added (a product of experts), the teacher's posteriors mixed in, a per-class bias that keeps every
     class at least half its teacher share on the pool, each class's prior held at least at the teacher's mean
@@ -148,9 +149,10 @@ def refinement_setting(setting: str, value: float | None):
     """refine() with `setting` at `value` while inside, and the settings for fitted(): "density_weights"
     (refine.DENSITY_SCALE; None: without density weights), "prior_floor" (refine.PRIOR_FLOOR; None: without the floor)
     or "center_strength" (centring on value x the corpus mean instead of the mean itself, a rule tried and left; None:
-    the default, the whole mean) or "drift_guard" (None: without the drift guard; any value: with it)."""
-    if setting == "drift_guard":
-        yield {"drift_guard": value is not None}
+    the default, the whole mean), "drift_guard" (None: without the drift guard; any value: with it; both without the
+    starved floor, as when the guard was measured) or "starved_floor" (None: without it; any value: with it)."""
+    if setting in ("drift_guard", "starved_floor"):
+        yield {"starved_floor": False, setting: value is not None}
         return
     if setting == "center_strength":
         mean_embedding = refine.mean_embedding
@@ -195,7 +197,7 @@ def subsample_sweep(names: list[str], setting: str, values: list[float], subsamp
                 lost += len(lost_classes(task, probabilities.argmax(1)))
             cells.append(f"{np.mean(scores):.3f} ± {np.std(scores):.3f} ({lost})")
             means.append(np.mean(scores))
-        label = "none" if value is None else "on" if setting == "drift_guard" else value
+        label = "none" if value is None else "on" if setting in ("drift_guard", "starved_floor") else value
         print(f"| {label} | " + " | ".join(cells) + f" | {np.mean(means):.4f} |", flush=True)
 
 
@@ -279,20 +281,21 @@ def main(
     subsamples: int = 3,
     label_shift: bool = False,
     drift_guard: bool = False,
+    starved_floor: bool = False,
 ) -> None:
     """Print one markdown table per task; dev_at_random adds, for each k and seed, a dev set of as many texts drawn at
     random (the data's class shares, a small class perhaps without any) beside the one with k a class. With
     density_scales (e.g. 5,6.5,8), prior_floors (e.g. 0.25,0.4,0.5) or center_strengths (e.g. 0.8,0.9): only that
     setting's sweep on subsamples of the pools (subsample_sweep). label_shift adds, under each draw of k a class, its
-    confidence re-fitted to the estimated class shares (label_shift_rows). drift_guard: only the subsamples without
-    and with the drift guard."""
+    confidence re-fitted to the estimated class shares (label_shift_rows). drift_guard (starved_floor): only the
+    subsamples without and with the drift guard (the starved floor)."""
     sweeps = (("density_weights", density_scales), ("prior_floor", prior_floors), ("center_strength", center_strengths))
-    sweeps += (("drift_guard", (1.0,) if drift_guard else ()),)
+    sweeps += (("drift_guard", (1.0,) if drift_guard else ()), ("starved_floor", (1.0,) if starved_floor else ()))
     for setting, values in sweeps:
         if values:
             names, values = quality.as_list(tasks, str), quality.as_list(values, float)
             return subsample_sweep(names, setting, values, subsamples, work_dir)
-    before = dict(density_weights=False, drift_guard=False)
+    before = dict(density_weights=False, drift_guard=False, starved_floor=False)
     for name in quality.as_list(tasks, str):
         task = load_task(name, work_dir)
         test, teacher = task["test"], task["test"]["teacher"]
@@ -303,10 +306,14 @@ def main(
             ("refined, the default", refine.softmax_rows(scores.copy())),
             ("with the prior floor (--refine_prior_floor)", on_test_set(task, fitted(task, prior_floor=True))),
             (
-                "refined without the drift guard (the release before)",
-                on_test_set(task, fitted(task, drift_guard=False)),
+                "refined without the starved floor (the release before)",
+                on_test_set(task, fitted(task, starved_floor=False)),
             ),
-            ("... and without density weights (two releases before)", on_test_set(task, fitted(task, **before))),
+            (
+                "... and without the drift guard (two releases before)",
+                on_test_set(task, fitted(task, drift_guard=False, starved_floor=False)),
+            ),
+            ("... and without density weights (three releases before)", on_test_set(task, fitted(task, **before))),
             (
                 "+ 0.5 x the teacher's log posteriors",
                 refine.softmax_rows(scores + 0.5 * np.log(np.clip(teacher, 1e-12, 1))),
