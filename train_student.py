@@ -84,14 +84,7 @@ class StudentOptions:
         True,
         "without --dev_file: where refinement moves a class away from the texts the teacher is surest are in it (it "
         "keeps under a quarter of them), refine again with that class anchored to those texts (default), so a tight "
-        "group of other texts cannot take the class over; --norefine_drift_guard gives the release before the "
-        "previous one's.",
-    )
-    refine_starved_floor: bool = option(
-        True,
-        "without --dev_file: where the refined targets give a class under a quarter of the texts the teacher gives it, "
-        "raise its prior to the smaller of the teacher's and 0.4 of a uniform share (default), so refinement does not "
-        "starve a small class the teacher finds; --norefine_starved_floor gives the previous release's.",
+        "group of other texts cannot take the class over; --norefine_drift_guard gives the previous release's.",
     )
     adapt_rounds: int = option(
         0,
@@ -190,7 +183,6 @@ class StudentOptions:
         self.refine_density_weights = bool(self.refine_density_weights)
         self.refine_prior_floor = bool(self.refine_prior_floor)
         self.refine_drift_guard = bool(self.refine_drift_guard)
-        self.refine_starved_floor = bool(self.refine_starved_floor)
         self.refine_with_dev = bool(self.refine_with_dev)
         self.refine_dev_bias = bool(self.refine_dev_bias)
         try:
@@ -287,7 +279,6 @@ def build_targets(
     refine_dev_bias: bool = True,
     refine_prior_floor: bool = False,
     refine_drift_guard: bool = True,
-    refine_starved_floor: bool = True,
 ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record.
     With `dev` (texts, class indices), refinement moves its centroids toward them and fits its confidence on them."""
@@ -354,7 +345,6 @@ def build_targets(
         dev_bias=refine_dev_bias,
         prior_floor=refine_prior_floor,
         drift_guard=refine_drift_guard,
-        starved_floor=refine_starved_floor,
     )
     info = {**refinement.settings(), "embedding_fingerprint": fingerprint, "seconds": round(time.time() - started, 3)}
     if adapted:
@@ -926,7 +916,6 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
             refine_free_last_round=options.refine_free_last_round,
             refine_density_weights=options.refine_density_weights,
             refine_drift_guard=options.refine_drift_guard,
-            refine_starved_floor=options.refine_starved_floor,
         )
     built = build_targets(
         options.cache,
@@ -942,7 +931,6 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
         options.refine_dev_bias,
         options.refine_prior_floor,
         options.refine_drift_guard,
-        options.refine_starved_floor,
     )
     log(f"targets built in {time.time() - started:.1f}s")
     return built

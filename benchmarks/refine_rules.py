@@ -5,17 +5,17 @@
     python benchmarks/refine_rules.py --density_scales 5,6.5,8  # the density weights' scale on pool subsamples
     python benchmarks/refine_rules.py --prior_floors 0.25,0.4,0.5  # the prior floor's value, the same way
     python benchmarks/refine_rules.py --center_strengths 0.8,0.9  # centring on a fraction of the mean, the same way
-    python benchmarks/refine_rules.py --starved_floor  # subsamples without and with the starved floor
+    python benchmarks/refine_rules.py --starved_floor  # subsamples without and with the starved floor (a rule tried)
 
 Per task: the refinement fitted on the unlabeled pool, applied to the test set (what the student is taught);
 accuracy / macro-F1 / ECE on the test labels, and the classes lost against the raw teacher (10+ test texts,
 teacher recall 0.3+, refined recall under 70% of it: issue 26's rule). Rows:
-  - the default (zsdistill/refine.py), with the opt-in prior floor, the release before (no starved floor), the one
-    before it (no drift guard either), the one before that (no density weights either), and
+  - the default (zsdistill/refine.py), with the opt-in prior floor, the release before (no drift guard), the one
+    before it (no density weights either), and
     label-free rules tried against issue 26's lost classes, each applied to the default's scores: the teacher's log
     posteriors added (a product of experts), the teacher's posteriors mixed in, a per-class bias that keeps every
     class at least half its teacher share on the pool, each class's prior held at least at the teacher's mean
-    posterior on the pool (the same kappa);
+    posterior on the pool (the same kappa), the starved floor (starved_floored);
   - with k dev labels a class, and as many drawn at random (the data's class shares), benchmarks/quality.py's draws
     (outside the test set, and outside the pool where the task has enough labeled texts), embedded by the cache's
     embedding model as train_student.py does, through refine(labeled=...): centroids moved toward them, kappa fitted
@@ -125,6 +125,28 @@ def teacher_prior_floor(log_priors: np.ndarray, teacher: np.ndarray) -> np.ndarr
     return np.log(priors / priors.sum()).astype(np.float32)
 
 
+def starved_floored(task: dict, refinement: refine.Refinement) -> refine.Refinement:
+    """The starved floor, a rule tried and left (results/cpu_starved_floor.md, where it was briefly the library's
+    default): where the refinement's labels give a class under refine.DRIFT_KEPT of the pool texts the teacher gives it
+    (the teacher giving it at least refine.DRIFT_MIN_SHARE of a uniform share), its prior raised to the smaller of the
+    teacher's mean posterior and refine.PRIOR_FLOOR / K, renormalised, and kappa fitted again (label-free)."""
+    pool, num_classes = task["pool"], len(task["class_names"])
+    similarity = refinement.space(pool["embeddings"]) @ refinement.centroids.T
+    taught = pool["teacher"].argmax(1)
+    refined = (refinement.kappa * similarity + refinement.log_priors).argmax(1)
+    counts, kept = np.bincount(taught, minlength=num_classes), np.bincount(refined, minlength=num_classes)
+    priors = np.exp(refinement.log_priors.astype(np.float64))
+    floor = np.minimum(refinement.teacher_prior, refine.PRIOR_FLOOR / num_classes)
+    looked_at = counts >= refine.DRIFT_MIN_SHARE / num_classes * len(taught)
+    starved = looked_at & (kept < refine.DRIFT_KEPT * counts) & (priors < floor)
+    if not starved.any():
+        return refinement
+    priors = np.where(starved, floor, priors)
+    log_priors = np.log(priors / priors.sum()).astype(np.float32)
+    kappa = refine.fit_kappa(similarity, log_priors, taught, refine.MIN_KAPPA_CENTERED)
+    return dataclasses.replace(refinement, log_priors=log_priors, kappa=kappa)
+
+
 def dev_draw(task: dict, per_class: int, seed: int, at_random: bool = False) -> refine.LabeledTexts:
     rows = quality.draw_dev_rows(task["name"], task["data_dir"], per_class, seed, at_random)
     embeddings = train_student.embed_dev_texts(task["pool"]["manifest"], [r["text"] for r in rows])
@@ -149,10 +171,10 @@ def refinement_setting(setting: str, value: float | None):
     """refine() with `setting` at `value` while inside, and the settings for fitted(): "density_weights"
     (refine.DENSITY_SCALE; None: without density weights), "prior_floor" (refine.PRIOR_FLOOR; None: without the floor)
     or "center_strength" (centring on value x the corpus mean instead of the mean itself, a rule tried and left; None:
-    the default, the whole mean), "drift_guard" (None: without the drift guard; any value: with it; both without the
-    starved floor, as when the guard was measured) or "starved_floor" (None: without it; any value: with it)."""
+    the default, the whole mean), "drift_guard" (None: without the drift guard; any value: with it) or "starved_floor"
+    (no setting of refine(): subsample_sweep applies starved_floored to the fitted refinement)."""
     if setting in ("drift_guard", "starved_floor"):
-        yield {"starved_floor": False, setting: value is not None}
+        yield {"drift_guard": value is not None} if setting == "drift_guard" else {}
         return
     if setting == "center_strength":
         mean_embedding = refine.mean_embedding
@@ -192,7 +214,10 @@ def subsample_sweep(names: list[str], setting: str, values: list[float], subsamp
                     "pool": {**pool, "teacher": pool["teacher"][rows], "embeddings": pool["embeddings"][rows]},
                 }
                 with refinement_setting(setting, value) as settings:
-                    probabilities = on_test_set(task, fitted(sub, **settings))
+                    refinement = fitted(sub, **settings)
+                if setting == "starved_floor" and value is not None:
+                    refinement = starved_floored(sub, refinement)
+                probabilities = on_test_set(task, refinement)
                 scores.append(label_metrics(task["labels"], probabilities, task["class_names"], False)["macro_f1"])
                 lost += len(lost_classes(task, probabilities.argmax(1)))
             cells.append(f"{np.mean(scores):.3f} ± {np.std(scores):.3f} ({lost})")
@@ -295,7 +320,7 @@ def main(
         if values:
             names, values = quality.as_list(tasks, str), quality.as_list(values, float)
             return subsample_sweep(names, setting, values, subsamples, work_dir)
-    before = dict(density_weights=False, drift_guard=False, starved_floor=False)
+    before = dict(density_weights=False, drift_guard=False)
     for name in quality.as_list(tasks, str):
         task = load_task(name, work_dir)
         test, teacher = task["test"], task["test"]["teacher"]
@@ -306,14 +331,10 @@ def main(
             ("refined, the default", refine.softmax_rows(scores.copy())),
             ("with the prior floor (--refine_prior_floor)", on_test_set(task, fitted(task, prior_floor=True))),
             (
-                "refined without the starved floor (the release before)",
-                on_test_set(task, fitted(task, starved_floor=False)),
+                "refined without the drift guard (the release before)",
+                on_test_set(task, fitted(task, drift_guard=False)),
             ),
-            (
-                "... and without the drift guard (two releases before)",
-                on_test_set(task, fitted(task, drift_guard=False, starved_floor=False)),
-            ),
-            ("... and without density weights (three releases before)", on_test_set(task, fitted(task, **before))),
+            ("... and without density weights (two releases before)", on_test_set(task, fitted(task, **before))),
             (
                 "+ 0.5 x the teacher's log posteriors",
                 refine.softmax_rows(scores + 0.5 * np.log(np.clip(teacher, 1e-12, 1))),
@@ -327,6 +348,7 @@ def main(
             default, log_priors=teacher_prior_floor(default.log_priors, task["pool"]["teacher"])
         )
         rows.append(("every class's prior at least the teacher's (pool)", on_test_set(task, floored)))
+        rows.append(("the starved floor (a rule tried)", on_test_set(task, starved_floored(task, default))))
         for k in quality.as_list(dev_per_class, int):
             for seed in quality.as_list(seeds, int):
                 draw = dev_draw(task, k, seed)

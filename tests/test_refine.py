@@ -462,18 +462,11 @@ def test_a_generic_class_does_not_sink_a_small_one():
 
 
 def test_refinement_before_centring_is_reachable_and_unchanged(tmp_path):
-    """--norefine_center --norefine_free_last_round --norefine_density_weights --norefine_drift_guard
-    --norefine_starved_floor give the refinement of five releases before: its targets on the sink task, as it wrote
-    them."""
+    """--norefine_center --norefine_free_last_round --norefine_density_weights --norefine_drift_guard give the
+    refinement of four releases before: its targets on the sink task, as it wrote them."""
     embeddings, teacher, _ = sink_task()
     targets_, refinement = refine_arrays(
-        teacher,
-        embeddings,
-        center=False,
-        free_last_round=False,
-        density_weights=False,
-        drift_guard=False,
-        starved_floor=False,
+        teacher, embeddings, center=False, free_last_round=False, density_weights=False, drift_guard=False
     )
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_before_centering.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
@@ -516,10 +509,9 @@ def test_norefine_center_flag_reaches_the_refinement(tmp_path):
     )
     _, _, floored_info = train_student.build_targets(path, manifest, False, 1.0, refine=True, refine_prior_floor=True)
     _, _, unguarded_info = train_student.build_targets(
-        path, manifest, False, 1.0, refine=True, refine_drift_guard=False, refine_starved_floor=False
+        path, manifest, False, 1.0, refine=True, refine_drift_guard=False
     )
     assert info["drift_guard"] is True and unguarded_info["drift_guard"] is False
-    assert info["starved_floor"] is True and unguarded_info["starved_floor"] is False
     assert info["center"] is True and plain_info["center"] is False and not np.array_equal(centred, plain)
     assert info["free_last_round"] is True and plain_info["free_last_round"] is False
     assert info["density_weights"] is True and plain_info["density_weights"] is False
@@ -630,9 +622,9 @@ def test_the_prior_floor_keeps_a_small_class_the_teacher_finds():
     embeddings, teacher, labels = small_class_task()
     taught = teacher.argmax(1)
     # Without the drift guard: it looks at the small class too (refinement moves the teacher's surest texts of it),
-    # so with it the two refinements would differ by more than the floor; the starved floor would raise the class too.
-    before, unfloored = refine_arrays(teacher, embeddings, drift_guard=False, starved_floor=False)
-    after, refinement = refine_arrays(teacher, embeddings, prior_floor=True, drift_guard=False, starved_floor=False)
+    # so with it the two refinements would differ by more than the floor.
+    before, unfloored = refine_arrays(teacher, embeddings, drift_guard=False)
+    after, refinement = refine_arrays(teacher, embeddings, prior_floor=True, drift_guard=False)
     assert recall(taught, labels, 3) >= 0.8
     assert recall(before.argmax(1), labels, 3) < 0.1 and np.exp(unfloored.log_priors[3]) < 0.03
     assert recall(after.argmax(1), labels, 3) >= 0.7 * recall(taught, labels, 3)
@@ -646,11 +638,11 @@ def test_the_prior_floor_keeps_a_small_class_the_teacher_finds():
 
 
 def test_without_the_prior_floor_the_refinement_is_the_release_befores():
-    """Without --refine_prior_floor (the default), --norefine_drift_guard and --norefine_starved_floor the refinement
-    is the one of three releases before, as it wrote its targets on the small-class task; with dev labels the floor is
-    never applied (their prior bias decides)."""
+    """Without --refine_prior_floor (the default) and --norefine_drift_guard the refinement is the one of two releases
+    before, as it wrote its targets on the small-class task; with dev labels the floor is never applied (their prior
+    bias decides)."""
     embeddings, teacher, labels = small_class_task()
-    targets_, refinement = refine_arrays(teacher, embeddings, drift_guard=False, starved_floor=False)
+    targets_, refinement = refine_arrays(teacher, embeddings, drift_guard=False)
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_prior_floor.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
         np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
@@ -661,58 +653,6 @@ def test_without_the_prior_floor_the_refinement_is_the_release_befores():
     with_dev, fitted = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False, prior_floor=True)
     plain, _ = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False)
     assert fitted.prior_floor is False and np.array_equal(with_dev, plain)
-
-
-def test_the_starved_floor_keeps_a_small_class_the_teacher_finds():
-    """On the small-class task the refined targets give the small class under a quarter of the texts the teacher gives
-    it (the drift guard alone does not keep it); the starved floor raises its prior to min(the teacher's prior,
-    PRIOR_FLOOR / K) and the class keeps most of what the teacher found. --norefine_starved_floor is the release
-    before's refinement, as it wrote its targets on this task; tasks with no starved class are left bit for bit."""
-    embeddings, teacher, labels = small_class_task()
-    taught = teacher.argmax(1)
-    starving, plain = refine_arrays(teacher, embeddings, starved_floor=False)
-    kept, refinement = refine_arrays(teacher, embeddings)
-    assert plain.guarded == [3] and recall(starving.argmax(1), labels, 3) < 0.1  # the guard looked, and lost it
-    assert refine.starved_classes(taught, starving.argmax(1), 4) == [3]
-    assert recall(kept.argmax(1), labels, 3) >= 0.7 * recall(taught, labels, 3)
-    assert all(recall(kept.argmax(1), labels, k) >= 0.95 for k in range(3))
-    assert (kept.argmax(1) == labels).mean() > (starving.argmax(1) == labels).mean()
-    floor = min(teacher[:, 3].mean(), refine.PRIOR_FLOOR / 4)
-    assert np.exp(refinement.log_priors[3]) == pytest.approx(floor / (1 - np.exp(plain.log_priors[3]) + floor))
-    assert refinement.starved == [3] and refinement.settings()["starved_classes"] == [3]
-    assert refinement.settings()["starved_floor"] is True and plain.settings()["starved_floor"] is False
-    assert plain.starved == [] and refinement.kappa != plain.kappa  # the confidence is fitted again
-    with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_starved_floor.npz")) as before:
-        assert np.array_equal(starving.argmax(1), before["targets"].argmax(1))
-        np.testing.assert_allclose(starving, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
-        np.testing.assert_allclose(plain.log_priors, before["log_priors"], atol=1e-6)
-    # The teacher over-predicts the generic class of the sink task, and refinement shrinks it by less than three
-    # quarters: nothing is starved, and the targets are the release before's bit for bit.
-    embeddings, teacher, _ = sink_task()
-    looked, looked_refinement = refine_arrays(teacher, embeddings)
-    unlooked, _ = refine_arrays(teacher, embeddings, starved_floor=False)
-    assert looked_refinement.starved == [] and np.array_equal(looked, unlooked)
-
-
-def test_starved_classes_counts_against_the_teachers_texts():
-    """A class is starved when the targets give it under a quarter of the teacher's texts of it; a class the teacher
-    itself gives under a tenth of a uniform share is not looked at (the report's "rarely predicted")."""
-    teacher = np.array([0] * 40 + [1] * 42 + [2] * 16 + [3] * 2)
-    refined = np.array([0] * 60 + [1] * 36 + [2] * 4)  # class 2: 4 of 16 (a quarter: kept); class 3: 0 of 2 (rare)
-    assert refine.starved_classes(teacher, refined, 4) == []
-    refined[-1] = 0  # class 2: 3 of 16
-    assert refine.starved_classes(teacher, refined, 4) == [2]
-    assert refine.starved_classes(teacher, refined, 8) == [2, 3]  # 2 of 100 is under a tenth of 1/4, over one of 1/8
-
-
-def test_dev_labels_replace_the_starved_floor():
-    """With dev labels the starved floor is not applied: the dev labels' prior bias decides the priors."""
-    embeddings, teacher, labels = small_class_task()
-    dev = np.concatenate([np.flatnonzero(labels == k)[:4] for k in range(4)])
-    labeled = refine.LabeledTexts(embeddings[dev], labels[dev])
-    with_floor, fitted = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False)
-    without, _ = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False, starved_floor=False)
-    assert fitted.starved == [] and fitted.starved_floor is False and np.array_equal(with_floor, without)
 
 
 def drift_task(seed: int = 0, width: int = 32):

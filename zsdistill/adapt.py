@@ -60,7 +60,6 @@ class AdaptSettings:
     refine_free_last_round: bool = True
     refine_density_weights: bool = True
     refine_drift_guard: bool = True
-    refine_starved_floor: bool = True
 
     def key(self, cache_key: str, embedding_fingerprint: str, rounds: int) -> str:
         """The cache key of these settings' first `rounds` rounds."""
@@ -69,8 +68,6 @@ class AdaptSettings:
             del settings["teacher_agrees"]  # keys of rounds cached before the setting existed stay the same
         if not self.refine_drift_guard:
             del settings["refine_drift_guard"]  # the rounds cached before the guard existed were made without it
-        if not self.refine_starved_floor:
-            del settings["refine_starved_floor"]  # nor the floor
         fields = {
             **settings,
             "rounds": rounds,
@@ -239,7 +236,6 @@ def adapted_embeddings(
             free_last_round=settings.refine_free_last_round,
             density_weights=settings.refine_density_weights,
             drift_guard=settings.refine_drift_guard,
-            starved_floor=settings.refine_starved_floor,
         )
         rows = surest_rows(posteriors, settings.fraction, teacher_prediction)
         chosen = [texts[i] for i in rows]

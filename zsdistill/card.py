@@ -69,14 +69,6 @@ def render(info: dict, evaluations: str = "") -> str:
                 else ""
             )
             + (
-                "; the priors of "
-                + ", ".join(f"`{summary['class_names'][k]}`" for k in refinement["starved_classes"])
-                + " raised to the smaller of the teacher's and 0.4 / K (the refined targets gave each under a quarter "
-                "of the texts the teacher gives it)"
-                if refinement.get("starved_classes")
-                else ""
-            )
-            + (
                 f"; no class's prior under the smaller of the teacher's and {refinement['prior_floor']:g} / K"
                 if refinement.get("prior_floor")
                 else ""

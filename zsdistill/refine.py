@@ -24,9 +24,6 @@ Gera et al. 2022):
     surest are in it, drifted_classes): all of the above once more, that class's kept rows in every round chosen
     among its rows the teacher also puts in it by the teacher's probability instead of refinement's
     (--norefine_drift_guard skips it)
-    then, label-free, if the targets starve a class (starved_classes: they give it under DRIFT_KEPT of the texts the
-    teacher gives it): its prior raised to floored_priors' floor and kappa fitted again (--norefine_starved_floor
-    skips it)
 
 Centring keeps generic classes from becoming sinks. Sentence embeddings share a large common direction (every
 text's cosine to the corpus mean is high). The centroid of a class whose texts are spread over many topics (a
@@ -65,16 +62,6 @@ the new rounds), and tasks with no drifting class are refined bit for bit as wit
 verbs-15, debian-12). Refined targets' macro-F1 on the test sets: foldoc-12 +3.9 points (`language` recall 0.01 ->
 0.28), nouns-25 +0.2, debian-generic-12 +3.1; on 70% subsamples of the seven pools the mean +0.45; students:
 foldoc-12 +2.0 to +5.5, nouns-25 and debian-generic-12 -0.2 to -0.6 (benchmarks/README.md, "The drift guard").
-
-The starved floor keeps a small class the teacher finds. The rounds re-estimate each prior from their own predictions,
-so a class whose kept texts are few and diverse loses share every round until its right texts score second: FOLDOC's
-`artificial intelligence` (1% of the texts; the teacher gives it 26 pool texts, the refined targets 4, test recall
-0.50 -> 0.10), debian-generic-12's `news` (0.3%). Where the targets give a class under a quarter of the texts the
-teacher gives it, its prior is raised to the smaller of the teacher's and PRIOR_FLOOR / K; classes refinement shrinks
-less (debian-12's `database`, which the teacher gives 21% of the texts against a true 2.5%, refined 10%) keep their
-priors, and tasks with no starved class are refined bit for bit as without it (the demo, nouns-11, verbs-15,
-nouns-25, debian-12). Refined targets' macro-F1 on the test sets: foldoc-12 +1.7 points, debian-generic-12 +3.8; on
-70% subsamples of the seven pools the mean +0.4, no task lower (benchmarks/README.md, "The starved floor").
 
 The last step keeps the targets honest. The rounds' fixed KAPPA makes targets about equally confident (0.65-0.85)
 whatever the task, also where texts do not cluster by class and the refined labels are right a quarter of the
@@ -131,7 +118,8 @@ DENSITY_SCALE = 6.5
 # is never touched, so one the teacher over-predicts may still shrink that far. 0.4 chosen among 0.25-1 on 70%
 # subsamples of seven tasks' pools. Not the default: it lifts the refined targets (foldoc-12 +5.4 macro-F1,
 # debian-generic-12 +2.3) but not the students trained on them (benchmarks/README.md, "A floor under small classes'
-# priors").
+# priors"); nor does it applied only to the classes the refined targets starve ("The starved floor": foldoc-12's
+# students -0.8 points).
 PRIOR_FLOOR = 0.4
 # A class drifts when refinement keeps under DRIFT_KEPT of the texts the teacher is surest are in it (its top
 # SUREST_FRACTION by the teacher's probability, at least MIN_SUREST texts) in it, the teacher giving it at least
@@ -144,9 +132,6 @@ SUREST_FRACTION = 0.2
 DRIFT_KEPT = 0.25
 MIN_SUREST = 10
 DRIFT_MIN_SHARE = 0.1
-# A class is starved when the refined targets give it under DRIFT_KEPT of the texts the teacher gives it (the teacher
-# giving it at least DRIFT_MIN_SHARE of a uniform share): the same quarter as the drift rule, of all the teacher's texts
-# of the class instead of its surest. The starved floor raises such a class's prior to floored_priors' floor.
 DENSITY_REFERENCE_ROWS = 1000  # a class with more kept texts: its density is estimated on this many of them
 DENSITY_REFERENCE_TOTAL = 16_000  # and on fewer with many classes: (at most this many, H) float32 held per round
 FILE = "refinement.npz"  # in the student directory: lets evaluate.py show the refined teacher on a test cache
@@ -176,8 +161,6 @@ class Refinement:
     prior_floor: bool = False  # whether the final priors were held up to floored_priors' floor
     drift_guard: bool = False  # whether drifted classes were looked for (label-free refinement only)
     guarded: list[int] = field(default_factory=list)  # the classes that drifted, re-refined anchored to the teacher
-    starved_floor: bool = False  # whether starved classes were looked for (label-free refinement only)
-    starved: list[int] = field(default_factory=list)  # the starved classes whose priors the starved floor raised
     teacher_prior: np.ndarray | None = None  # (K,) the teacher's mean posterior over the corpus, from rounds()
 
     def space(self, embeddings: np.ndarray) -> np.ndarray:
@@ -213,8 +196,6 @@ class Refinement:
             "prior_floor": PRIOR_FLOOR if self.prior_floor else None,
             "drift_guard": self.drift_guard,
             "guarded_classes": self.guarded,
-            "starved_floor": self.starved_floor,
-            "starved_classes": self.starved,
             "kappa": round(float(self.kappa), 6),
             "rounds_kappa": KAPPA,
             "keep_fraction": self.keep_fraction,
@@ -372,16 +353,6 @@ def drifted_classes(
     return [k for k in range(num_classes) if drifts(share[k], int(totals[k]), int(kept[k]), num_classes)]
 
 
-def starved_classes(teacher_prediction: np.ndarray, prediction: np.ndarray, num_classes: int) -> list[int]:
-    """The classes the refined targets (their predicted classes, `prediction`) starve: the teacher predicts a class
-    for at least DRIFT_MIN_SHARE of a uniform share of the texts, the targets for under DRIFT_KEPT of as many."""
-    taught = np.bincount(teacher_prediction, minlength=num_classes)
-    refined = np.bincount(prediction, minlength=num_classes)
-    share = taught / max(len(teacher_prediction), 1)
-    looked_at = share >= DRIFT_MIN_SHARE / num_classes
-    return [k for k in range(num_classes) if looked_at[k] and refined[k] < DRIFT_KEPT * taught[k]]
-
-
 def _summaries(
     chunks: Iterator[tuple[int, np.ndarray]], num_rows: int, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -409,7 +380,6 @@ def refine(
     dev_bias: bool = True,
     prior_floor: bool = False,
     drift_guard: bool = True,
-    starved_floor: bool = True,
 ) -> tuple[np.ndarray, Refinement]:
     """Refined targets (N, K) float32 at `temperature` and the fitted Refinement. Deterministic: no randomness anywhere.
 
@@ -424,10 +394,8 @@ def refine(
     dev_bias=False gives the release before's. With `prior_floor` and no `labeled` texts each class's final prior is
     held up to floored_priors' floor (the dev labels' prior bias does this job where there are labels). With
     `drift_guard` and no `labeled` texts, if the targets drift from a class (drifted_classes) the rounds and the fit
-    run again with its anchors chosen by the teacher's confidence (rounds' `guarded`). With `starved_floor` and no
-    `labeled` texts the priors of the classes the targets starve (starved_classes) are raised to floored_priors' floor
-    and kappa fitted again. starved_floor=False gives the release before's, with drift_guard=False too the release
-    before that's.
+    run again with its anchors chosen by the teacher's confidence (rounds' `guarded`); drift_guard=False gives the
+    release before's.
     """
     settings = dict(center=center, free_last_round=free_last_round, density_weights=density_weights)
     refinement, (teacher_prediction, teacher_confidence) = rounds(
@@ -456,8 +424,6 @@ def refine(
                 _fill_similarity(similarity, refinement, embedding_chunks)
                 _fit_label_free(refinement, similarity, teacher_prediction, prior_floor, lowest)
             refinement.drift_guard = True
-        if starved_floor:
-            _raise_starved(refinement, similarity, teacher_prediction, lowest, log)
         log(
             f"refinement confidence: kappa {refinement.kappa:.2f}, the most likely for the teacher's own labels "
             f"(at most {KAPPA:g}: the targets are never more confident than their scores predict the teacher)"
@@ -504,24 +470,6 @@ def _fit_label_free(
     refinement.kappa = fit_kappa(similarity, refinement.log_priors, teacher_prediction, lowest)
 
 
-def _raise_starved(
-    refinement: Refinement, similarity: np.ndarray, teacher_prediction: np.ndarray, lowest: float, log: Callable
-) -> None:
-    """The starved floor, in place: the starved classes' priors raised to floored_priors' floor, kappa fitted again."""
-    num_classes = len(refinement.log_priors)
-    starved = starved_classes(teacher_prediction, _predictions(similarity, refinement), num_classes)
-    floor = np.minimum(refinement.teacher_prior, PRIOR_FLOOR / num_classes)
-    raised = [k for k in starved if np.exp(float(refinement.log_priors[k])) < floor[k]]
-    if raised:
-        log(
-            f"refinement starves classes {raised} (it gives each under {DRIFT_KEPT:.0%} of the texts the teacher gives "
-            f"it): their priors raised to the smaller of the teacher's and {PRIOR_FLOOR:g} / K"
-        )
-        refinement.log_priors = floored_priors(refinement.log_priors, refinement.teacher_prior, raised)
-        refinement.kappa = fit_kappa(similarity, refinement.log_priors, teacher_prediction, lowest)
-    refinement.starved_floor, refinement.starved = True, raised
-
-
 def _predictions(similarity: np.ndarray, refinement: Refinement) -> np.ndarray:
     """The refined targets' classes from the similarities, block by block (no second (N, K) array)."""
     prediction = np.empty(len(similarity), dtype=np.int32)
@@ -531,12 +479,10 @@ def _predictions(similarity: np.ndarray, refinement: Refinement) -> np.ndarray:
     return prediction
 
 
-def floored_priors(log_priors: np.ndarray, teacher_prior: np.ndarray, classes: list[int] | None = None) -> np.ndarray:
-    """Log priors with each class's prior (of `classes`; None: every class) raised to at least min(its teacher prior,
-    PRIOR_FLOOR / K), renormalised; unchanged where no such class is under its floor."""
+def floored_priors(log_priors: np.ndarray, teacher_prior: np.ndarray) -> np.ndarray:
+    """Log priors with each class's prior raised to at least min(its teacher prior, PRIOR_FLOOR / K), renormalised;
+    unchanged where no class is under its floor."""
     priors, floor = np.exp(log_priors.astype(np.float64)), np.minimum(teacher_prior, PRIOR_FLOOR / len(log_priors))
-    if classes is not None:
-        floor = np.where(np.isin(np.arange(len(priors)), classes), floor, 0.0)
     if not (priors < floor).any():
         return log_priors
     priors = np.maximum(priors, floor)
