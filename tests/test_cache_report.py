@@ -244,3 +244,47 @@ def test_a_class_refinement_takes_the_teachers_surest_texts_from_is_said_to_drif
         evidence = [w["labels"] for w in checked if w["kind"] == "refinement_drifts"][0]
         assert evidence["confirmed"] == confirmed
         assert evidence["evidence"].startswith(f"{30 if confirmed else 0} of the 30 texts the teacher is surest")
+
+
+def test_a_small_class_refinement_starves_is_named(tmp_path):
+    """test_refine's small-class task, 150 texts of each large class: refinement gives the small, diverse class under a
+    quarter of the texts the teacher gives it while keeping half of those the teacher is surest of (so it is starved,
+    not drifted), and the report says so (not that the teacher over-predicts it); the labels confirm it (its true share
+    is over twice the refined one). The clean cache of the first test gets no such warning."""
+    from test_refine import small_class_task
+
+    from zsdistill import targets
+
+    embeddings, teacher, labels = small_class_task()
+    rows = np.concatenate([np.flatnonzero(labels == k)[:150] for k in range(3)] + [np.flatnonzero(labels == 3)])
+    embeddings, teacher, labels = embeddings[rows], teacher[rows], labels[rows]
+    names = ["alpha", "beta", "gamma", "small"]
+    texts = [f"text {i}" for i in range(len(labels))]
+    columns = {"similarity": (targets.SIMILARITY_SCALE * np.log(teacher)).astype(np.float32)}
+    path = write_toy_cache(
+        str(tmp_path / "cache" / "small"),
+        texts,
+        names,
+        columns,
+        kind="embedding",
+        shard_size=256,
+        text_embeddings=embeddings,
+    )
+    report = report_of(path, str(tmp_path / "report"))
+    starved = [w for w in report["warnings"] if w["kind"] == "refinement_starves"]
+    assert [w["classes"] for w in starved] == [["small"]]
+    teacher_share = report["teacher_view"]["classes"]["small"]["share"]
+    refined_share = report["refined_view"]["classes"]["small"]["share"]
+    message = starved[0]["message"]
+    assert refined_share < 0.25 * teacher_share and f"against the teacher's {teacher_share:.1%}" in message
+    assert "rarely predict 'small'" in message
+    assert not [w for w in report["warnings"] if w["kind"] == "teacher_and_refinement_disagree"]
+    (tmp_path / "labeled.jsonl").write_text(
+        "".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, labels))
+    )
+    labeled = evaluate.main(
+        teacher_cache=path, test_file=str(tmp_path / "labeled.jsonl"), output_dir=str(tmp_path / "labeled")
+    )
+    checked = [w for w in labeled["cache_report"]["warnings"] if w["kind"] == "refinement_starves"][0]["labels"]
+    assert checked["confirmed"] and "true share of 'small' 5.1%" in checked["evidence"]
+    assert "teacher recall 0.92" in checked["evidence"]

@@ -12,7 +12,7 @@ every class (and, mostly, each text's embedding), so without a single label it s
   texts), a class that takes far more than a plausible share, two classes the teacher cannot tell apart, texts
   cut at the teacher's maximum length, scores too flat to prefer any class, and where refinement and the
   teacher part ways: a class refinement grows with texts spread thin (a possible sink), one that drifts away from
-  the texts the teacher is surest about.
+  the texts the teacher is surest about, one it starves (gives under a quarter of the teacher's texts).
 
 Memory: one pass over the shards (and one more for the refined view), keeping O(K^2 + K * EXAMPLES) numbers and two
 a text (the teacher's class and its probability); refinement is fitted on an even sample of at most REFINE_SAMPLE
@@ -46,6 +46,9 @@ DISAGREEMENT = (
 )
 # A class "drifts" when refinement keeps under refine.DRIFT_KEPT of the texts the teacher is surest are in it
 # (refine.drifts, the rule stage 2's drift guard acts on): the report names a class that drifts despite the guard.
+# A class refinement "starves": it gives the class under this fraction of the texts the teacher gives it (the drift
+# rule's quarter, of all the teacher's texts of the class instead of its surest).
+STARVED = refine.DRIFT_KEPT
 SIMILAR_CORRELATION = 0.95  # two classes' scores, each text's mean removed, move together this closely
 MIN_TEXTS = 20  # runner-up patterns need this many texts of each class to mean anything
 TRUNCATED_SHARE = 0.01  # warn when this share of the texts were cut
@@ -347,6 +350,21 @@ def warnings(report: dict) -> list[dict]:
                     f"--dev_file) anchor the class, or --norefine trains on the teacher's own targets.",
                 )
                 continue
+            if before >= RARE_SHARE * uniform and after < STARVED * before:
+                # Too small a class for the thresholds below, and "the teacher over-predicts" may be wrong advice.
+                away = moved[c].copy()
+                away[c] = 0
+                where = ", ".join(f"'{names[i]}' ({away[i]})" for i in np.argsort(-away, kind="stable")[:3] if away[i])
+                warn(
+                    "refinement_starves",
+                    [name],
+                    f"refinement gives '{name}' {_share(after)} of the texts against the teacher's {_share(before)} "
+                    f"(under {STARVED:.0%}; the others go to {where}). Where a class's texts are few and diverse, "
+                    f"the rounds hand them to larger classes, and a student taught these targets will rarely predict "
+                    f"'{name}'. If the teacher's texts of '{name}' below are right, a few labeled '{name}' texts "
+                    f"(train_student.py --dev_file) keep the class; if the teacher over-predicts it, ignore this.",
+                )
+                continue
             if (
                 before < RARE_SHARE * uniform
                 or abs(after - before) < 0.5 * uniform
@@ -490,6 +508,16 @@ def confirm_with_labels(report: dict, true: np.ndarray, teacher_probabilities: n
                 "evidence": f"true share of '{names[c]}' {true_share:.1%} against the teacher's "
                 f"{predicted_share:.1%}, teacher recall {recall:.2f}",
                 "confirmed": true_share > 1.25 * predicted_share if under else true_share * 1.25 < predicted_share,
+            }
+        elif warning["kind"] == "refinement_starves":
+            c = classes[0]
+            true_share = float((true == c).mean())
+            refined_share = report["refined_view"]["classes"][names[c]]["share"]
+            recall = float((teacher_prediction[true == c] == c).mean()) if (true == c).any() else 0.0
+            warning["labels"] = {
+                "evidence": f"true share of '{names[c]}' {true_share:.1%} against the refined {refined_share:.1%}, "
+                f"teacher recall {recall:.2f}",
+                "confirmed": refined_share < 0.5 * true_share,
             }
         elif warning["kind"] == "refinement_drifts":
             c = classes[0]
