@@ -324,6 +324,10 @@ def test_dev_texts_join_refinement_and_the_student_is_calibrated_through_its_tar
     guarded = {**info, "refinement": {**info["refinement"], "labeled_texts": None, "guarded_classes": [1]}}
     name = info["cache_summary"]["class_names"][1]
     assert f"refined again anchored to the texts the teacher is surest of for `{name}`" in card.render(guarded)
+    # The card names the classes the targets starve, only where there are some.
+    assert ("so the student rarely predicts" in text) == bool(info["refinement"]["starved_classes"])
+    starved = {**info, "refinement": {**info["refinement"], "starved_classes": [1]}}
+    assert f"the targets give `{name}` under a quarter of the texts the teacher gives each" in card.render(starved)
     assert "refinement's confidence and class priors fitted on them" in card.calibration_text(biased)
 
     # A dev set of k a class cannot show the class shares its prior bias was fitted to: the card says so, only then.

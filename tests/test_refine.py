@@ -655,6 +655,31 @@ def test_without_the_prior_floor_the_refinement_is_the_release_befores():
     assert fitted.prior_floor is False and np.array_equal(with_dev, plain)
 
 
+def test_the_classes_the_targets_starve_are_reported_and_left():
+    """On the small-class task the targets give the small class under a quarter of the texts the teacher gives it:
+    refinement names it (settings, log) and changes nothing for it (raising its prior lifted the targets, not the
+    students); on the clump task no class is starved."""
+    embeddings, teacher, labels = small_class_task()
+    logged = []
+    targets_, refinement = refine_arrays(teacher, embeddings, log=logged.append)
+    assert refinement.starved == [3] and refinement.settings()["starved_classes"] == [3]
+    assert refine.starved_classes(teacher.argmax(1), targets_.argmax(1), 4) == [3]
+    assert any("refinement gives classes [3] under 25% of the texts the teacher gives each" in m for m in logged)
+    embeddings, teacher, _ = clump_task()
+    assert refine_arrays(teacher, embeddings)[1].starved == []
+
+
+def test_starved_classes_counts_against_the_teachers_texts():
+    """A class is starved when the targets give it under a quarter of the teacher's texts of it; a class the teacher
+    itself gives under a tenth of a uniform share is not looked at (the report's "rarely predicted")."""
+    teacher = np.array([0] * 40 + [1] * 42 + [2] * 16 + [3] * 2)
+    refined = np.array([0] * 60 + [1] * 36 + [2] * 4)  # class 2: 4 of 16 (a quarter: not starved); class 3: 0 of 2
+    assert refine.starved_classes(teacher, refined, 4) == []
+    refined[-1] = 0  # class 2: 3 of 16
+    assert refine.starved_classes(teacher, refined, 4) == [2]
+    assert refine.starved_classes(teacher, refined, 8) == [2, 3]  # 2 of 100 is under a tenth of 1/4, over one of 1/8
+
+
 def drift_task(seed: int = 0, width: int = 32):
     """Class 0's texts spread wide around a direction near the generic class 2's, which the teacher gives most of
     them; a tight clump of 150 class-1 texts far from every class that the teacher puts in class 0, less surely than

@@ -46,9 +46,6 @@ DISAGREEMENT = (
 )
 # A class "drifts" when refinement keeps under refine.DRIFT_KEPT of the texts the teacher is surest are in it
 # (refine.drifts, the rule stage 2's drift guard acts on): the report names a class that drifts despite the guard.
-# A class refinement "starves": it gives the class under this fraction of the texts the teacher gives it (the drift
-# rule's quarter, of all the teacher's texts of the class instead of its surest).
-STARVED = refine.DRIFT_KEPT
 SIMILAR_CORRELATION = 0.95  # two classes' scores, each text's mean removed, move together this closely
 MIN_TEXTS = 20  # runner-up patterns need this many texts of each class to mean anything
 TRUNCATED_SHARE = 0.01  # warn when this share of the texts were cut
@@ -350,7 +347,7 @@ def warnings(report: dict) -> list[dict]:
                     f"--dev_file) anchor the class, or --norefine trains on the teacher's own targets.",
                 )
                 continue
-            if before >= RARE_SHARE * uniform and after < STARVED * before:
+            if refine.starves(before, after, k):
                 # Too small a class for the thresholds below, and "the teacher over-predicts" may be wrong advice.
                 away = moved[c].copy()
                 away[c] = 0
@@ -359,10 +356,11 @@ def warnings(report: dict) -> list[dict]:
                     "refinement_starves",
                     [name],
                     f"refinement gives '{name}' {_share(after)} of the texts against the teacher's {_share(before)} "
-                    f"(under {STARVED:.0%}; the others go to {where}). Where a class's texts are few and diverse, "
-                    f"the rounds hand them to larger classes, and a student taught these targets will rarely predict "
-                    f"'{name}'. If the teacher's texts of '{name}' below are right, a few labeled '{name}' texts "
-                    f"(train_student.py --dev_file) keep the class; if the teacher over-predicts it, ignore this.",
+                    f"(under {refine.DRIFT_KEPT:.0%}; the others go to {where}). Where a class's texts are few and "
+                    f"diverse, the rounds hand them to larger classes, and a student taught these targets will rarely "
+                    f"predict '{name}'. If the teacher's texts of '{name}' below are right, a few labeled '{name}' "
+                    f"texts (train_student.py --dev_file) keep the class; if the teacher over-predicts it, ignore "
+                    f"this.",
                 )
                 continue
             if (

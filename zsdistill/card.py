@@ -69,6 +69,13 @@ def render(info: dict, evaluations: str = "") -> str:
                 else ""
             )
             + (
+                "; the targets give "
+                + ", ".join(f"`{summary['class_names'][k]}`" for k in refinement["starved_classes"])
+                + " under a quarter of the texts the teacher gives each, so the student rarely predicts them"
+                if refinement.get("starved_classes")
+                else ""
+            )
+            + (
                 f"; no class's prior under the smaller of the teacher's and {refinement['prior_floor']:g} / K"
                 if refinement.get("prior_floor")
                 else ""

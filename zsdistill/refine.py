@@ -132,6 +132,11 @@ SUREST_FRACTION = 0.2
 DRIFT_KEPT = 0.25
 MIN_SUREST = 10
 DRIFT_MIN_SHARE = 0.1
+# A class is starved when the refined targets give it under DRIFT_KEPT of the texts the teacher gives it (the teacher
+# giving it at least DRIFT_MIN_SHARE of a uniform share): a small class whose texts are diverse loses them to larger
+# classes as the rounds re-estimate the priors, and the student taught the targets rarely predicts it. Only reported
+# (log, distill_info.json, the model card, the label-free report): raising its prior lifted the targets but not the
+# students (benchmarks/README.md, "The starved floor").
 DENSITY_REFERENCE_ROWS = 1000  # a class with more kept texts: its density is estimated on this many of them
 DENSITY_REFERENCE_TOTAL = 16_000  # and on fewer with many classes: (at most this many, H) float32 held per round
 FILE = "refinement.npz"  # in the student directory: lets evaluate.py show the refined teacher on a test cache
@@ -161,6 +166,7 @@ class Refinement:
     prior_floor: bool = False  # whether the final priors were held up to floored_priors' floor
     drift_guard: bool = False  # whether drifted classes were looked for (label-free refinement only)
     guarded: list[int] = field(default_factory=list)  # the classes that drifted, re-refined anchored to the teacher
+    starved: list[int] = field(default_factory=list)  # the classes the targets starve (starved_classes), reported only
     teacher_prior: np.ndarray | None = None  # (K,) the teacher's mean posterior over the corpus, from rounds()
 
     def space(self, embeddings: np.ndarray) -> np.ndarray:
@@ -196,6 +202,7 @@ class Refinement:
             "prior_floor": PRIOR_FLOOR if self.prior_floor else None,
             "drift_guard": self.drift_guard,
             "guarded_classes": self.guarded,
+            "starved_classes": self.starved,
             "kappa": round(float(self.kappa), 6),
             "rounds_kappa": KAPPA,
             "keep_fraction": self.keep_fraction,
@@ -353,6 +360,20 @@ def drifted_classes(
     return [k for k in range(num_classes) if drifts(share[k], int(totals[k]), int(kept[k]), num_classes)]
 
 
+def starves(teacher_share: float, refined_share: float, num_classes: int) -> bool:
+    """Whether refinement starves a class the teacher gives teacher_share of the texts and the refined targets
+    refined_share."""
+    return teacher_share >= DRIFT_MIN_SHARE / num_classes and refined_share < DRIFT_KEPT * teacher_share
+
+
+def starved_classes(teacher_prediction: np.ndarray, prediction: np.ndarray, num_classes: int) -> list[int]:
+    """The classes the refined targets (their predicted classes, `prediction`) starve (starves), in class order."""
+    rows = max(len(teacher_prediction), 1)
+    taught = np.bincount(teacher_prediction, minlength=num_classes) / rows
+    refined = np.bincount(prediction, minlength=num_classes) / rows
+    return [k for k in range(num_classes) if starves(taught[k], refined[k], num_classes)]
+
+
 def _summaries(
     chunks: Iterator[tuple[int, np.ndarray]], num_rows: int, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -446,6 +467,12 @@ def refine(
             + f", the most likely for the {len(labeled.labels)} dev labels (each scored by a refinement made without "
             f"it, {CROSS_FIT_FOLDS} folds)"
             + ("; no prior bias: none predicted held-out dev labels better" if dev_bias and std is None else "")
+        )
+    refinement.starved = starved_classes(teacher_prediction, _predictions(similarity, refinement), num_classes)
+    if refinement.starved:
+        log(
+            f"refinement gives classes {refinement.starved} under {DRIFT_KEPT:.0%} of the texts the teacher gives "
+            "each: the student will rarely predict them (a few labeled texts of each, --dev_file, keep them)"
         )
     for start in range(0, num_rows, 65_536):  # what Refinement.posteriors computes, without reading embeddings again
         block = similarity[start : start + 65_536]
