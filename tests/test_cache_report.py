@@ -24,6 +24,28 @@ def report_of(path: str, output_dir: str) -> dict:
     return evaluate.main(teacher_cache=path, output_dir=output_dir)["cache_report"]
 
 
+def labeled_run(path: str, texts: list[str], labels, names: list[str], tmp_path) -> dict:
+    """evaluate.py --teacher_cache --test_file over the cache's own texts with these labels: its whole result."""
+    (tmp_path / "labeled.jsonl").write_text(
+        "".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, labels))
+    )
+    return evaluate.main(
+        teacher_cache=path, test_file=str(tmp_path / "labeled.jsonl"), output_dir=str(tmp_path / "labeled")
+    )
+
+
+def embedding_cache(directory, teacher: np.ndarray, embeddings: np.ndarray, names: list[str], shard_size: int) -> str:
+    """An embedding-teacher cache of texts "text i" whose probabilities are `teacher` (softmax(s / 0.05) of its
+    similarities s), with these text embeddings."""
+    from zsdistill import targets
+
+    columns = {"similarity": (targets.SIMILARITY_SCALE * np.log(teacher)).astype(np.float32)}
+    texts = [f"text {i}" for i in range(len(teacher))]
+    return write_toy_cache(
+        str(directory), texts, names, columns, kind="embedding", shard_size=shard_size, text_embeddings=embeddings
+    )
+
+
 def test_clean_balanced_cache_gets_no_warning(tmp_path):
     texts, labels, columns = keyword_task(600, CLASSES)
     path = write_toy_cache(
@@ -65,12 +87,7 @@ def test_a_class_never_predicted_is_named_with_the_class_that_takes_its_texts(tm
     )
     assert "'doctor' is never the teacher's top class" in open(tmp_path / "report" / "report.md").read()
     # Held-out labels confirm it: the teacher's recall of 'doctor' is 0 (evaluate.py --teacher_cache --test_file).
-    (tmp_path / "labeled.jsonl").write_text(
-        "".join(json.dumps({"text": t, "label": CLASSES[y]}) + "\n" for t, y in zip(texts, labels))
-    )
-    labeled = evaluate.main(
-        teacher_cache=path, test_file=str(tmp_path / "labeled.jsonl"), output_dir=str(tmp_path / "labeled")
-    )
+    labeled = labeled_run(path, texts, labels, CLASSES, tmp_path)
     confirmed = [w for w in labeled["cache_report"]["warnings"] if w["kind"] == "rarely_predicted"][0]["labels"]
     assert confirmed["confirmed"] and "recall of 'doctor' 0.00" in confirmed["evidence"]
     assert labeled["teacher"]["metrics"]["per_class"]["doctor"]["recall"] == 0.0
@@ -157,23 +174,12 @@ def test_a_class_refinement_grows_with_texts_spread_thin_is_called_a_possible_si
 
     from test_refine import sink_task
 
-    from zsdistill import refine, targets
+    from zsdistill import refine
 
     embeddings, teacher, labels = sink_task()
     names = ["alpha", "beta", "gamma", "small", "generic"]
     texts = [f"text {i}" for i in range(len(labels))]
-    columns = {
-        "similarity": (targets.SIMILARITY_SCALE * np.log(teacher)).astype(np.float32)
-    }  # softmax(s / 0.05) = teacher
-    path = write_toy_cache(
-        str(tmp_path / "cache" / "sink"),
-        texts,
-        names,
-        columns,
-        kind="embedding",
-        shard_size=256,
-        text_embeddings=embeddings,
-    )
+    path = embedding_cache(tmp_path / "cache" / "sink", teacher, embeddings, names, 256)
     kinds = lambda report: [(w["kind"], w["classes"]) for w in report["warnings"]]  # noqa: E731
     assert not [w for w in kinds(report_of(path, str(tmp_path / "centred"))) if "generic" in w[1]]
 
@@ -185,12 +191,7 @@ def test_a_class_refinement_grows_with_texts_spread_thin_is_called_a_possible_si
     ]
     message = [w["message"] for w in report["warnings"] if w["kind"] == "refinement_grows_a_spread_class"][0]
     assert "may be a generic class drawing other classes' texts" in message and "spread thin" in message
-    (tmp_path / "labeled.jsonl").write_text(
-        "".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, labels))
-    )
-    labeled = evaluate.main(
-        teacher_cache=path, test_file=str(tmp_path / "labeled.jsonl"), output_dir=str(tmp_path / "labeled")
-    )
+    labeled = labeled_run(path, texts, labels, names, tmp_path)
     checked = [w for w in labeled["cache_report"]["warnings"] if w["kind"] == "refinement_grows_a_spread_class"][0][
         "labels"
     ]
@@ -215,15 +216,9 @@ def drift_task() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_a_class_refinement_takes_the_teachers_surest_texts_from_is_said_to_drift(tmp_path):
     """The report says refinement drifts from 'alpha' (it moves every text the teacher is surest are 'alpha'),
     instead of telling the user the teacher over-predicts it; the labels check those texts."""
-    from zsdistill import targets
-
     embeddings, teacher, labels = drift_task()
     names, texts = ["alpha", "beta", "gamma"], [f"text {i}" for i in range(300)]
-    columns = {"similarity": (targets.SIMILARITY_SCALE * np.log(teacher)).astype(np.float32)}
-    path = write_toy_cache(
-        str(tmp_path / "cache" / "drift"), texts, names, columns, kind="embedding", shard_size=64,
-        text_embeddings=embeddings,
-    )  # fmt: skip
+    path = embedding_cache(tmp_path / "cache" / "drift", teacher, embeddings, names, 64)
     report = report_of(path, str(tmp_path / "report"))
     assert report["teacher_surest_moved"][0] == [0, 30, 0]  # alpha's surest 20% (ties: all 30) went to beta
     drift = [w for w in report["warnings"] if w["kind"] == "refinement_drifts"]
@@ -235,12 +230,7 @@ def test_a_class_refinement_takes_the_teachers_surest_texts_from_is_said_to_drif
     ]
     assert "- refined, sure" in open(tmp_path / "report" / "report.md").read()
     for truth, confirmed in ((labels, True), (np.where(np.arange(300) < 30, 1, labels), False)):
-        (tmp_path / "labeled.jsonl").write_text(
-            "".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, truth))
-        )
-        checked = evaluate.main(
-            teacher_cache=path, test_file=str(tmp_path / "labeled.jsonl"), output_dir=str(tmp_path / "labeled")
-        )["cache_report"]["warnings"]
+        checked = labeled_run(path, texts, truth, names, tmp_path)["cache_report"]["warnings"]
         evidence = [w["labels"] for w in checked if w["kind"] == "refinement_drifts"][0]
         assert evidence["confirmed"] == confirmed
         assert evidence["evidence"].startswith(f"{30 if confirmed else 0} of the 30 texts the teacher is surest")
@@ -253,23 +243,12 @@ def test_a_small_class_refinement_starves_is_named(tmp_path):
     is over twice the refined one). The clean cache of the first test gets no such warning."""
     from test_refine import small_class_task
 
-    from zsdistill import targets
-
     embeddings, teacher, labels = small_class_task()
     rows = np.concatenate([np.flatnonzero(labels == k)[:150] for k in range(3)] + [np.flatnonzero(labels == 3)])
     embeddings, teacher, labels = embeddings[rows], teacher[rows], labels[rows]
     names = ["alpha", "beta", "gamma", "small"]
     texts = [f"text {i}" for i in range(len(labels))]
-    columns = {"similarity": (targets.SIMILARITY_SCALE * np.log(teacher)).astype(np.float32)}
-    path = write_toy_cache(
-        str(tmp_path / "cache" / "small"),
-        texts,
-        names,
-        columns,
-        kind="embedding",
-        shard_size=256,
-        text_embeddings=embeddings,
-    )
+    path = embedding_cache(tmp_path / "cache" / "small", teacher, embeddings, names, 256)
     report = report_of(path, str(tmp_path / "report"))
     starved = [w for w in report["warnings"] if w["kind"] == "refinement_starves"]
     assert [w["classes"] for w in starved] == [["small"]]
@@ -279,12 +258,7 @@ def test_a_small_class_refinement_starves_is_named(tmp_path):
     assert refined_share < 0.25 * teacher_share and f"against the teacher's {teacher_share:.1%}" in message
     assert "rarely predict 'small'" in message
     assert not [w for w in report["warnings"] if w["kind"] == "teacher_and_refinement_disagree"]
-    (tmp_path / "labeled.jsonl").write_text(
-        "".join(json.dumps({"text": t, "label": names[y]}) + "\n" for t, y in zip(texts, labels))
-    )
-    labeled = evaluate.main(
-        teacher_cache=path, test_file=str(tmp_path / "labeled.jsonl"), output_dir=str(tmp_path / "labeled")
-    )
+    labeled = labeled_run(path, texts, labels, names, tmp_path)
     checked = [w for w in labeled["cache_report"]["warnings"] if w["kind"] == "refinement_starves"][0]["labels"]
     assert checked["confirmed"] and "true share of 'small' 5.1%" in checked["evidence"]
     assert "teacher recall 0.92" in checked["evidence"]

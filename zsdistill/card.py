@@ -34,6 +34,7 @@ def _card_data(info: dict):
 def render(info: dict, evaluations: str = "") -> str:
     """The card's text for a student described by its distill_info.json."""
     summary = info["cache_summary"]
+    named = lambda classes: ", ".join(f"`{summary['class_names'][k]}`" for k in classes)  # noqa: E731
     refinement = info.get("refinement") or {}
     holdout = info.get("metrics", {}).get("holdout", {})
     agreement = (
@@ -63,15 +64,13 @@ def render(info: dict, evaluations: str = "") -> str:
             + ("; embeddings centred on the corpus mean" if refinement.get("center") else "")
             + (
                 "; refined again anchored to the texts the teacher is surest of for "
-                + ", ".join(f"`{summary['class_names'][k]}`" for k in refinement["guarded_classes"])
-                + ", which the first refinement drifted from"
+                f"{named(refinement['guarded_classes'])}, which the first refinement drifted from"
                 if refinement.get("guarded_classes")
                 else ""
             )
             + (
-                "; the targets give "
-                + ", ".join(f"`{summary['class_names'][k]}`" for k in refinement["starved_classes"])
-                + " under a quarter of the texts the teacher gives each, so the student rarely predicts them"
+                f"; the targets give {named(refinement['starved_classes'])} under a quarter of the texts the teacher "
+                "gives each, so the student rarely predicts them"
                 if refinement.get("starved_classes")
                 else ""
             )
