@@ -132,11 +132,6 @@ SUREST_FRACTION = 0.2
 DRIFT_KEPT = 0.25
 MIN_SUREST = 10
 DRIFT_MIN_SHARE = 0.1
-# A class is starved when the refined targets give it under DRIFT_KEPT of the texts the teacher gives it (the teacher
-# giving it at least DRIFT_MIN_SHARE of a uniform share): a small class whose texts are diverse loses them to larger
-# classes as the rounds re-estimate the priors, and the student taught the targets rarely predicts it. Only reported
-# (log, distill_info.json, the model card, the label-free report): raising its prior lifted the targets but not the
-# students (benchmarks/README.md, "The starved floor").
 DENSITY_REFERENCE_ROWS = 1000  # a class with more kept texts: its density is estimated on this many of them
 DENSITY_REFERENCE_TOTAL = 16_000  # and on fewer with many classes: (at most this many, H) float32 held per round
 FILE = "refinement.npz"  # in the student directory: lets evaluate.py show the refined teacher on a test cache
@@ -362,7 +357,11 @@ def drifted_classes(
 
 def starves(teacher_share: float, refined_share: float, num_classes: int) -> bool:
     """Whether refinement starves a class the teacher gives teacher_share of the texts and the refined targets
-    refined_share."""
+    refined_share: under DRIFT_KEPT of the teacher's, the teacher giving it at least DRIFT_MIN_SHARE of a uniform share.
+    A small class whose texts are diverse loses them to larger classes as the rounds re-estimate the priors, and the
+    student taught the targets rarely predicts it. Only reported (stage 2's log, distill_info.json, the model card, the
+    label-free report): raising its prior lifted the targets but not the students (benchmarks/README.md, "The starved
+    floor")."""
     return teacher_share >= DRIFT_MIN_SHARE / num_classes and refined_share < DRIFT_KEPT * teacher_share
 
 
@@ -472,7 +471,8 @@ def refine(
     if refinement.starved:
         log(
             f"refinement gives classes {refinement.starved} under {DRIFT_KEPT:.0%} of the texts the teacher gives "
-            "each: the student will rarely predict them (a few labeled texts of each, --dev_file, keep them)"
+            "each: the student will rarely predict them"
+            + (" (a few labeled texts of each, --dev_file, keep them)" if labeled is None else "")
         )
     for start in range(0, num_rows, 65_536):  # what Refinement.posteriors computes, without reading embeddings again
         block = similarity[start : start + 65_536]
