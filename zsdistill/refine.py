@@ -425,18 +425,18 @@ def refine(
     # One more pass over the embeddings: the similarities serve the kappa fit, then become the targets in place.
     similarity = np.empty((num_rows, num_classes), dtype=np.float32)
     _fill_similarity(similarity, refinement, embedding_chunks)
+    prediction = None  # the targets' classes, once needed (the drift guard's and the starved classes' check)
     if labeled is None:
         _fit_label_free(refinement, similarity, teacher_prediction, prior_floor, lowest)
         if drift_guard:
-            drifted = drifted_classes(
-                teacher_prediction, teacher_confidence, _predictions(similarity, refinement), num_classes
-            )
+            prediction = _predictions(similarity, refinement)
+            drifted = drifted_classes(teacher_prediction, teacher_confidence, prediction, num_classes)
             if drifted:
                 log(
                     f"refinement drifted from classes {drifted} (it keeps under {DRIFT_KEPT:.0%} of the texts the "
                     "teacher is surest are in each): refining again, their anchors chosen by the teacher's confidence"
                 )
-                similarity = None  # the rounds need their own per-row memory; the (N, K) array is made again after
+                similarity = prediction = None  # the rounds need their own per-row memory; both are made again
                 refinement, _ = rounds(
                     teacher_chunks, embedding_chunks, num_rows, num_classes, log, guarded=drifted, **settings
                 )
@@ -467,7 +467,9 @@ def refine(
             f"it, {CROSS_FIT_FOLDS} folds)"
             + ("; no prior bias: none predicted held-out dev labels better" if dev_bias and std is None else "")
         )
-    refinement.starved = starved_classes(teacher_prediction, _predictions(similarity, refinement), num_classes)
+    if prediction is None:
+        prediction = _predictions(similarity, refinement)
+    refinement.starved = starved_classes(teacher_prediction, prediction, num_classes)
     if refinement.starved:
         log(
             f"refinement gives classes {refinement.starved} under {DRIFT_KEPT:.0%} of the texts the teacher gives "
