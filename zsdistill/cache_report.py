@@ -259,6 +259,13 @@ def _one_hot(classes: np.ndarray, num_classes: int) -> np.ndarray:
     return indicators
 
 
+def _largest_others(counts: np.ndarray, c: int, names: list[str]) -> str:
+    """The (at most) three classes other than c with the largest counts, largest first, as "'name' (count), ..."."""
+    others = counts.copy()
+    others[c] = 0
+    return ", ".join(f"'{names[i]}' ({others[i]})" for i in np.argsort(-others, kind="stable")[:3] if others[i])
+
+
 def _cohesion(sums: np.ndarray, count: np.ndarray) -> list:
     """Per class, the length of its texts' mean centred embedding (None for a class without texts)."""
     return [round(float(np.linalg.norm(total) / c), 4) if c else None for total, c in zip(sums, count)]
@@ -331,9 +338,7 @@ def warnings(report: dict) -> list[dict]:
             if refine.drifts(before, total, kept, k):
                 # Refinement moves even the texts the teacher is surest about: "the teacher over-predicts" would be
                 # the wrong advice (the class may be right and refinement drawn to other texts).
-                away = surest[c].copy()
-                away[c] = 0
-                where = ", ".join(f"'{names[i]}' ({away[i]})" for i in np.argsort(-away, kind="stable")[:3] if away[i])
+                where = _largest_others(surest[c], c, names)
                 now = refined["classes"][name]["most_confident"]
                 example = f' such as "{_clip(now[0]["text"], 80)}"' if now else ""
                 warn(
@@ -349,18 +354,16 @@ def warnings(report: dict) -> list[dict]:
                 continue
             if refine.starves(before, after, k):
                 # Too small a class for the thresholds below, and "the teacher over-predicts" may be wrong advice.
-                away = moved[c].copy()
-                away[c] = 0
-                where = ", ".join(f"'{names[i]}' ({away[i]})" for i in np.argsort(-away, kind="stable")[:3] if away[i])
+                where = _largest_others(moved[c], c, names)
                 warn(
                     "refinement_starves",
                     [name],
                     f"refinement gives '{name}' {_share(after)} of the texts against the teacher's {_share(before)} "
-                    f"(under {refine.DRIFT_KEPT:.0%}; the others go to {where}). Where a class's texts are few and "
-                    f"diverse, the rounds hand them to larger classes, and a student taught these targets will rarely "
-                    f"predict '{name}'. If the teacher's texts of '{name}' below are right, a few labeled '{name}' "
-                    f"texts (train_student.py --dev_file) keep the class; if the teacher over-predicts it, ignore "
-                    f"this.",
+                    f"(under {refine.DRIFT_KEPT:.0%} of it; it moves the teacher's other texts of it to {where}). "
+                    f"Where a class's texts are few and diverse, the rounds hand them to larger classes, and a student "
+                    f"taught these targets will rarely predict '{name}'. If the teacher's texts of '{name}' below are "
+                    f"right, a few labeled '{name}' texts (train_student.py --dev_file) keep the class; if the teacher "
+                    f"over-predicts it, ignore this.",
                 )
                 continue
             if (
@@ -370,11 +373,7 @@ def warnings(report: dict) -> list[dict]:
             ):
                 continue
             if after > before:
-                sources = moved[:, c].copy()
-                sources[c] = 0
-                where = ", ".join(
-                    f"'{names[i]}' ({sources[i]})" for i in np.argsort(-sources, kind="stable")[:3] if sources[i]
-                )
+                where = _largest_others(moved[:, c], c, names)
                 if typical and cohesion[c] is not None and cohesion[c] < SPREAD_THIN * typical:
                     # A class that grows with texts spread thin is how a generic class draws other classes' texts.
                     warn(
@@ -398,11 +397,7 @@ def warnings(report: dict) -> list[dict]:
                     f"'{name}' and those classes take its texts; try another wording of '{name}'."
                 )
             else:
-                targets_ = moved[c].copy()
-                targets_[c] = 0
-                where = ", ".join(
-                    f"'{names[i]}' ({targets_[i]})" for i in np.argsort(-targets_, kind="stable")[:3] if targets_[i]
-                )
+                where = _largest_others(moved[c], c, names)
                 message = (
                     f"the teacher predicts '{name}' for {_share(before)} of the texts, but only {_share(after)} sit "
                     f"closer to its surest "
