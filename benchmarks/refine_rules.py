@@ -127,18 +127,16 @@ def teacher_prior_floor(log_priors: np.ndarray, teacher: np.ndarray) -> np.ndarr
 
 def starved_floored(task: dict, refinement: refine.Refinement) -> refine.Refinement:
     """The starved floor, a rule tried and left (results/cpu_starved_floor.md, where it was briefly the library's
-    default): where the refinement's labels give a class under refine.DRIFT_KEPT of the pool texts the teacher gives it
-    (the teacher giving it at least refine.DRIFT_MIN_SHARE of a uniform share), its prior raised to the smaller of the
-    teacher's mean posterior and refine.PRIOR_FLOOR / K, renormalised, and kappa fitted again (label-free)."""
+    default): the prior of each class the refinement's labels starve on the pool (refine.starved_classes) raised to the
+    smaller of the teacher's mean posterior and refine.PRIOR_FLOOR / K, renormalised, and kappa fitted again
+    (label-free)."""
     pool, num_classes = task["pool"], len(task["class_names"])
     similarity = refinement.space(pool["embeddings"]) @ refinement.centroids.T
     taught = pool["teacher"].argmax(1)
     refined = (refinement.kappa * similarity + refinement.log_priors).argmax(1)
-    counts, kept = np.bincount(taught, minlength=num_classes), np.bincount(refined, minlength=num_classes)
     priors = np.exp(refinement.log_priors.astype(np.float64))
     floor = np.minimum(refinement.teacher_prior, refine.PRIOR_FLOOR / num_classes)
-    looked_at = counts >= refine.DRIFT_MIN_SHARE / num_classes * len(taught)
-    starved = looked_at & (kept < refine.DRIFT_KEPT * counts) & (priors < floor)
+    starved = np.isin(np.arange(num_classes), refine.starved_classes(taught, refined, num_classes)) & (priors < floor)
     if not starved.any():
         return refinement
     priors = np.where(starved, floor, priors)
