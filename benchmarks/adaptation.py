@@ -8,6 +8,11 @@ the space of the encoder after `rounds` adaptation rounds (adapt.adapted_embeddi
 --adapt_rounds runs them: cached under the pool cache, so a second run trains nothing), each applied to the test set
 embedded by the same encoder. Accuracy / macro-F1 / ECE on the test labels and the classes lost against the raw
 teacher (issue 26's rule), with each round's texts trained on and seconds. Minutes a round on 2 CPU cores.
+
+Beside them, label-free figures on the pool that a rule choosing whether to adapt could read (none of them needs a
+label): the share of pool texts whose refined class the round keeps, the same among the texts it did not train on,
+the share of pool texts whose teacher label is their refined class (frozen -> adapted), and the class whose share of
+the pool's refined labels the round keeps least (its adapted share / frozen share).
 """
 
 import os
@@ -24,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import quality  # noqa: E402
 import refine_rules  # noqa: E402
 import train_student  # noqa: E402
-from zsdistill import adapt, models  # noqa: E402
+from zsdistill import adapt, models, refine  # noqa: E402
 
 
 def embedded_test_texts(task: dict, adapted: dict) -> np.ndarray:
@@ -33,6 +38,28 @@ def embedded_test_texts(task: dict, adapted: dict) -> np.ndarray:
     texts = adapt.read_texts(task["test"]["path"], task["test"]["manifest"])
     return train_student.embed_dev_texts(
         task["pool"]["manifest"], texts, os.path.join(adapted["directory"], adapt.ENCODER)
+    )
+
+
+def label_free_signals(task: dict, frozen_scores: np.ndarray, adapted_scores: np.ndarray, settings) -> str:
+    """What the pool alone says of the round (no label read): see the module docstring. With several rounds the
+    texts not trained on are the first round's."""
+    frozen, adapted = frozen_scores.argmax(1), adapted_scores.argmax(1)
+    teacher = task["pool"]["teacher"].argmax(1)
+    trained = adapt.surest_rows(
+        refine.softmax_rows(frozen_scores.astype(np.float64)),
+        settings.fraction,
+        teacher if settings.teacher_agrees else None,
+    )
+    untrained = np.setdiff1d(np.arange(len(frozen)), trained)
+    k = len(task["class_names"])
+    frozen_share, adapted_share = np.bincount(frozen, minlength=k), np.bincount(adapted, minlength=k)
+    ratio = np.where(frozen_share > 0, adapted_share / np.maximum(frozen_share, 1), np.inf)
+    least = int(np.argmin(ratio))
+    return (
+        f"{(frozen == adapted).mean():.3f}, {(frozen[untrained] == adapted[untrained]).mean():.3f}, "
+        f"{(teacher == frozen).mean():.3f} -> {(teacher == adapted).mean():.3f}, "
+        f"`{task['class_names'][least]}` {ratio[least]:.2f}"
     )
 
 
@@ -49,12 +76,16 @@ def main(
     settings = adapt.AdaptSettings(rounds=rounds, teacher_agrees=teacher_agrees)
     machine = models.hardware_name(torch.device("cpu"))
     print(f"Machine: {machine}; {time.strftime('%Y-%m-%d')}; {settings}\n")
-    print("| task | frozen space | adapted | texts trained on (per round) | round seconds (cached: read) |")
-    print("| --- | --- | --- | --- | --- |")
+    print(
+        "| task | frozen space | adapted | texts trained on (per round) | round seconds (cached: read) | pool labels "
+        "kept, of texts not trained on, teacher agrees (frozen -> adapted), class share kept least |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for name in quality.as_list(tasks, str):
         task = refine_rules.load_task(name, work_dir)
         pool = task["pool"]
-        frozen = refine_rules.cell(task, refine_rules.on_test_set(task, refine_rules.fitted(task)))
+        frozen_refinement = refine_rules.fitted(task)
+        frozen = refine_rules.cell(task, refine_rules.on_test_set(task, frozen_refinement))
         embeddings, record = adapt.adapted_embeddings(
             pool["path"], pool["manifest"], settings, lambda: iter([(0, pool["teacher"])])
         )
@@ -63,12 +94,14 @@ def main(
             "pool": {**pool, "embeddings": embeddings},
             "test": {**task["test"], "embeddings": embedded_test_texts(task, record)},
         }
-        adapted = refine_rules.cell(
-            adapted_task, refine_rules.on_test_set(adapted_task, refine_rules.fitted(adapted_task))
-        )
+        adapted_refinement = refine_rules.fitted(adapted_task)
+        adapted = refine_rules.cell(adapted_task, refine_rules.on_test_set(adapted_task, adapted_refinement))
         trained = ", ".join(str(r["texts_trained_on"]) for r in record["rounds"])
         seconds = ", ".join("read" if r["cached"] else f"{r['seconds']:.0f}" for r in record["rounds"])
-        print(f"| {name} | {frozen} | {adapted} | {trained} | {seconds} |", flush=True)
+        signals = label_free_signals(
+            task, frozen_refinement.log_scores(pool["embeddings"]), adapted_refinement.log_scores(embeddings), settings
+        )
+        print(f"| {name} | {frozen} | {adapted} | {trained} | {seconds} | {signals} |", flush=True)
 
 
 if __name__ == "__main__":
