@@ -35,6 +35,9 @@ from zsdistill.targets import holdout_split
 INFO_FILE = card.INFO_FILE  # written last: a student directory without it is not finished
 BALANCE_METHOD = "class-balanced row sampling"
 MIN_BALANCED_PRIOR = 0.1  # balanced distillation upweights a class at most as if its share of the rows were 0.1 / K
+# A multi-label student calibrated on dev labels gets a temperature per class where the dev set shows the class at
+# least this often present and absent (else the shared one): benchmarks/README.md, "Multi-label calibration".
+MIN_DEV_PER_CLASS_CALIBRATION = 3
 LENGTH_GROUP_BATCHES = 50  # group_by_length sorts this many batches at a time (transformers' LengthGroupedSampler's)
 # The new head starts from random values and the body from pretrained ones: at the body's usual rates (5e-5) the head
 # barely moves in 2 epochs and the student under-fits its targets, the rarer classes first (benchmarks/README.md).
@@ -397,15 +400,32 @@ def fit_logit_temperature(student_logits: np.ndarray, soft_targets: np.ndarray, 
     return float(np.exp(minimize_scalar(loss, bounds=(np.log(0.05), np.log(20.0)), method="bounded").x))
 
 
-def scale_classifier(model, num_labels: int, factor: float) -> None:
-    """Multiply the model's logits by `factor` by scaling its last Linear layer onto the labels (weight and bias)."""
+def per_class_temperatures(student_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Multi-label: per class, the T that makes sigmoid(z / T) closest to the dev labels of that class (K,); a class
+    the dev set shows present or absent fewer than MIN_DEV_PER_CLASS_CALIBRATION times gets the shared T."""
+    shared = fit_logit_temperature(student_logits, labels, True)
+    present = labels.sum(0)
+    return np.array(
+        [
+            fit_logit_temperature(student_logits[:, [k]], labels[:, [k]], True)
+            if min(present[k], len(labels) - present[k]) >= MIN_DEV_PER_CLASS_CALIBRATION
+            else shared
+            for k in range(labels.shape[1])
+        ]
+    )
+
+
+def scale_classifier(model, num_labels: int, factor: float | np.ndarray) -> None:
+    """Multiply the model's logits by `factor` (one number, or one a class) by scaling its last Linear layer onto the
+    labels (weight rows and bias)."""
     import torch
 
     heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == num_labels]
     if not heads:
         raise RuntimeError("no Linear layer onto the labels found in the student")
+    factor = torch.as_tensor(np.asarray(factor, dtype=np.float32), device=heads[-1].weight.device)
     with torch.no_grad():
-        heads[-1].weight.mul_(factor)
+        heads[-1].weight.mul_(factor.reshape(-1, 1) if factor.ndim else factor)
         if heads[-1].bias is not None:
             heads[-1].bias.mul_(factor)
 
@@ -762,9 +782,14 @@ def calibrate_on_holdout(
     if calibrate and (dev_set is not None or holdout_dataset is not None):
         fitted_on = "dev labels" if fit_on_dev else "held-out targets"
         logits, taught = (dev_logits, dev_labels) if fit_on_dev else (holdout_logits, holdout_targets)
-        logit_scale = 1.0 / fit_logit_temperature(logits, taught, multi_label)
+        if multi_label and fit_on_dev:  # one temperature a class: benchmarks/README.md, "Multi-label calibration"
+            logit_scale = 1.0 / per_class_temperatures(logits, taught)
+            scaled = f"per class by {logit_scale.min():.3f} to {logit_scale.max():.3f}"
+        else:
+            logit_scale = 1.0 / fit_logit_temperature(logits, taught, multi_label)
+            scaled = f"by {logit_scale:.3f}"
         scale_classifier(trainer.model, trainer.model.config.num_labels, logit_scale)
-        log(f"calibration: logits scaled by {logit_scale:.3f} to match the {fitted_on}")
+        log(f"calibration: logits scaled {scaled} to match the {fitted_on}")
     elif calibrate:
         log("calibration: skipped (no held-out rows; --holdout_fraction 0)")
     if holdout_dataset is not None:
@@ -780,7 +805,14 @@ def calibrate_on_holdout(
         found = dev_metrics(dev_logits * logit_scale, dev_labels, names, multi_label)
         metrics_found["dev"] = {"examples": len(dev_labels), **found}
         log(f"dev ({len(dev_labels)} labeled texts): " + ", ".join(f"{k} {v:.4f}" for k, v in found.items()))
-    calibration = {"logit_scale": logit_scale, "applied": logit_scale != 1.0, "fitted_on": fitted_on}
+    per_class = np.ndim(logit_scale) == 1
+    calibration = {
+        "logit_scale": [float(v) for v in logit_scale] if per_class else logit_scale,
+        "applied": bool(np.any(np.asarray(logit_scale) != 1.0)),
+        "fitted_on": fitted_on,
+    }
+    if per_class:
+        calibration["per_class"] = True
     if dev_set is not None:
         calibration["dev_examples"] = len(dev_labels)
         calibration["dev_in_targets"] = dev_in_targets

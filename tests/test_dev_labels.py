@@ -144,6 +144,63 @@ def test_dev_texts_that_are_in_the_cache_are_not_trained_on(task, tmp_path):
     assert len(used) == len(texts) - 3 and not {3, 50, 90} & set(used.tolist())
 
 
+def test_a_multi_label_student_gets_a_temperature_per_class_fitted_on_the_dev_labels(task, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    _, cache_path, single_dev, base = task
+    rows = [json.loads(line) for line in open(single_dev)]
+    dev = tmp_path / "dev.jsonl"  # some texts carry two classes, one (the last) none
+    labels = [[r["label"]] + (["guitar"] if i % 4 == 0 and r["label"] != "guitar" else []) for i, r in enumerate(rows)]
+    labels[-1] = []
+    dev.write_text("".join(json.dumps({"text": r["text"], "label": y}) + "\n" for r, y in zip(rows, labels)))
+    student = train_student.main(
+        cache=cache_path,
+        output_dir=str(tmp_path / "s"),
+        student_name_or_path=base,
+        multi_label=True,
+        calibrate=True,
+        dev_file=str(dev),
+        save_strategy="no",
+        **QUICK,
+    )
+    info = json.load(open(os.path.join(student, card.INFO_FILE)))
+    calibration = info["calibration"]
+    assert calibration["fitted_on"] == "dev labels" and calibration["per_class"] is True
+    assert len(calibration["logit_scale"]) == len(CLASSES) and info["metrics"]["dev"]["examples"] == 40
+    # The head holds one scale a class: each the one that makes that class's dev labels most likely.
+    model = AutoModelForSequenceClassification.from_pretrained(student).eval()
+    encoded = AutoTokenizer.from_pretrained(student)([r["text"] for r in rows], padding=True, return_tensors="pt")
+    raw = model(**encoded).logits.detach().numpy() / np.array(calibration["logit_scale"])
+    multi_hot = np.array([[name in y for name in CLASSES] for y in labels], dtype=float)
+    expected = 1 / train_student.per_class_temperatures(raw, multi_hot)
+    np.testing.assert_allclose(calibration["logit_scale"], expected, rtol=1e-3)
+    shared = 1 / train_student.fit_logit_temperature(raw, multi_hot, True)
+    assert not np.allclose(calibration["logit_scale"], shared, rtol=1e-2)  # not the shared scale written K times
+    assert (
+        "calibrated on 40 dev labels (one temperature a class folded into the head)"
+        in open(os.path.join(student, card.CARD_FILE)).read()
+    )
+
+
+def test_per_class_temperatures_undo_each_class_s_own_over_or_under_confidence():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0, 2.0, size=(400, 3))
+    labels = (rng.random((400, 3)) < 1 / (1 + np.exp(-true_logits))).astype(float)
+    labels[:, 2] = 0
+    labels[:2, 2] = 1  # class 2: present twice only, too few to fit a temperature of its own
+    student = true_logits * np.array([3.0, 0.5, 1.0])  # class 0 over-confident, class 1 under-confident
+    temperatures = train_student.per_class_temperatures(student, labels)
+    assert temperatures[0] == pytest.approx(3.0, rel=0.25) and temperatures[1] == pytest.approx(0.5, rel=0.25)
+    assert temperatures[2] == train_student.fit_logit_temperature(student, labels, True)  # the shared one
+    shared = train_student.fit_logit_temperature(student[:, :2], labels[:, :2], True)
+    from zsdistill.metrics import multi_label_metrics
+
+    def ece(scaled):
+        return multi_label_metrics(labels[:, :2], 1 / (1 + np.exp(-scaled)), ["a", "b"])["ece"]
+
+    assert ece(student[:, :2] / temperatures[:2]) < ece(student[:, :2] / shared) - 0.02
+
+
 # ---------------------------------------------------------------- dev labels in refinement (--refine_with_dev)
 
 

@@ -173,7 +173,8 @@ def calibration_text(info: dict) -> str:
             )
         )
     if fitted_on == "dev labels":
-        return f"calibrated on {calibration['dev_examples']} dev labels (one temperature folded into the head)"
+        temperatures = "one temperature a class" if calibration.get("per_class") else "one temperature"
+        return f"calibrated on {calibration['dev_examples']} dev labels ({temperatures} folded into the head)"
     if fitted_on:
         return (
             "calibrated label-free, to the student's targets on held-out rows (unverified where texts do not "
