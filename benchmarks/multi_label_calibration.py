@@ -101,7 +101,11 @@ def build_task(directory: str) -> None:
         return
     examples = sorted(debtags_descriptions().items())
     random.Random(0).shuffle(examples)
-    test, labeled, pool = examples[:TEST_SIZE], examples[TEST_SIZE : TEST_SIZE + LABELED_SIZE], examples[2000:]
+    test, labeled, pool = (
+        examples[:TEST_SIZE],
+        examples[TEST_SIZE : TEST_SIZE + LABELED_SIZE],
+        examples[TEST_SIZE + LABELED_SIZE :],
+    )
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "classes.txt"), "w") as f:
         f.write("\n".join(DEBTAGS.values()) + "\n")
