@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --tasks ... --seeds 0     # first: builds the tasks and their teacher caches
     python benchmarks/adaptation.py --tasks nouns-25,verbs-15
+    python benchmarks/adaptation.py --teacher_agrees True --dev_per_class 8   # with dev labels, as --dev_file does
 
 Per task: refinement (the stage 2 default) fitted on the unlabeled pool in the cached (frozen) embedding space and in
 the space of the encoder after `rounds` adaptation rounds (adapt.adapted_embeddings with its default settings, as
@@ -13,6 +14,11 @@ Beside them, label-free figures on the pool that a rule choosing whether to adap
 label): the share of pool texts whose refined class the round keeps, the same among the texts it did not train on,
 the share of pool texts whose teacher label is their refined class (frozen -> adapted), and the class whose share of
 the pool's refined labels the round keeps least (its adapted share / frozen share).
+
+With --dev_per_class k: instead, per task and dev draw (seeds 0 and 1, benchmarks/quality.py's draws of k labeled texts
+a class), refinement with the dev texts as anchors (refine(labeled=...), as train_student.py --dev_file does) in the
+frozen space and in the adapted one (the round is label-free; the dev texts are embedded by the adapted encoder, as
+stage 2 embeds them with --adapt_rounds), and the macro-F1 change in points.
 """
 
 import os
@@ -30,6 +36,7 @@ import quality  # noqa: E402
 import refine_rules  # noqa: E402
 import train_student  # noqa: E402
 from zsdistill import adapt, models, refine  # noqa: E402
+from zsdistill.metrics import label_metrics  # noqa: E402
 
 
 def embedded_test_texts(task: dict, adapted: dict) -> np.ndarray:
@@ -68,19 +75,25 @@ def main(
     rounds: int = 1,
     work_dir: str = "bench/quality",
     teacher_agrees: bool = False,
+    dev_per_class: int = 0,
 ) -> None:
     """Print one markdown row per task: the frozen space against `rounds` adaptation rounds (with --teacher_agrees,
-    rounds that train only on texts whose teacher label is their refined class)."""
+    rounds that train only on texts whose teacher label is their refined class); with dev_per_class, one row per task
+    and dev draw, both refined with the dev labels."""
     import torch
 
     settings = adapt.AdaptSettings(rounds=rounds, teacher_agrees=teacher_agrees)
     machine = models.hardware_name(torch.device("cpu"))
     print(f"Machine: {machine}; {time.strftime('%Y-%m-%d')}; {settings}\n")
-    print(
-        "| task | frozen space | adapted | texts trained on (per round) | round seconds (cached: read) | pool labels "
-        "kept, of texts not trained on, teacher agrees (frozen -> adapted), class share kept least |"
-    )
-    print("| --- | --- | --- | --- | --- | --- |")
+    if dev_per_class:
+        print("| task | dev draw | frozen space + dev labels | adapted + dev labels | macro-F1 change (points) |")
+        print("| --- | --- | --- | --- | --- |")
+    else:
+        print(
+            "| task | frozen space | adapted | texts trained on (per round) | round seconds (cached: read) | pool "
+            "labels kept, of texts not trained on, teacher agrees (frozen -> adapted), class share kept least |"
+        )
+        print("| --- | --- | --- | --- | --- | --- |")
     for name in quality.as_list(tasks, str):
         task = refine_rules.load_task(name, work_dir)
         pool = task["pool"]
@@ -94,6 +107,22 @@ def main(
             "pool": {**pool, "embeddings": embeddings},
             "test": {**task["test"], "embeddings": embedded_test_texts(task, record)},
         }
+        if dev_per_class:
+            encoder = os.path.join(record["directory"], adapt.ENCODER)
+            for draw in (0, 1):
+                dev = refine_rules.dev_draw(task, dev_per_class, draw)
+                texts = [r["text"] for r in quality.draw_dev_rows(name, task["data_dir"], dev_per_class, draw)]
+                adapted_dev = refine.LabeledTexts(
+                    train_student.embed_dev_texts(pool["manifest"], texts, encoder), dev.labels
+                )
+                cells = []
+                for t, labeled in ((task, dev), (adapted_task, adapted_dev)):
+                    probabilities = refine_rules.on_test_set(t, refine_rules.fitted(t, labeled=labeled))
+                    macro_f1 = label_metrics(t["labels"], probabilities, t["class_names"], False)["macro_f1"]
+                    cells.append((refine_rules.cell(t, probabilities), macro_f1))
+                change = 100 * (cells[1][1] - cells[0][1])
+                print(f"| {name} | {draw} | {cells[0][0]} | {cells[1][0]} | {change:+.1f} |", flush=True)
+            continue
         adapted_refinement = refine_rules.fitted(adapted_task)
         adapted = refine_rules.cell(adapted_task, refine_rules.on_test_set(adapted_task, adapted_refinement))
         trained = ", ".join(str(r["texts_trained_on"]) for r in record["rounds"])
