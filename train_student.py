@@ -143,8 +143,9 @@ class StudentOptions:
         "--test_file reads; single- or multi-label; a "
         "few per class up to a few thousand). Single-label: their texts join refinement's centroids and the targets' "
         "confidence is fitted on their labels (--refine_with_dev); else (or with --norefine_with_dev) the student's "
-        "temperature is fitted on them. Dev accuracy, macro-F1 and ECE are measured at every evaluation step "
-        "(--eval_strategy; --metric_for_best_model macro_f1 works) and at the end (distill_info.json, the card).",
+        "temperature is fitted on them (multi-label: one temperature a class). Dev accuracy, macro-F1 and ECE are "
+        "measured at every evaluation step (--eval_strategy; --metric_for_best_model macro_f1 works) and at the end "
+        "(distill_info.json, the card).",
     )
     refine_with_dev: bool = option(
         True,
@@ -769,7 +770,8 @@ def calibrate_on_holdout(
     dev_in_targets: bool = False,
 ) -> tuple[dict, dict]:
     """Predict the held-out rows (and the dev set); when calibrating, fold into the head the temperature that
-    matches the dev labels (with a --dev_file) or else the targets on the held-out rows. Returns (calibration record,
+    matches the dev labels (with a --dev_file; one a class for a multi-label student) or else the targets on the
+    held-out rows. Returns (calibration record,
     metrics). dev_in_targets: the dev labels already set the targets' confidence (refinement fitted it on them,
     cross-fitted) and their texts moved the centroids, so the student is fitted to its targets: its logits on the
     dev texts would be over-confident to fit on (they sit closer to their own centroids than new texts do)."""
