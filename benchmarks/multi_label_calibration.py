@@ -69,30 +69,13 @@ TOP_FRACTION = 0.1  # the toy teacher says yes to the pool's top 10% of (text, c
 
 def debtags_descriptions() -> dict[str, frozenset]:
     """{package short description: its subject tags} for descriptions whose packages agree on their tags."""
-    import glob
-    import subprocess
-
-    paths = sorted(glob.glob(quality.APT_PACKAGES))
-    if not paths:
-        sys.exit(f"no apt lists at {quality.APT_PACKAGES}: run apt-get update (as root) first")
     seen: dict[str, set] = {}
-    for path in paths:
-        text = subprocess.run(
-            ["/usr/lib/apt/apt-helper", "cat-file", path], capture_output=True, text=True, check=True
-        ).stdout
-        for stanza in text.split("\n\n"):
-            fields, name = {}, None
-            for line in stanza.splitlines():
-                if line.startswith(" ") and name:
-                    fields[name] += line  # a folded field (Tag: runs over lines)
-                elif ": " in line:
-                    name, value = line.split(": ", 1)
-                    fields[name] = value
-            tags = {t.strip() for t in fields.get("Tag", "").split(",")}
-            labels = frozenset(DEBTAGS[t] for t in tags if t in DEBTAGS)
-            description = fields.get("Description", "").strip()
-            if labels and description:
-                seen.setdefault(description, set()).add(labels)
+    for fields in quality.apt_stanzas():
+        tags = {t.strip() for t in fields.get("Tag", "").split(",")}
+        labels = frozenset(DEBTAGS[t] for t in tags if t in DEBTAGS)
+        description = quality.short_description(fields)
+        if labels and description:
+            seen.setdefault(description, set()).add(labels)
     return {text: next(iter(labels)) for text, labels in seen.items() if len(labels) == 1}
 
 

@@ -216,26 +216,42 @@ def wordnet_glosses(name: str) -> dict[str, set[str]]:
     return labels_of
 
 
-def debian_descriptions(sections: list[str]) -> dict[str, set[str]]:
-    """{package short description: its sections} for these sections, from the apt lists (compressed or not)."""
+def apt_stanzas():
+    """Each package stanza of the machine's apt lists (compressed or not) as {field: value}; a folded field's
+    continuation lines follow its first line, each after a newline (a Description's first line is the short one)."""
     import glob
 
     paths = sorted(glob.glob(APT_PACKAGES))
     if not paths:
         sys.exit(f"no apt lists at {APT_PACKAGES}: run apt-get update (as root) first")
-    labels_of: dict[str, set[str]] = {}
     for path in paths:
         text = subprocess.run(
             ["/usr/lib/apt/apt-helper", "cat-file", path], capture_output=True, text=True, check=True
         ).stdout
         for stanza in text.split("\n\n"):
-            fields = dict(
-                line.split(": ", 1) for line in stanza.splitlines() if ": " in line and not line.startswith(" ")
-            )
-            section = fields.get("Section", "").split("/")[-1]
-            description = fields.get("Description", "").strip()
-            if section in sections and description:
-                labels_of.setdefault(description, set()).add(section)
+            fields, name = {}, None
+            for line in stanza.splitlines():
+                if line.startswith(" "):
+                    if name:
+                        fields[name] += "\n" + line
+                elif ": " in line:
+                    name, value = line.split(": ", 1)
+                    fields[name] = value
+            yield fields
+
+
+def short_description(fields: dict[str, str]) -> str:
+    return fields.get("Description", "").split("\n")[0].strip()
+
+
+def debian_descriptions(sections: list[str]) -> dict[str, set[str]]:
+    """{package short description: its sections} for these sections, from the apt lists."""
+    labels_of: dict[str, set[str]] = {}
+    for fields in apt_stanzas():
+        section = fields.get("Section", "").split("/")[-1]
+        description = short_description(fields)
+        if section in sections and description:
+            labels_of.setdefault(description, set()).add(section)
     return labels_of
 
 
