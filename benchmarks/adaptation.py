@@ -110,13 +110,9 @@ def main(
         if dev_per_class:
             encoder = os.path.join(record["directory"], adapt.ENCODER)
             for draw in (0, 1):
-                dev = refine_rules.dev_draw(task, dev_per_class, draw)
-                texts = [r["text"] for r in quality.draw_dev_rows(name, task["data_dir"], dev_per_class, draw)]
-                adapted_dev = refine.LabeledTexts(
-                    train_student.embed_dev_texts(pool["manifest"], texts, encoder), dev.labels
-                )
                 cells = []
-                for t, labeled in ((task, dev), (adapted_task, adapted_dev)):
+                for t, adapted_by in ((task, None), (adapted_task, encoder)):
+                    labeled = refine_rules.dev_draw(task, dev_per_class, draw, encoder=adapted_by)
                     probabilities = refine_rules.on_test_set(t, refine_rules.fitted(t, labeled=labeled))
                     macro_f1 = label_metrics(t["labels"], probabilities, t["class_names"], False)["macro_f1"]
                     cells.append((refine_rules.cell(t, probabilities), macro_f1))

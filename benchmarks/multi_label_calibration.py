@@ -180,11 +180,12 @@ def student_logits(model_dir: str, texts: list[str]) -> np.ndarray:
 
 
 def read_labeled(path: str, class_names: list[str]) -> tuple[list[str], np.ndarray]:
+    """The texts and 0/1 label matrix of a labeled file, read as evaluate.py and --dev_file read them."""
+    from zsdistill import data
     from zsdistill.metrics import encode_labels
 
-    with open(path) as f:
-        rows = [json.loads(line) for line in f]
-    return [r["text"] for r in rows], encode_labels([r["label"] for r in rows], class_names, True, path)
+    texts, labels = data.read_labeled(path)
+    return texts, encode_labels(labels, class_names, True, path)
 
 
 def figures(probabilities: np.ndarray, true: np.ndarray, class_names: list[str]) -> str:
@@ -214,6 +215,7 @@ def main(
     import torch
 
     import train_student
+    from zsdistill import serving
     from zsdistill.models import hardware_name
 
     directory = os.path.join(work_dir, "data", "debtags-15")
@@ -288,7 +290,6 @@ def main(
             dev_texts, dev_true = read_labeled(dev_file, class_names)
             z_dev, z_test = student_logits(output, dev_texts), student_logits(output, test_texts)
             z_holdout = student_logits(output, [pool_texts[i] for i in holdout])
-            sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
             shared_targets = train_student.fit_logit_temperature(z_holdout, taught[holdout], True)
             shared_dev = train_student.fit_logit_temperature(z_dev, dev_true, True)
             per_class_dev = train_student.per_class_temperatures(z_dev, dev_true)
@@ -299,7 +300,7 @@ def main(
                 ]
             )
             cells = [
-                figures(sigmoid(z_test / t), test_true, class_names)
+                figures(serving.probabilities(z_test / t, multi_label=True), test_true, class_names)
                 for t in (1.0, shared_targets, per_class_targets, shared_dev, per_class_dev)
             ]
             spread = (

@@ -145,9 +145,12 @@ def starved_floored(task: dict, refinement: refine.Refinement) -> refine.Refinem
     return dataclasses.replace(refinement, log_priors=log_priors, kappa=kappa)
 
 
-def dev_draw(task: dict, per_class: int, seed: int, at_random: bool = False) -> refine.LabeledTexts:
+def dev_draw(
+    task: dict, per_class: int, seed: int, at_random: bool = False, encoder: str | None = None
+) -> refine.LabeledTexts:
+    """benchmarks/quality.py's dev draw, embedded by the cache's embedding model (or by an adapted `encoder`)."""
     rows = quality.draw_dev_rows(task["name"], task["data_dir"], per_class, seed, at_random)
-    embeddings = train_student.embed_dev_texts(task["pool"]["manifest"], [r["text"] for r in rows])
+    embeddings = train_student.embed_dev_texts(task["pool"]["manifest"], [r["text"] for r in rows], encoder)
     return refine.LabeledTexts(embeddings, np.array([task["class_names"].index(r["label"]) for r in rows]))
 
 
