@@ -414,8 +414,7 @@ def main(
     extra = student_args.split()
     print(
         f"Machine: {hardware_name(torch.device('cpu'))}; {time.strftime('%Y-%m-%d')}; students: train_student.py "
-        f"defaults"
-        f"{' ' + ' '.join(extra) if extra else ''} {' '.join(STUDENT_ARGS)}\n"
+        f"defaults {' '.join(STUDENT_ARGS)}{' ' + ' '.join(extra) if extra else ''}\n"  # the command's order: last wins
     )
     tag = "-".join(a.strip("-").replace("_", "") for a in extra) or "default"
     tag += f"-dev{dev_per_class}{'random' if dev_at_random else ''}" if dev_per_class else ""
