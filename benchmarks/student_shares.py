@@ -10,6 +10,10 @@ applied to the pool's cached embeddings), their most-likely-class shares, or the
 an oracle that no user has, on the test set its true class shares. Accuracy / macro-F1 on the test set and the classes
 lost against the teacher (issue 26's rule). The oracle row says how far fixing the class mix alone could move the
 student; the label-free rows whether any share the pool offers is closer to it than the student's own.
+
+With --random_labels n1,n2,...: also the shares of n test texts drawn at random (their labels counted, half a text
+added to every class), imposed the same way, scored on the other test texts against the student on those texts:
+how many labels a user would need to set the class mix this way (the median and range over --draws draws).
 """
 
 import json
@@ -59,10 +63,35 @@ def share_bias(logits: np.ndarray, shares: np.ndarray, steps: int = 300) -> np.n
     return bias
 
 
+def macro_f1(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> float:
+    return f1_score(labels, predicted, labels=range(num_classes), average="macro", zero_division=0)
+
+
+def random_label_shares(logits: np.ndarray, labels: np.ndarray, sizes: list[int], draws: int) -> list[str]:
+    """Per size n: macro-F1 change (points) when the shares of n random labeled texts are imposed, on the rest."""
+    num_classes, lines = logits.shape[1], []
+    for n in sizes:
+        changes = []
+        for draw in range(draws):
+            order = np.random.default_rng(draw).permutation(len(labels))
+            labeled, rest = order[:n], order[n:]
+            shares = (np.bincount(labels[labeled], minlength=num_classes) + 0.5) / (n + 0.5 * num_classes)
+            shifted = (logits[rest] + share_bias(logits, shares)).argmax(1)
+            changes.append(
+                macro_f1(labels[rest], shifted, num_classes)
+                - macro_f1(labels[rest], logits[rest].argmax(1), num_classes)
+            )
+        changes = 100 * np.array(changes)
+        lines.append(f"{n} labels: {np.median(changes):+.1f} ({changes.min():+.1f} to {changes.max():+.1f})")
+    return lines
+
+
 def main(
     tasks: str | tuple = tuple(quality.TASKS),
     student: str = "default-lr5e-05-seed0",
     work_dir: str = "bench/quality",
+    random_labels: str | int | tuple = (),
+    draws: int = 20,
 ) -> None:
     """Print one table per task.
 
@@ -70,6 +99,8 @@ def main(
         tasks: comma-separated task names (benchmarks/quality.py's).
         student: the student folder's name under work_dir/students/TASK/ (quality.py's tag-lrLR-seedSEED).
         work_dir: benchmarks/quality.py's work_dir.
+        random_labels: comma-separated numbers of random labeled test texts whose shares to impose (none: skip).
+        draws: random draws of each number.
     """
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     for name in tasks.split(",") if isinstance(tasks, str) else tasks:
@@ -98,9 +129,11 @@ def main(
         print("| --- | --- | --- | --- |")
         for row, bias in biases.items():
             predicted = (test_logits + bias).argmax(1)
-            macro_f1 = f1_score(labels, predicted, labels=range(num_classes), average="macro", zero_division=0)
             lost = refine_rules.lost_classes(task, predicted)
-            print(f"| {row} | {(predicted == labels).mean():.4f} | {macro_f1:.4f} | {', '.join(lost) or 'none'} |")
+            print(
+                f"| {row} | {(predicted == labels).mean():.4f} | {macro_f1(labels, predicted, num_classes):.4f} | "
+                f"{', '.join(lost) or 'none'} |"
+            )
         student_shares = np.bincount(test_logits.argmax(1), minlength=num_classes) / len(labels)
         worst = int(np.argmax(np.abs(student_shares - true_shares)))
         print(
@@ -108,6 +141,14 @@ def main(
             f"{student_shares[worst]:.1%} of the test texts against {true_shares[worst]:.1%}.",
             flush=True,
         )
+        sizes = quality.as_list(random_labels, int)
+        if sizes:
+            print(
+                f"\nThe shares of n random labeled test texts imposed, macro-F1 change on the other test texts, "
+                f"median (range) over {draws} draws: "
+                + "; ".join(random_label_shares(test_logits, labels, sizes, draws)),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
