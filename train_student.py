@@ -404,13 +404,12 @@ def fit_logit_temperature(student_logits: np.ndarray, soft_targets: np.ndarray, 
 def per_class_temperatures(student_logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Multi-label: per class, the T that makes sigmoid(z / T) closest to the dev labels of that class (K,); a class
     the dev set shows present or absent fewer than MIN_DEV_PER_CLASS_CALIBRATION times gets the shared T."""
-    shared = fit_logit_temperature(student_logits, labels, True)
     present = labels.sum(0)
+    own = np.minimum(present, len(labels) - present) >= MIN_DEV_PER_CLASS_CALIBRATION
+    shared = None if own.all() else fit_logit_temperature(student_logits, labels, True)
     return np.array(
         [
-            fit_logit_temperature(student_logits[:, [k]], labels[:, [k]], True)
-            if min(present[k], len(labels) - present[k]) >= MIN_DEV_PER_CLASS_CALIBRATION
-            else shared
+            fit_logit_temperature(student_logits[:, [k]], labels[:, [k]], True) if own[k] else shared
             for k in range(labels.shape[1])
         ]
     )
@@ -771,10 +770,10 @@ def calibrate_on_holdout(
 ) -> tuple[dict, dict]:
     """Predict the held-out rows (and the dev set); when calibrating, fold into the head the temperature that
     matches the dev labels (with a --dev_file; one a class for a multi-label student) or else the targets on the
-    held-out rows. Returns (calibration record,
-    metrics). dev_in_targets: the dev labels already set the targets' confidence (refinement fitted it on them,
-    cross-fitted) and their texts moved the centroids, so the student is fitted to its targets: its logits on the
-    dev texts would be over-confident to fit on (they sit closer to their own centroids than new texts do)."""
+    held-out rows. Returns (calibration record, metrics). dev_in_targets: the dev labels already set the targets'
+    confidence (refinement fitted it on them, cross-fitted) and their texts moved the centroids, so the student is
+    fitted to its targets: its logits on the dev texts would be over-confident to fit on (they sit closer to their own
+    centroids than new texts do)."""
     metrics_found, logit_scale, fitted_on = {}, 1.0, None
     # The dev labels, unless they already set the targets' confidence and there are held-out rows to match instead.
     fit_on_dev = dev_set is not None and (not dev_in_targets or holdout_dataset is None)

@@ -165,20 +165,6 @@ def draw_dev(directory: str, per_class: int, seed: int, class_names: list[str], 
     return path
 
 
-def student_logits(model_dir: str, texts: list[str]) -> np.ndarray:
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(texts), 128):
-            batch = tokenizer(texts[start : start + 128], padding=True, truncation=True, return_tensors="pt")
-            out.append(model(**batch).logits.float().numpy())
-    return np.concatenate(out)
-
-
 def read_labeled(path: str, class_names: list[str]) -> tuple[list[str], np.ndarray]:
     """The texts and 0/1 label matrix of a labeled file, read as evaluate.py and --dev_file read them."""
     from zsdistill import data
@@ -288,8 +274,8 @@ def main(
                 str(seed),
             )
             dev_texts, dev_true = read_labeled(dev_file, class_names)
-            z_dev, z_test = student_logits(output, dev_texts), student_logits(output, test_texts)
-            z_holdout = student_logits(output, [pool_texts[i] for i in holdout])
+            z_dev, z_test = serving.student_logits(output, dev_texts), serving.student_logits(output, test_texts)
+            z_holdout = serving.student_logits(output, [pool_texts[i] for i in holdout])
             shared_targets = train_student.fit_logit_temperature(z_holdout, taught[holdout], True)
             shared_dev = train_student.fit_logit_temperature(z_dev, dev_true, True)
             per_class_dev = train_student.per_class_temperatures(z_dev, dev_true)

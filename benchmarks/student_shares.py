@@ -24,7 +24,6 @@ import fire
 import numpy as np
 import torch
 from sklearn.metrics import f1_score
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -32,25 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import quality  # noqa: E402
 import refine_rules  # noqa: E402
-from zsdistill import refine  # noqa: E402
-
-
-def logits_of(student_dir: str, texts: list[str], batch_size: int = 128) -> np.ndarray:
-    """The student's logits (N, K), batches of texts of similar length, cut at the student's training max_length."""
-    with open(os.path.join(student_dir, "distill_info.json")) as f:
-        max_length = json.load(f)["max_length"]
-    tokenizer = AutoTokenizer.from_pretrained(student_dir)
-    model = AutoModelForSequenceClassification.from_pretrained(student_dir).eval()
-    order = np.argsort([len(t) for t in texts], kind="stable")
-    out = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            rows = order[start : start + batch_size]
-            batch = tokenizer(
-                [texts[i] for i in rows], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-            )
-            out[rows] = model(**batch).logits.float().numpy()
-    return out
+from zsdistill import refine, serving  # noqa: E402
 
 
 def share_bias(logits: np.ndarray, shares: np.ndarray, steps: int = 300) -> np.ndarray:
@@ -110,7 +91,10 @@ def main(
             pool_texts = f.read().splitlines()
         with open(os.path.join(task["data_dir"], "test.jsonl")) as f:
             test_texts = [json.loads(line)["text"] for line in f]
-        pool_logits, test_logits = logits_of(student_dir, pool_texts), logits_of(student_dir, test_texts)
+        pool_logits, test_logits = (
+            serving.student_logits(student_dir, pool_texts),
+            serving.student_logits(student_dir, test_texts),
+        )
         refinement = refine.load(os.path.join(student_dir, "refinement.npz"))
         refined = refine.softmax_rows(refinement.log_scores(task["pool"]["embeddings"]).astype(np.float64))
         num_classes, labels = len(task["class_names"]), task["labels"]

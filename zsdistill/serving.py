@@ -137,6 +137,25 @@ def predict(
     return out, len(texts) / (time.perf_counter() - started)
 
 
+def student_logits(model_dir: str, texts: list[str], batch_size: int = 128) -> np.ndarray:
+    """The PyTorch student's logits (N, K) on the CPU, calibration included, texts cut at its training max_length, in
+    length-sorted batches (what the benchmarks read a trained student with)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    classifier = TorchClassifier(AutoModelForSequenceClassification.from_pretrained(model_dir).eval(), tokenizer)
+    with open(os.path.join(model_dir, card.INFO_FILE)) as f:
+        max_length = json.load(f)["max_length"]
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    lengths = np.array([len(ids) for ids in encoded["input_ids"]])
+    out = None
+    for batch in inference.length_sorted_batches(lengths, batch_size, batch_size * max_length):
+        logits = classifier({name: [values[i] for i in batch.tolist()] for name, values in encoded.items()})
+        out = np.empty((len(texts), logits.shape[1]), dtype=np.float32) if out is None else out
+        out[batch] = logits
+    return out
+
+
 # ---------------------------------------------------------------- export
 
 
