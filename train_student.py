@@ -89,6 +89,12 @@ class StudentOptions:
         "keeps under a quarter of them), refine again with that class anchored to those texts (default), so a tight "
         "group of other texts cannot take the class over; --norefine_drift_guard gives the previous release's.",
     )
+    refine_propagate: float = option(
+        0.0,
+        "opt-in, without --dev_file: spread the refined targets over each text's 10 nearest texts in refinement's "
+        "space (label propagation; alpha in [0, 0.9], the neighbours' weight: 0 none, 0.5 measured), each class kept "
+        'at its number of texts and the targets at their mean confidence (benchmarks/README.md, "Label propagation").',
+    )
     adapt_rounds: int = option(
         0,
         "rounds of adaptation before refining (default 0: none): fine-tune the cache's embedding model on "
@@ -189,6 +195,17 @@ class StudentOptions:
         self.refine_drift_guard = bool(self.refine_drift_guard)
         self.refine_with_dev = bool(self.refine_with_dev)
         self.refine_dev_bias = bool(self.refine_dev_bias)
+        propagate = self.refine_propagate
+        if isinstance(propagate, (bool, str)) or not 0 <= float(propagate) <= 0.9:
+            raise UserError(
+                f"--refine_propagate must be a number in [0, 0.9] (0: none; 0.5 measured), got {propagate!r}"
+            )
+        self.refine_propagate = float(propagate)
+        if self.refine_propagate and self.dev_file and self.refine_with_dev:
+            raise UserError(
+                "--refine_propagate is measured without dev labels only: drop it, or keep the dev set out of "
+                "refinement with --norefine_with_dev"
+            )
         try:
             self.holdout_fraction = float(self.holdout_fraction)
         except (TypeError, ValueError):
@@ -283,6 +300,7 @@ def build_targets(
     refine_dev_bias: bool = True,
     refine_prior_floor: bool = False,
     refine_drift_guard: bool = True,
+    refine_propagate: float = 0.0,
 ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record.
     With `dev` (texts, class indices), refinement moves its centroids toward them and fits its confidence on them."""
@@ -349,6 +367,7 @@ def build_targets(
         dev_bias=refine_dev_bias,
         prior_floor=refine_prior_floor,
         drift_guard=refine_drift_guard,
+        propagate=refine_propagate,
     )
     info = {**refinement.settings(), "embedding_fingerprint": fingerprint, "seconds": round(time.time() - started, 3)}
     if adapted:
@@ -964,6 +983,7 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
         options.refine_dev_bias,
         options.refine_prior_floor,
         options.refine_drift_guard,
+        options.refine_propagate,
     )
     log(f"targets built in {time.time() - started:.1f}s")
     return built

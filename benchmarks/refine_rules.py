@@ -145,6 +145,17 @@ def starved_floored(task: dict, refinement: refine.Refinement) -> refine.Refinem
     return dataclasses.replace(refinement, log_priors=log_priors, kappa=kappa)
 
 
+def propagated(task: dict, refinement: refine.Refinement, alpha: float = 0.5) -> np.ndarray:
+    """The default's targets on the pool and the test texts together, propagated over their neighbour graph
+    (refine.propagated, as --refine_propagate does on the pool): the test rows. Propagation is transductive, so the
+    test texts join the graph as unlabeled texts; a student sees the pool's propagated targets only."""
+    embeddings = np.concatenate([task["pool"]["embeddings"], task["test"]["embeddings"]])
+    targets = refine.softmax_rows(refinement.log_scores(embeddings).astype(np.float32))
+    return refine.propagated(targets, refinement, lambda: iter([(0, embeddings)]), alpha)[
+        len(task["pool"]["embeddings"]) :
+    ]
+
+
 def dev_draw(
     task: dict, per_class: int, seed: int, at_random: bool = False, encoder: str | None = None
 ) -> refine.LabeledTexts:
@@ -350,6 +361,9 @@ def main(
         )
         rows.append(("every class's prior at least the teacher's (pool)", on_test_set(task, floored)))
         rows.append(("the starved floor (a rule tried)", on_test_set(task, starved_floored(task, default))))
+        rows.append(
+            ("propagated, alpha 0.5 (--refine_propagate; the test texts join the graph)", propagated(task, default))
+        )
         for k in quality.as_list(dev_per_class, int):
             for seed in quality.as_list(seeds, int):
                 draw = dev_draw(task, k, seed)

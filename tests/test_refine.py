@@ -736,3 +736,102 @@ def test_dev_labels_replace_the_drift_guard():
     with_guard, fitted = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False)
     without, _ = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False, drift_guard=False)
     assert fitted.guarded == [] and fitted.drift_guard is False and np.array_equal(with_guard, without)
+
+
+def scattered_mistakes_task(seed: int = 0, width: int = 32):
+    """Three classes of 150 texts around their own directions, and targets that put 15% of the texts, scattered at
+    random, in another class, less surely (0.5) than the right ones (0.7), as refinement's mistakes are: each wrong
+    text's nearest texts are right. Returns embeddings, targets, labels, a Refinement whose space is the embeddings
+    as they are."""
+    rng = np.random.default_rng(seed)
+    directions = np.linalg.qr(rng.normal(size=(width, width)))[0][:3]
+    embeddings = np.concatenate([around(rng, directions[k], 150, 0.8) for k in range(3)]).astype(np.float32)
+    labels = np.repeat(np.arange(3), 150)
+    taught = labels.copy()
+    wrong = rng.random(len(labels)) < 0.15
+    taught[wrong] = (labels[wrong] + rng.integers(1, 3, size=wrong.sum())) % 3
+    targets = np.full((len(labels), 3), 0.15, dtype=np.float32)
+    targets[np.arange(len(labels)), taught] = 0.7
+    targets[wrong] = 0.25
+    targets[wrong, taught[wrong]] = 0.5
+    refinement = refine.Refinement(centroids=directions.astype(np.float32), log_priors=np.log(np.full(3, 1 / 3)))
+    return embeddings, targets, labels, refinement
+
+
+def test_propagation_gives_a_text_its_neighbours_class_as_sure_as_before(monkeypatch):
+    """Propagated over the neighbour graph, the scattered wrong targets take their neighbours' class, the right ones
+    stay, each class keeps its number of texts and the mean top probability is the targets' own; with the neighbours
+    sought among half the texts (PROPAGATE_REFERENCE_ROWS) nearly as well."""
+    embeddings, targets, labels, refinement = scattered_mistakes_task()
+    chunks = lambda: iter([(0, embeddings[:200]), (200, embeddings[200:])])  # noqa: E731
+    assert 0.8 < (targets.argmax(1) == labels).mean() < 0.9
+    propagated = refine.propagated(targets, refinement, chunks, 0.5)
+    assert (propagated.argmax(1) == labels).mean() > 0.97 and np.allclose(propagated.sum(1), 1, atol=1e-5)
+    assert abs(propagated.max(1).mean() - targets.max(1).mean()) < 1e-3
+    # Each class is the most likely for as many texts as before: propagation moves texts, not class sizes.
+    np.testing.assert_allclose(np.bincount(propagated.argmax(1)), np.bincount(targets.argmax(1)), atol=2)
+    assert (propagated.argmax(1) == targets.argmax(1))[targets.argmax(1) == labels].all()
+    monkeypatch.setattr(refine, "PROPAGATE_REFERENCE_ROWS", 225)  # neighbours among every other text
+    sampled = refine.propagated(targets, refinement, chunks, 0.5)
+    assert (sampled.argmax(1) == labels).mean() > 0.95 and not np.allclose(sampled, propagated)
+
+
+def test_propagation_keeps_a_small_scattered_class_its_texts(monkeypatch):
+    """A big dense class beside a small scattered one: over the neighbour graph the small class's texts have more
+    neighbours of the big class, so plain propagation shrinks it; with the bias each class keeps its count of texts
+    and the small class its recall."""
+    rng = np.random.default_rng(0)
+    directions = np.linalg.qr(rng.normal(size=(32, 32)))[0][:2]
+    small = 0.6 * directions[0] + 0.8 * directions[1]
+    embeddings = np.concatenate([around(rng, directions[0], 300, 0.8), around(rng, small, 40, 1.6)]).astype(np.float32)
+    labels = np.repeat([0, 1], [300, 40])
+    centroids = np.stack([embeddings[labels == k].mean(0) for k in (0, 1)])
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    refinement = refine.Refinement(centroids=centroids.astype(np.float32), log_priors=np.log([300 / 340, 40 / 340]))
+    targets = refine.softmax_rows(refinement.log_scores(embeddings))
+    chunks = lambda: iter([(0, embeddings)])  # noqa: E731
+    kept = refine.propagated(targets, refinement, chunks, 0.5)
+    assert np.array_equal(np.bincount(kept.argmax(1)), np.bincount(targets.argmax(1)))
+    assert recall(kept.argmax(1), labels, 1) >= recall(targets.argmax(1), labels, 1) >= 0.8
+    monkeypatch.setattr(refine, "PROPAGATE_SHARE_STEPS", 0)  # without the bias
+    plain = refine.propagated(targets, refinement, chunks, 0.5)
+    assert (plain.argmax(1) == 1).sum() < (targets.argmax(1) == 1).sum()
+
+
+def test_propagation_is_off_by_default_and_recorded_when_on():
+    embeddings, teacher, labels = sink_task()
+    default, refinement = refine_arrays(teacher, embeddings)
+    off, _ = refine_arrays(teacher, embeddings, propagate=0.0)
+    on, propagated_refinement = refine_arrays(teacher, embeddings, propagate=0.5)
+    np.testing.assert_array_equal(default, off)
+    assert refinement.settings()["propagate"] is None and propagated_refinement.settings()["propagate"] == 0.5
+    assert (on.argmax(1) == labels).mean() >= (default.argmax(1) == labels).mean() - 0.01
+    assert not np.allclose(on, default)
+
+
+@pytest.mark.parametrize(
+    "args", [["--refine_propagate", "1.5"], ["--refine_propagate", "0.5", "--dev_file", "dev.tsv"]]
+)
+def test_bad_propagation_settings_are_one_line_errors(tmp_path, args):
+    path, _ = toy_cache(tmp_path, "nli", bias=True)
+    (tmp_path / "dev.tsv").write_text("zero\ta text of class zero\n")
+    args = [str(tmp_path / a) if a == "dev.tsv" else a for a in args]
+    result = run_main("train_student.py", "--cache", path, "--output_dir", tmp_path / "out", *args)
+    assert result.returncode == 2 and "--refine_propagate" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_propagated_targets_reach_the_student_its_record_and_card(tmp_path):
+    path, _ = toy_cache(tmp_path, "nli", bias=True)
+    student = train_student.main(
+        cache=path,
+        output_dir=str(tmp_path / "student"),
+        student_name_or_path=make_student_base(str(tmp_path / "base")),
+        refine_propagate=0.5,
+        **QUICK,
+    )
+    info = json.load(open(os.path.join(student, "distill_info.json")))
+    assert info["refine_propagate"] == 0.5 and info["refinement"]["propagate"] == 0.5
+    assert info["refinement"]["propagate_neighbours"] == refine.PROPAGATE_NEIGHBOURS
+    card = open(os.path.join(student, "README.md")).read()
+    assert f"then propagated over each text's {refine.PROPAGATE_NEIGHBOURS} nearest texts (alpha 0.5)" in card

@@ -79,6 +79,12 @@ def render(info: dict, evaluations: str = "") -> str:
                 if refinement.get("prior_floor")
                 else ""
             )
+            + (
+                f"; then propagated over each text's {refinement['propagate_neighbours']} nearest texts (alpha "
+                f"{refinement['propagate']:g}), as sure on average as before"
+                if refinement.get("propagate")
+                else ""
+            )
             + ")"
         )
     else:
