@@ -513,32 +513,8 @@ def propagated(targets: np.ndarray, refinement: Refinement, embedding_chunks: Ch
     that each class is the most likely for as many texts as in the targets, and tau on the whole, rows renormalised, so
     that the mean top probability is the targets': propagation decides which texts, refinement how many and how
     sure."""
-    import scipy.sparse
-
-    n = len(targets)
-    reference = np.linspace(0, n - 1, min(n, PROPAGATE_REFERENCE_ROWS)).round().astype(np.int64)
-    reference_space = np.empty((len(reference), len(refinement.centroids[0])), dtype=np.float32)
-    for start, chunk in embedding_chunks():
-        inside = reference[(reference >= start) & (reference < start + len(chunk))]
-        reference_space[np.searchsorted(reference, inside)] = refinement.space(chunk[inside - start])
-    k = min(PROPAGATE_NEIGHBOURS, len(reference) - 1)
-    neighbours, weights = np.empty((n, k), dtype=np.int32 if n < 2**31 else np.int64), np.empty((n, k), np.float32)
-    for start, chunk in embedding_chunks():
-        for offset in range(0, len(chunk), 256):  # (256, reference) similarities and their argpartition at a time
-            rows = np.arange(start + offset, start + min(offset + 256, len(chunk)))
-            similarity = refinement.space(chunk[rows - start]) @ reference_space.T
-            position = np.minimum(np.searchsorted(reference, rows), len(reference) - 1)
-            own = reference[position] == rows
-            similarity[np.flatnonzero(own), position[own]] = -np.inf  # a text is not its own neighbour
-            top = np.argpartition(-similarity, k, axis=1)[:, :k]
-            neighbours[rows], weights[rows] = reference[top], np.maximum(np.take_along_axis(similarity, top, 1), 0)
-    graph = scipy.sparse.csr_matrix((weights.ravel(), (np.repeat(np.arange(n), k), neighbours.ravel())), shape=(n, n))
-    del neighbours, weights
-    graph = graph.maximum(graph.T)
-    degree = np.asarray(graph.sum(1)).ravel()
-    scale = scipy.sparse.diags((1 / np.sqrt(np.where(degree > 0, degree, 1))).astype(np.float32))
-    graph = (scale @ graph @ scale).astype(np.float32).tocsr()
-    out = targets.copy()
+    graph = _neighbour_graph(refinement, embedding_chunks, len(targets))
+    out = targets
     for _ in range(int(np.ceil(np.log(1e-6) / np.log(alpha)))):  # until alpha ** steps < 1e-6: converged
         out = alpha * (graph @ out) + (1 - alpha) * targets
     log_out = np.log(np.maximum(out, 1e-30), dtype=np.float32)
@@ -559,6 +535,33 @@ def propagated(targets: np.ndarray, refinement: Refinement, embedding_chunks: Ch
         tau = (low + high) / 2
         low, high = (tau, high) if softmax_rows(tau * log_out).max(1).mean(dtype=np.float64) < sure else (low, tau)
     return softmax_rows((low + high) / 2 * log_out).astype(np.float32)
+
+
+def _neighbour_graph(refinement: Refinement, embedding_chunks: Chunks, n: int):
+    """The symmetric normalised graph (n, n), scipy CSR float32, that joins each text to its PROPAGATE_NEIGHBOURS most
+    similar texts in refinement's space, sought among at most PROPAGATE_REFERENCE_ROWS evenly spaced ones (so memory
+    stays O(n * neighbours)), weighted by their cosine (at least 0): D^-1/2 W D^-1/2, W the larger of the two ways."""
+    import scipy.sparse
+
+    reference = np.linspace(0, n - 1, min(n, PROPAGATE_REFERENCE_ROWS)).round().astype(np.int64)
+    reference_space = _gathered_rows(embedding_chunks, refinement.space, reference)
+    k = min(PROPAGATE_NEIGHBOURS, len(reference) - 1)
+    neighbours, weights = np.empty((n, k), dtype=np.int32 if n < 2**31 else np.int64), np.empty((n, k), np.float32)
+    for start, chunk in embedding_chunks():
+        for offset in range(0, len(chunk), 256):  # (256, reference) similarities and their argpartition at a time
+            rows = np.arange(start + offset, start + min(offset + 256, len(chunk)))
+            similarity = refinement.space(chunk[rows - start]) @ reference_space.T
+            position = np.minimum(np.searchsorted(reference, rows), len(reference) - 1)
+            own = reference[position] == rows
+            similarity[np.flatnonzero(own), position[own]] = -np.inf  # a text is not its own neighbour
+            top = np.argpartition(-similarity, k, axis=1)[:, :k]
+            neighbours[rows], weights[rows] = reference[top], np.maximum(np.take_along_axis(similarity, top, 1), 0)
+    graph = scipy.sparse.csr_matrix((weights.ravel(), (np.repeat(np.arange(n), k), neighbours.ravel())), shape=(n, n))
+    del neighbours, weights
+    graph = graph.maximum(graph.T)
+    degree = np.asarray(graph.sum(1)).ravel()
+    scale = scipy.sparse.diags((1 / np.sqrt(np.where(degree > 0, degree, 1))).astype(np.float32))
+    return (scale @ graph @ scale).astype(np.float32).tocsr()
 
 
 def _fill_similarity(similarity: np.ndarray, refinement: Refinement, embedding_chunks: Chunks) -> None:
@@ -690,14 +693,19 @@ def _density_reference(
         counts.append(len(rows))
         chosen.append(rows[np.linspace(0, len(rows) - 1, most).astype(np.int64)] if len(rows) > most else rows)
     wanted = np.sort(np.concatenate(chosen))
+    gathered = _gathered_rows(embedding_chunks, space, wanted)
+    return [(count, rows, gathered[np.searchsorted(wanted, rows)]) for count, rows in zip(counts, chosen)]
+
+
+def _gathered_rows(embedding_chunks: Chunks, space: Callable, rows: np.ndarray) -> np.ndarray:
+    """The embeddings of these (sorted) rows in refinement's space, (rows, H) float32: one pass over the chunks."""
     gathered = None
     for start, chunk in embedding_chunks():
-        lo, hi = np.searchsorted(wanted, [start, start + len(chunk)])
+        gathered = np.empty((len(rows), chunk.shape[1]), np.float32) if gathered is None else gathered
+        lo, hi = np.searchsorted(rows, [start, start + len(chunk)])
         if hi > lo:
-            moved = space(chunk[wanted[lo:hi] - start])
-            gathered = np.empty((len(wanted), moved.shape[1]), np.float32) if gathered is None else gathered
-            gathered[lo:hi] = moved
-    return [(count, rows, gathered[np.searchsorted(wanted, rows)]) for count, rows in zip(counts, chosen)]
+            gathered[lo:hi] = space(chunk[rows[lo:hi] - start])
+    return gathered
 
 
 def _inverse_density(
