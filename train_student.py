@@ -196,7 +196,7 @@ class StudentOptions:
         self.refine_with_dev = bool(self.refine_with_dev)
         self.refine_dev_bias = bool(self.refine_dev_bias)
         propagate = self.refine_propagate
-        if isinstance(propagate, (bool, str)) or not 0 <= float(propagate) <= 0.9:
+        if not isinstance(propagate, (int, float)) or isinstance(propagate, bool) or not 0 <= propagate <= 0.9:
             raise UserError(
                 f"--refine_propagate must be a number in [0, 0.9] (0: none; 0.5 measured), got {propagate!r}"
             )

@@ -810,7 +810,12 @@ def test_propagation_is_off_by_default_and_recorded_when_on():
 
 
 @pytest.mark.parametrize(
-    "args", [["--refine_propagate", "1.5"], ["--refine_propagate", "0.5", "--dev_file", "dev.tsv"]]
+    "args",
+    [
+        ["--refine_propagate", "1.5"],
+        ["--refine_propagate", "None"],
+        ["--refine_propagate", "0.5", "--dev_file", "dev.tsv"],
+    ],
 )
 def test_bad_propagation_settings_are_one_line_errors(tmp_path, args):
     path, _ = toy_cache(tmp_path, "nli", bias=True)
