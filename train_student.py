@@ -90,10 +90,11 @@ class StudentOptions:
         "group of other texts cannot take the class over; --norefine_drift_guard gives the previous release's.",
     )
     refine_propagate: float = option(
-        0.0,
-        "opt-in, without --dev_file: spread the refined targets over each text's 10 nearest texts in refinement's "
-        "space (label propagation; alpha in [0, 0.9], the neighbours' weight: 0 none, 0.5 measured), each class kept "
-        'at its number of texts and the targets at their mean confidence (benchmarks/README.md, "Label propagation").',
+        0.5,
+        "spread the refined targets over each text's 10 nearest texts in refinement's space (label propagation; alpha "
+        "in [0, 0.9], the neighbours' weight; default 0.5, the one measured), each class kept at its number of texts "
+        "and the targets at their mean confidence; 0 gives the previous release's targets "
+        '(benchmarks/README.md, "Label propagation").',
     )
     adapt_rounds: int = option(
         0,
@@ -201,11 +202,6 @@ class StudentOptions:
                 f"--refine_propagate must be a number in [0, 0.9] (0: none; 0.5 measured), got {propagate!r}"
             )
         self.refine_propagate = float(propagate)
-        if self.refine_propagate and self.dev_file and self.refine_with_dev:
-            raise UserError(
-                "--refine_propagate is measured without dev labels only: drop it, or keep the dev set out of "
-                "refinement with --norefine_with_dev"
-            )
         try:
             self.holdout_fraction = float(self.holdout_fraction)
         except (TypeError, ValueError):
@@ -300,7 +296,7 @@ def build_targets(
     refine_dev_bias: bool = True,
     refine_prior_floor: bool = False,
     refine_drift_guard: bool = True,
-    refine_propagate: float = 0.0,
+    refine_propagate: float = 0.5,
 ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record.
     With `dev` (texts, class indices), refinement moves its centroids toward them and fits its confidence on them."""

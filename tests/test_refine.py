@@ -281,7 +281,15 @@ def test_target_building_memory_is_the_targets_plus_a_shard(tmp_path):
         # texts (at most DENSITY_REFERENCE_ROWS a class, whatever N); a list of Python floats would be about 10x the
         # targets, a copy of all embeddings 8x.
         reference_bytes = k * refine.DENSITY_REFERENCE_ROWS * width * 4
-        bound = 2 * targets_bytes + 16 * n + 8 * shard_bytes + reference_bytes
+        # Propagation (the default): the neighbour graph, O(N * neighbours), one block of similarities to its
+        # reference texts, those texts' embeddings and a few (N, K) arrays; never an (N, N) or (N, H) array.
+        propagation_bytes = (
+            48 * n * refine.PROPAGATE_NEIGHBOURS
+            + 24 * refine.PROPAGATE_BLOCK_CELLS
+            + 4 * min(n, refine.PROPAGATE_REFERENCE_ROWS) * width
+            + 4 * targets_bytes
+        )
+        bound = 2 * targets_bytes + 16 * n + 8 * shard_bytes + reference_bytes + refine_flag * propagation_bytes
         assert peak < bound, (refine_flag, peak, targets_bytes)
 
 
@@ -466,7 +474,13 @@ def test_refinement_before_centring_is_reachable_and_unchanged(tmp_path):
     refinement of four releases before: its targets on the sink task, as it wrote them."""
     embeddings, teacher, _ = sink_task()
     targets_, refinement = refine_arrays(
-        teacher, embeddings, center=False, free_last_round=False, density_weights=False, drift_guard=False
+        teacher,
+        embeddings,
+        center=False,
+        free_last_round=False,
+        density_weights=False,
+        drift_guard=False,
+        propagate=0.0,
     )
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_before_centering.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
@@ -538,7 +552,7 @@ def test_without_density_weights_the_refinement_is_the_release_befores():
     """--norefine_density_weights (and no --dev_file) give the release before's refinement, as it wrote its targets on
     the sink task (dev labels only ever enter through `labeled`)."""
     embeddings, teacher, _ = sink_task()
-    targets_, refinement = refine_arrays(teacher, embeddings, density_weights=False)
+    targets_, refinement = refine_arrays(teacher, embeddings, density_weights=False, propagate=0.0)
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_dev_labels.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
         np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
@@ -642,7 +656,7 @@ def test_without_the_prior_floor_the_refinement_is_the_release_befores():
     before, as it wrote its targets on the small-class task; with dev labels the floor is never applied (their prior
     bias decides)."""
     embeddings, teacher, labels = small_class_task()
-    targets_, refinement = refine_arrays(teacher, embeddings, drift_guard=False)
+    targets_, refinement = refine_arrays(teacher, embeddings, drift_guard=False, propagate=0.0)
     with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_prior_floor.npz")) as before:
         assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
         np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
@@ -707,8 +721,8 @@ def test_the_drift_guard_keeps_a_class_on_the_texts_the_teacher_is_surest_of():
     again anchored to those texts and keeps what the teacher found. Without a drifting class nothing changes."""
     embeddings, teacher, labels = drift_task()
     taught, sure = teacher.argmax(1), teacher.max(1)
-    unguarded, plain = refine_arrays(teacher, embeddings, drift_guard=False)
-    guarded, refinement = refine_arrays(teacher, embeddings)
+    unguarded, plain = refine_arrays(teacher, embeddings, drift_guard=False, propagate=0.0)
+    guarded, refinement = refine_arrays(teacher, embeddings, propagate=0.0)
     assert recall(taught, labels, 0) >= 0.5
     assert recall(unguarded.argmax(1), labels, 0) < 0.7 * recall(taught, labels, 0)
     assert refine.drifted_classes(taught, sure, unguarded.argmax(1), 4) == [0]
@@ -723,8 +737,8 @@ def test_the_drift_guard_keeps_a_class_on_the_texts_the_teacher_is_surest_of():
         np.testing.assert_allclose(unguarded, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
     # No class drifts on the clump task: the guard looks and leaves the refinement as it was, bit for bit.
     embeddings, teacher, _ = clump_task()
-    looked, looked_refinement = refine_arrays(teacher, embeddings)
-    unlooked, _ = refine_arrays(teacher, embeddings, drift_guard=False)
+    looked, looked_refinement = refine_arrays(teacher, embeddings, propagate=0.0)
+    unlooked, _ = refine_arrays(teacher, embeddings, drift_guard=False, propagate=0.0)
     assert looked_refinement.guarded == [] and np.array_equal(looked, unlooked)
 
 
@@ -798,15 +812,34 @@ def test_propagation_keeps_a_small_scattered_class_its_texts(monkeypatch):
     assert (plain.argmax(1) == 1).sum() < (targets.argmax(1) == 1).sum()
 
 
-def test_propagation_is_off_by_default_and_recorded_when_on():
+def test_propagation_is_the_default_and_0_gives_the_release_befores_targets():
+    """Propagation (alpha 0.5) is on by default and recorded; --refine_propagate 0 gives the release before's
+    refinement, as it wrote its targets on the sink task."""
     embeddings, teacher, labels = sink_task()
     default, refinement = refine_arrays(teacher, embeddings)
-    off, _ = refine_arrays(teacher, embeddings, propagate=0.0)
-    on, propagated_refinement = refine_arrays(teacher, embeddings, propagate=0.5)
-    np.testing.assert_array_equal(default, off)
-    assert refinement.settings()["propagate"] is None and propagated_refinement.settings()["propagate"] == 0.5
-    assert (on.argmax(1) == labels).mean() >= (default.argmax(1) == labels).mean() - 0.01
-    assert not np.allclose(on, default)
+    off, off_refinement = refine_arrays(teacher, embeddings, propagate=0.0)
+    assert refinement.settings()["propagate"] == 0.5 and off_refinement.settings()["propagate"] is None
+    assert (default.argmax(1) == labels).mean() >= (off.argmax(1) == labels).mean() - 0.01
+    assert not np.allclose(default, off)
+    with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_propagation.npz")) as before:
+        assert np.array_equal(off.argmax(1), before["targets"].argmax(1))
+        np.testing.assert_allclose(off, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
+        np.testing.assert_allclose(off_refinement.centroids, before["centroids"], atol=1e-6)
+        assert abs(off_refinement.kappa - float(before["kappa"])) < 1e-4
+
+
+def test_propagation_with_dev_labels_and_a_temperature():
+    """With dev labels the targets are propagated too (their kappa fitted on the labels, as sure on average after);
+    the temperature acts on the propagated targets' log-odds."""
+    embeddings, teacher, labels = sink_task()
+    dev = np.concatenate([np.flatnonzero(labels == k)[:4] for k in range(teacher.shape[1])])
+    labeled = refine.LabeledTexts(embeddings[dev], labels[dev])
+    anchored, refinement = refine_arrays(teacher, embeddings, labeled=labeled)
+    plain, _ = refine_arrays(teacher, embeddings, labeled=labeled, propagate=0.0)
+    assert refinement.settings()["propagate"] == 0.5 and not np.allclose(anchored, plain)
+    assert abs(anchored.max(1).mean() - plain.max(1).mean()) < 1e-3
+    soft, _ = refine_arrays(teacher, embeddings, labeled=labeled, temperature=3.0)
+    np.testing.assert_allclose(soft, refine.softmax_rows(np.log(anchored.astype(np.float64)) / 3.0), atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -814,25 +847,23 @@ def test_propagation_is_off_by_default_and_recorded_when_on():
     [
         ["--refine_propagate", "1.5"],
         ["--refine_propagate", "None"],
-        ["--refine_propagate", "0.5", "--dev_file", "dev.tsv"],
+        ["--refine_propagate", "-0.1"],
     ],
 )
 def test_bad_propagation_settings_are_one_line_errors(tmp_path, args):
     path, _ = toy_cache(tmp_path, "nli", bias=True)
-    (tmp_path / "dev.tsv").write_text("zero\ta text of class zero\n")
-    args = [str(tmp_path / a) if a == "dev.tsv" else a for a in args]
     result = run_main("train_student.py", "--cache", path, "--output_dir", tmp_path / "out", *args)
     assert result.returncode == 2 and "--refine_propagate" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_propagated_targets_reach_the_student_its_record_and_card(tmp_path):
+    """By default the student is taught propagated targets, and says so."""
     path, _ = toy_cache(tmp_path, "nli", bias=True)
     student = train_student.main(
         cache=path,
         output_dir=str(tmp_path / "student"),
         student_name_or_path=make_student_base(str(tmp_path / "base")),
-        refine_propagate=0.5,
         **QUICK,
     )
     info = json.load(open(os.path.join(student, "distill_info.json")))

@@ -236,6 +236,7 @@ def adapted_embeddings(
             free_last_round=settings.refine_free_last_round,
             density_weights=settings.refine_density_weights,
             drift_guard=settings.refine_drift_guard,
+            propagate=0.0,  # a round trains on the centroids' surest texts, as measured (benchmarks/README.md)
         )
         rows = surest_rows(posteriors, settings.fraction, teacher_prediction)
         chosen = [texts[i] for i in rows]

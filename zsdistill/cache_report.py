@@ -199,7 +199,12 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
         teacher_chunks = lambda: targets.cache_probability_chunks(cache_path, manifest, False)  # noqa: E731
         embedding_chunks = refine.embedding_chunks(cache_path, manifest)
         _, refinement = refine.refine(
-            _sampled(teacher_chunks, step), _sampled(embedding_chunks, step), math.ceil(n / step), k, log=log
+            _sampled(teacher_chunks, step),
+            _sampled(embedding_chunks, step),
+            math.ceil(n / step),
+            k,
+            log=log,
+            propagate=0.0,  # the view below scores each text by the centroids; propagation keeps each class's count
         )
         refined, moved, surest_moved = View(k), np.zeros((k, k), np.int64), np.zeros((k, k), np.int64)
         surest_cut = refine.surest_cuts(teacher.prediction, teacher.confidence, k)

@@ -69,13 +69,15 @@ time. How well the centroid scores predict the teacher's labels is measured on e
 the targets are made no more confident than that (on the demo kappa comes out at 11 centred, 14 before; on tasks
 that do not cluster by class about the same; benchmarks/README.md has the measurements).
 
-Label propagation (opt-in, `propagate`, train_student.py --refine_propagate 0.5; label-free only) smooths the final
-targets over the corpus's nearest-neighbour graph (propagated): one centroid a class under-serves a class whose texts
-are spread rather than gathered around a point, and a text's neighbours in the embedding space say more about it
+Label propagation (`propagate`, alpha 0.5 by default; train_student.py --refine_propagate 0 turns it off) smooths the
+final targets over the corpus's nearest-neighbour graph (propagated): one centroid a class under-serves a class whose
+texts are spread rather than gathered around a point, and a text's neighbours in the embedding space say more about it
 than its distance to that point. Each class keeps its number of texts (plain propagation let the big classes take
-the small ones' texts: nouns-25's `phenomenon` was lost against the teacher) and the targets their mean confidence.
-Students on seven tasks, lr 5e-5 at two seeds and 1e-4 at one: +0.8 to +1.5 points of macro-F1 on the demo, nouns-11
-and debian-12 in every run, -1.4 to +1.3 on the other four (benchmarks/README.md, "Label propagation"): not default.
+the small ones' texts: nouns-25's `phenomenon` was lost against the teacher) and the targets their mean confidence,
+so the confidence fitted before (on the teacher's labels, or on dev labels) carries over; a temperature acts after it.
+Students on seven tasks at two rates and two seeds, against no propagation: +0.8 to +2.1 points of macro-F1 on the
+demo, nouns-11 and debian-12 in all twelve runs, -1.4 to +2.15 on foldoc-12, verbs-15 and debian-generic-12, -0.1 to
+-0.8 on nouns-25 (benchmarks/README.md, "Label propagation").
 
 No label is read: only the cache's teacher scores and text embeddings. Every setting is fixed for all data:
 KAPPA is the scale the sentence-embedding models are trained with (the same 1/SIMILARITY_SCALE that turns
@@ -83,7 +85,8 @@ similarities into targets); KEEP_FRACTION and the anchor come from measurements 
 different sizes, class counts and balance (benchmarks/README.md), none of them tuned per set.
 
 Memory: the embeddings are read in chunks from the memory-mapped cache (O(N*K) arrays plus one chunk); propagation
-adds its graph, O(N * PROPAGATE_NEIGHBOURS), and PROPAGATE_REFERENCE_ROWS embeddings.
+adds its graph, O(N * PROPAGATE_NEIGHBOURS), PROPAGATE_REFERENCE_ROWS embeddings and one block of
+PROPAGATE_BLOCK_CELLS similarities (about 25 MB).
 """
 
 from dataclasses import dataclass, field
@@ -143,8 +146,9 @@ MIN_SUREST = 10
 DRIFT_MIN_SHARE = 0.1
 DENSITY_REFERENCE_ROWS = 1000  # a class with more kept texts: its density is estimated on this many of them
 DENSITY_REFERENCE_TOTAL = 16_000  # and on fewer with many classes: (at most this many, H) float32 held per round
-PROPAGATE_NEIGHBOURS = 10  # label propagation (opt-in): each text's neighbours in refinement's space,
+PROPAGATE_NEIGHBOURS = 10  # label propagation: each text's neighbours in refinement's space,
 PROPAGATE_REFERENCE_ROWS = 20_000  # sought among at most this many texts (the whole corpus below it)
+PROPAGATE_BLOCK_CELLS = 2**20  # (rows, reference) similarities held at once: about 24 bytes a cell with argpartition
 PROPAGATE_SHARE_STEPS = 200  # at most this many updates of the biases that keep each class's count of texts
 FILE = "refinement.npz"  # in the student directory: lets evaluate.py show the refined teacher on a test cache
 
@@ -415,7 +419,7 @@ def refine(
     dev_bias: bool = True,
     prior_floor: bool = False,
     drift_guard: bool = True,
-    propagate: float = 0.0,
+    propagate: float = 0.5,
 ) -> tuple[np.ndarray, Refinement]:
     """Refined targets (N, K) float32 at `temperature` and the fitted Refinement. Deterministic: no randomness anywhere.
 
@@ -431,7 +435,8 @@ def refine(
     held up to floored_priors' floor (the dev labels' prior bias does this job where there are labels). With
     `drift_guard` and no `labeled` texts, if the targets drift from a class (drifted_classes) the rounds and the fit
     run again with its anchors chosen by the teacher's confidence (rounds' `guarded`); drift_guard=False gives the
-    release before's.
+    release before's. With `propagate` (alpha; 0 gives the release before's) the final targets, their confidence
+    fitted, are spread over the corpus's nearest-neighbour graph (propagated), and `temperature` then acts on them.
     """
     settings = dict(center=center, free_last_round=free_last_round, density_weights=density_weights)
     refinement, (teacher_prediction, teacher_confidence) = rounds(
@@ -492,9 +497,11 @@ def refine(
             "each: the student will rarely predict them"
             + (" (a few labeled texts of each, --dev_file, keep them)" if labeled is None else "")
         )
+    # The temperature acts on the final targets' log-odds: after propagation where there is one.
+    scale = 1.0 if propagate else temperature
     for start in range(0, num_rows, 65_536):  # what Refinement.posteriors computes, without reading embeddings again
         block = similarity[start : start + 65_536]
-        block[:] = softmax_rows((refinement.kappa * block + refinement.log_priors).astype(np.float32) / temperature)
+        block[:] = softmax_rows((refinement.kappa * block + refinement.log_priors).astype(np.float32) / scale)
     if propagate:
         similarity[:] = propagated(similarity, refinement, embedding_chunks, propagate)
         refinement.propagate = float(propagate)
@@ -502,6 +509,10 @@ def refine(
             f"refinement: targets propagated over each text's {PROPAGATE_NEIGHBOURS} nearest texts "
             f"(alpha {propagate:g}), as sure on average as before"
         )
+        if temperature != 1.0:
+            for start in range(0, num_rows, 65_536):
+                block = similarity[start : start + 65_536]
+                block[:] = softmax_rows(np.log(np.maximum(block, 1e-30)) / temperature)
     return similarity, refinement
 
 
@@ -547,9 +558,10 @@ def _neighbour_graph(refinement: Refinement, embedding_chunks: Chunks, n: int):
     reference_space = _gathered_rows(embedding_chunks, refinement.space, reference)
     k = min(PROPAGATE_NEIGHBOURS, len(reference) - 1)
     neighbours, weights = np.empty((n, k), dtype=np.int32 if n < 2**31 else np.int64), np.empty((n, k), np.float32)
+    block = max(16, PROPAGATE_BLOCK_CELLS // len(reference))  # rows whose similarities are held at once
     for start, chunk in embedding_chunks():
-        for offset in range(0, len(chunk), 256):  # (256, reference) similarities and their argpartition at a time
-            rows = np.arange(start + offset, start + min(offset + 256, len(chunk)))
+        for offset in range(0, len(chunk), block):
+            rows = np.arange(start + offset, start + min(offset + block, len(chunk)))
             similarity = refinement.space(chunk[rows - start]) @ reference_space.T
             position = np.minimum(np.searchsorted(reference, rows), len(reference) - 1)
             own = reference[position] == rows
