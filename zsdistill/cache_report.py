@@ -192,7 +192,8 @@ def build(cache_path: str, manifest: dict, log=lambda _: None) -> dict:
         centered_sum += centered.sum(0)
         centered_products += centered.T @ centered
 
-    # 2. The refined view, where the cache holds text embeddings: what stage 2 would train on.
+    # 2. The refined view, where the cache holds text embeddings: what stage 2 would train on, before the label
+    # propagation that keeps each class its number of texts.
     refined, moved, refinement_info, surest_moved = None, None, None, None
     if manifest.get("text_embedding_column"):
         step = max(1, math.ceil(n / REFINE_SAMPLE))
