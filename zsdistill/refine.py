@@ -503,27 +503,25 @@ def refine(
         block = similarity[start : start + 65_536]
         block[:] = softmax_rows((refinement.kappa * block + refinement.log_priors).astype(np.float32) / scale)
     if propagate:
-        similarity[:] = propagated(similarity, refinement, embedding_chunks, propagate)
+        similarity[:] = propagated(similarity, refinement, embedding_chunks, propagate, temperature)
         refinement.propagate = float(propagate)
         log(
             f"refinement: targets propagated over each text's {PROPAGATE_NEIGHBOURS} nearest texts "
             f"(alpha {propagate:g}), as sure on average as before"
         )
-        if temperature != 1.0:
-            for start in range(0, num_rows, 65_536):
-                block = similarity[start : start + 65_536]
-                block[:] = softmax_rows(np.log(np.maximum(block, 1e-30)) / temperature)
     return similarity, refinement
 
 
-def propagated(targets: np.ndarray, refinement: Refinement, embedding_chunks: Chunks, alpha: float) -> np.ndarray:
+def propagated(
+    targets: np.ndarray, refinement: Refinement, embedding_chunks: Chunks, alpha: float, temperature: float = 1.0
+) -> np.ndarray:
     """The targets after label propagation (Zhou et al. 2004) over the corpus's nearest-neighbour graph in
     refinement's space, as sure on average as before. F = (1 - alpha) sum_t (alpha S)^t targets, S the symmetric
     normalised graph joining each text to its PROPAGATE_NEIGHBOURS most similar texts (among at most
     PROPAGATE_REFERENCE_ROWS evenly spaced ones, so memory stays O(N * neighbours)); then one bias a class on log F so
     that each class is the most likely for as many texts as in the targets, and tau on the whole, rows renormalised, so
     that the mean top probability is the targets': propagation decides which texts, refinement how many and how
-    sure."""
+    sure. `temperature` divides the final log-odds."""
     graph = _neighbour_graph(refinement, embedding_chunks, len(targets))
     out = targets
     for _ in range(int(np.ceil(np.log(1e-6) / np.log(alpha)))):  # until alpha ** steps < 1e-6: converged
@@ -545,7 +543,7 @@ def propagated(targets: np.ndarray, refinement: Refinement, embedding_chunks: Ch
     for _ in range(30):
         tau = (low + high) / 2
         low, high = (tau, high) if softmax_rows(tau * log_out).max(1).mean(dtype=np.float64) < sure else (low, tau)
-    return softmax_rows((low + high) / 2 * log_out).astype(np.float32)
+    return softmax_rows((low + high) / 2 * log_out / temperature).astype(np.float32)
 
 
 def _neighbour_graph(refinement: Refinement, embedding_chunks: Chunks, n: int):
