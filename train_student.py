@@ -96,6 +96,14 @@ class StudentOptions:
         "and the targets at their mean confidence; 0 gives the previous release's targets "
         '(benchmarks/README.md, "Label propagation").',
     )
+    refine_starved_share: float = option(
+        0.0,
+        "without --dev_file: a class the refined targets starve (under a quarter of the texts the teacher gives it) is "
+        "made the most likely class of this fraction of the teacher's count of texts, those nearest its centroid "
+        "(in [0, 1]; default 0: none, reported only). Measured at 0.75: the student predicts such a class about as "
+        'often as the teacher, at a cost of macro-F1 (benchmarks/README.md, "A starved class held at a share of the '
+        "teacher's count\").",
+    )
     adapt_rounds: int = option(
         0,
         "rounds of adaptation before refining (default 0: none): fine-tune the cache's embedding model on "
@@ -202,6 +210,10 @@ class StudentOptions:
                 f"--refine_propagate must be a number in [0, 0.9] (0: none; 0.5 measured), got {propagate!r}"
             )
         self.refine_propagate = float(propagate)
+        share = self.refine_starved_share
+        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
+            raise UserError(f"--refine_starved_share must be a number in [0, 1] (0: none), got {share!r}")
+        self.refine_starved_share = float(share)
         try:
             self.holdout_fraction = float(self.holdout_fraction)
         except (TypeError, ValueError):
@@ -297,6 +309,7 @@ def build_targets(
     refine_prior_floor: bool = False,
     refine_drift_guard: bool = True,
     refine_propagate: float = 0.5,
+    refine_starved_share: float = 0.0,
 ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record.
     With `dev` (texts, class indices), refinement moves its centroids toward them and fits its confidence on them."""
@@ -364,6 +377,7 @@ def build_targets(
         prior_floor=refine_prior_floor,
         drift_guard=refine_drift_guard,
         propagate=refine_propagate,
+        starved_share=refine_starved_share,
     )
     info = {**refinement.settings(), "embedding_fingerprint": fingerprint, "seconds": round(time.time() - started, 3)}
     if adapted:
@@ -980,6 +994,7 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
         options.refine_prior_floor,
         options.refine_drift_guard,
         options.refine_propagate,
+        options.refine_starved_share,
     )
     log(f"targets built in {time.time() - started:.1f}s")
     return built

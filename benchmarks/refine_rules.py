@@ -15,7 +15,8 @@ teacher recall 0.3+, refined recall under 70% of it: issue 26's rule). Rows:
     label-free rules tried against issue 26's lost classes, each applied to the default's scores: the teacher's log
     posteriors added (a product of experts), the teacher's posteriors mixed in, a per-class bias that keeps every
     class at least half its teacher share on the pool, each class's prior held at least at the teacher's mean
-    posterior on the pool (the same kappa), the starved floor (starved_floored);
+    posterior on the pool (the same kappa), the starved floor (starved_floored), and a starved class held at a share of
+    the teacher's count (--refine_starved_share, propagated);
   - with k dev labels a class, and as many drawn at random (the data's class shares), benchmarks/quality.py's draws
     (outside the test set, and outside the pool where the task has enough labeled texts), embedded by the cache's
     embedding model as train_student.py does, through refine(labeled=...): centroids moved toward them, kappa fitted
@@ -364,6 +365,9 @@ def main(
         rows.append(
             ("propagated, alpha 0.5 (--refine_propagate; the test texts join the graph)", propagated(task, default))
         )
+        for share in (0.5, 0.75, 1.0):
+            label = f"... a starved class held at {share:g} of the teacher's count (--refine_starved_share {share:g})"
+            rows.append((label, propagated(task, fitted(task, starved_share=share))))
         for k in quality.as_list(dev_per_class, int):
             for seed in quality.as_list(seeds, int):
                 draw = dev_draw(task, k, seed)

@@ -256,7 +256,7 @@ def test_a_small_class_refinement_starves_is_named(tmp_path):
     refined_share = report["refined_view"]["classes"]["small"]["share"]
     message = starved[0]["message"]
     assert refined_share < 0.25 * teacher_share and f"against the teacher's {teacher_share:.1%}" in message
-    assert "rarely predict 'small'" in message
+    assert "rarely predict 'small'" in message and "--refine_starved_share 0.75" in message
     assert not [w for w in report["warnings"] if w["kind"] == "teacher_and_refinement_disagree"]
     labeled = labeled_run(path, texts, labels, names, tmp_path)
     checked = [w for w in labeled["cache_report"]["warnings"] if w["kind"] == "refinement_starves"][0]["labels"]

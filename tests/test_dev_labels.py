@@ -385,6 +385,9 @@ def test_dev_texts_join_refinement_and_the_student_is_calibrated_through_its_tar
     assert ("so the student rarely predicts" in text) == bool(info["refinement"]["starved_classes"])
     starved = {**info, "refinement": {**info["refinement"], "starved_classes": [1]}}
     assert f"the targets give `{name}` under a quarter of the texts the teacher gives each" in card.render(starved)
+    held = {**info, "refinement": {**starved["refinement"], "starved_share": 0.75}}  # --refine_starved_share 0.75
+    assert "so each was made the most likely class of 75% of the teacher's count of texts" in card.render(held)
+    assert "so the student rarely predicts" not in card.render(held)
     assert "refinement's confidence and class priors fitted on them" in card.calibration_text(biased)
 
     # A dev set of k a class cannot show the class shares its prior bias was fitted to: the card says so, only then.

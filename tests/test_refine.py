@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import f1_score
 from conftest import CLASS_NAMES, CORPUS, make_student_base, run_main, run_script, write_toy_cache
 
 import evaluate
@@ -683,6 +684,90 @@ def test_the_classes_the_targets_starve_are_reported_and_left():
     assert refine_arrays(teacher, embeddings)[1].starved == []
 
 
+def test_a_starved_class_keeps_its_share_of_the_teachers_texts():
+    """With starved_share, the class the targets starve is made the most likely class of that fraction of the
+    teacher's count of texts, the ones nearest its centroid: the small class's recall comes back to at least 70% of
+    the teacher's and macro-F1 rises; no other class's prior moves. At 0 (the default) the targets are the ones
+    without it, bit for bit; with dev labels it is never applied (their prior bias decides)."""
+    embeddings, teacher, labels = small_class_task()
+    taught = teacher.argmax(1)
+    before, plain = refine_arrays(teacher, embeddings, propagate=0.0)
+    logged = []
+    after, refinement = refine_arrays(teacher, embeddings, propagate=0.0, starved_share=0.75, log=logged.append)
+    assert plain.starved == refinement.starved == [3] and plain.starved_bias is None
+    wanted = int(np.ceil(0.75 * (taught == 3).sum()))
+    assert (before.argmax(1) == 3).sum() < wanted <= (after.argmax(1) == 3).sum() <= wanted + 1
+    assert recall(before.argmax(1), labels, 3) < 0.7 * recall(taught, labels, 3) <= recall(after.argmax(1), labels, 3)
+    # The teacher over-predicts the small class (73 texts for 24), so accuracy falls a little; macro-F1 rises.
+    macro_f1 = lambda p: f1_score(labels, p.argmax(1), average="macro")  # noqa: E731
+    assert macro_f1(after) > macro_f1(before) + 0.1
+    bias = np.array(refinement.starved_bias)
+    assert bias[3] > 0 and not bias[:3].any()
+    np.testing.assert_allclose(refinement.log_priors, plain.log_priors + bias, atol=1e-6)
+    assert refinement.settings()["starved_share"] == 0.75 and plain.settings()["starved_share"] is None
+    assert any(f"most likely class for 75% of the teacher's count ([{wanted}] texts)" in m for m in logged)
+    # Propagation keeps each class's count: the starved class keeps about what the bias gave it.
+    propagated, _ = refine_arrays(teacher, embeddings, starved_share=0.75)
+    assert (propagated.argmax(1) == 3).sum() >= wanted - 1
+    assert np.array_equal(
+        refine_arrays(teacher, embeddings, starved_share=0.0)[0], refine_arrays(teacher, embeddings)[0]
+    )
+    dev = np.concatenate([np.flatnonzero(labels == k)[:4] for k in range(4)])
+    labeled = refine.LabeledTexts(embeddings[dev], labels[dev])
+    with_dev, fitted = refine_arrays(teacher, embeddings, labeled=labeled, starved_share=0.75)
+    assert fitted.starved_bias is None and np.array_equal(
+        with_dev, refine_arrays(teacher, embeddings, labeled=labeled)[0]
+    )
+
+
+def test_the_starved_share_reaches_the_targets_and_their_record(tmp_path):
+    """--refine_starved_share goes from the options through build_targets to refinement: the small class of a cache
+    made from the small-class task is starved, and held at 0.75 of the teacher's count in the targets; the record
+    says so. Without it the targets are the default's."""
+    embeddings, teacher, _ = small_class_task()
+    texts = [f"text {i}" for i in range(len(teacher))]
+    similarity = np.log(teacher) * targets.SIMILARITY_SCALE  # the cache's teacher posteriors are `teacher` again
+    path = write_toy_cache(
+        str(tmp_path / "cache"),
+        texts,
+        ["a", "b", "c", "small"],
+        {"similarity": similarity},
+        "embedding",
+        256,
+        embeddings,
+    )
+    manifest = cache.read_manifest(path)
+    options = train_student.StudentOptions(cache=path, output_dir=str(tmp_path / "out"), refine_starved_share=0.75)
+    held, _, info = train_student.build_targets(
+        path, manifest, False, 1.0, True, refine_starved_share=options.refine_starved_share
+    )
+    plain, _, plain_info = train_student.build_targets(path, manifest, False, 1.0, True)
+    taught = targets.cache_probabilities(path, manifest, False).argmax(1)
+    assert info["starved_classes"] == plain_info["starved_classes"] == [3]
+    assert info["starved_share"] == 0.75 and info["starved_bias"][3] > 0 and plain_info["starved_share"] is None
+    assert (held.argmax(1) == 3).sum() >= np.ceil(0.75 * (taught == 3).sum()) - 1 > (plain.argmax(1) == 3).sum()
+
+
+def test_share_biases_give_each_class_its_count_in_turn():
+    """share_biases raises only the named classes, each to its wanted count (to a text two of them contest), also where
+    the second takes texts from the first (they are raised in turn); a class already at its count is left."""
+    rng = np.random.default_rng(0)
+    similarity = rng.normal(size=(500, 5)).astype(np.float32)
+    refinement = refine.Refinement(np.eye(5, dtype=np.float32), np.log(np.full(5, 0.2, dtype=np.float32)), kappa=3.0)
+    refinement.log_priors[3:] -= 6.0  # classes 3 and 4 rarely the most likely
+    counts = lambda b: np.bincount((3.0 * similarity + refinement.log_priors + b).argmax(1), minlength=5)  # noqa: E731
+    assert counts(0)[3] < 40 and counts(0)[4] < 60
+    bias = refine.share_biases(similarity, refinement, {3: 40, 4: 60})
+    assert bias[:3].tolist() == [0, 0, 0] and (bias[3:] > 0).all()
+    # One pass would leave class 3 at 31 (class 4 takes 9 of its texts); the passes after bring it back to 39, the
+    # last text contested by the two (each pass one of them takes it).
+    assert counts(bias)[3] >= 40 - 1 and counts(bias)[4] >= 60 and counts(bias)[3:].sum() <= 40 + 60 + 10
+    once = refine.share_biases(similarity, refinement, {4: 60})
+    assert counts(once)[4] == 60  # alone, exactly its count (no ties in random scores)
+    top = int(counts(0).argmax())
+    assert not refine.share_biases(similarity, refinement, {top: 10}).any()
+
+
 def test_starved_classes_counts_against_the_teachers_texts():
     """A class is starved when the targets give it under a quarter of the teacher's texts of it; a class the teacher
     itself gives under a tenth of a uniform share is not looked at (the report's "rarely predicted")."""
@@ -848,12 +933,14 @@ def test_propagation_with_dev_labels_and_a_temperature():
         ["--refine_propagate", "1.5"],
         ["--refine_propagate", "None"],
         ["--refine_propagate", "-0.1"],
+        ["--refine_starved_share", "1.5"],
+        ["--refine_starved_share", "yes"],
     ],
 )
 def test_bad_propagation_settings_are_one_line_errors(tmp_path, args):
     path, _ = toy_cache(tmp_path, "nli", bias=True)
     result = run_main("train_student.py", "--cache", path, "--output_dir", tmp_path / "out", *args)
-    assert result.returncode == 2 and "--refine_propagate" in result.stderr, result.stderr
+    assert result.returncode == 2 and args[0] in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 

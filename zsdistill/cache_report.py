@@ -368,8 +368,9 @@ def warnings(report: dict) -> list[dict]:
                     f"(under {refine.DRIFT_KEPT:.0%} of it; it moves the teacher's other texts of it to {where}). "
                     f"Where a class's texts are few and diverse, the rounds hand them to larger classes, and a student "
                     f"taught these targets will rarely predict '{name}'. If the teacher's texts of '{name}' below are "
-                    f"right, a few labeled '{name}' texts (train_student.py --dev_file) keep the class; if the teacher "
-                    f"over-predicts it, ignore this.",
+                    f"right, a few labeled '{name}' texts (train_student.py --dev_file) keep the class (without "
+                    f"labels, --refine_starved_share 0.75 gives it three quarters of the teacher's count, the texts "
+                    f"nearest its centroid); if the teacher over-predicts it, ignore this.",
                 )
                 continue
             if (

@@ -69,8 +69,12 @@ def render(info: dict, evaluations: str = "") -> str:
                 else ""
             )
             + (
-                f"; the targets give {named(refinement['starved_classes'])} under a quarter of the texts the teacher "
-                "gives each, so the student rarely predicts them"
+                f"; the targets gave {named(refinement['starved_classes'])} under a quarter of the texts the teacher "
+                f"gives each, so each was made the most likely class of {refinement['starved_share']:.0%} of the "
+                "teacher's count of texts, those nearest its centroid"
+                if refinement.get("starved_classes") and refinement.get("starved_share")
+                else f"; the targets give {named(refinement['starved_classes'])} under a quarter of the texts the "
+                "teacher gives each, so the student rarely predicts them"
                 if refinement.get("starved_classes")
                 else ""
             )

@@ -24,6 +24,9 @@ Gera et al. 2022):
     surest are in it, drifted_classes): all of the above once more, that class's kept rows in every round chosen
     among its rows the teacher also puts in it by the teacher's probability instead of refinement's
     (--norefine_drift_guard skips it)
+    then, label-free, with --refine_starved_share s (opt-in), where the targets give a class under DRIFT_KEPT of the
+    texts the teacher gives it (starved_classes): a bias on its log prior makes it the most likely class of s x the
+    teacher's count of texts (share_biases)
 
 Centring keeps generic classes from becoming sinks. Sentence embeddings share a large common direction (every
 text's cosine to the corpus mean is high). The centroid of a class whose texts are spread over many topics (a
@@ -149,6 +152,7 @@ DENSITY_REFERENCE_TOTAL = 16_000  # and on fewer with many classes: (at most thi
 PROPAGATE_NEIGHBOURS = 10  # label propagation: each text's neighbours in refinement's space,
 PROPAGATE_REFERENCE_ROWS = 20_000  # sought among at most this many texts (the whole corpus below it)
 PROPAGATE_BLOCK_CELLS = 2**20  # (rows, reference) similarities held at once: about 24 bytes a cell with argpartition
+SHARE_BIAS_PASSES = 10  # share_biases: at most this many passes over the classes it raises
 PROPAGATE_SHARE_STEPS = 200  # at most this many updates of the biases that keep each class's count of texts
 FILE = "refinement.npz"  # in the student directory: lets evaluate.py show the refined teacher on a test cache
 
@@ -177,9 +181,11 @@ class Refinement:
     prior_floor: bool = False  # whether the final priors were held up to floored_priors' floor
     drift_guard: bool = False  # whether drifted classes were looked for (label-free refinement only)
     guarded: list[int] = field(default_factory=list)  # the classes that drifted, re-refined anchored to the teacher
-    starved: list[int] = field(default_factory=list)  # the classes the targets starve (starved_classes), reported only
+    starved: list[int] = field(default_factory=list)  # the classes the targets starve (starved_classes)
     teacher_prior: np.ndarray | None = None  # (K,) the teacher's mean posterior over the corpus, from rounds()
     propagate: float = 0.0  # label propagation's alpha over the corpus's nearest-neighbour graph (0: none)
+    starved_share: float = 0.0  # the starved classes' count, as a fraction of the teacher's, held up to (0: none)
+    starved_bias: list[float] | None = None  # what starved_share added to each log prior (in log_priors); None: none
 
     def space(self, embeddings: np.ndarray) -> np.ndarray:
         """The embeddings as refinement compares them: centred on the corpus mean and normalised, if it centres."""
@@ -215,6 +221,8 @@ class Refinement:
             "drift_guard": self.drift_guard,
             "guarded_classes": self.guarded,
             "starved_classes": self.starved,
+            "starved_share": self.starved_share or None,
+            "starved_bias": None if self.starved_bias is None else [round(b, 6) for b in self.starved_bias],
             "kappa": round(float(self.kappa), 6),
             "rounds_kappa": KAPPA,
             "keep_fraction": self.keep_fraction,
@@ -378,9 +386,11 @@ def starves(teacher_share: float, refined_share: float, num_classes: int) -> boo
     """Whether refinement starves a class the teacher gives teacher_share of the texts and the refined targets
     refined_share: under DRIFT_KEPT of the teacher's, the teacher giving it at least DRIFT_MIN_SHARE of a uniform share.
     A small class whose texts are diverse loses them to larger classes as the rounds re-estimate the priors, and the
-    student taught the targets rarely predicts it. Only reported (stage 2's log, distill_info.json, the model card, the
-    label-free report): raising its prior lifted the targets but not the students (benchmarks/README.md, "The starved
-    floor")."""
+    student taught the targets rarely predicts it. Reported (stage 2's log, distill_info.json, the model card, the
+    label-free report), and held at a share of the teacher's count only with `starved_share` (opt-in): raising its
+    prior lifted the targets but not the students (benchmarks/README.md, "The starved floor"), and setting its count
+    kept foldoc-12's `artificial intelligence` in the targets but not in the students ("A starved class held at a share
+    of the teacher's count")."""
     return teacher_share >= DRIFT_MIN_SHARE / num_classes and refined_share < DRIFT_KEPT * teacher_share
 
 
@@ -420,6 +430,7 @@ def refine(
     prior_floor: bool = False,
     drift_guard: bool = True,
     propagate: float = 0.5,
+    starved_share: float = 0.0,
 ) -> tuple[np.ndarray, Refinement]:
     """Refined targets (N, K) float32 at `temperature` and the fitted Refinement. Deterministic: no randomness anywhere.
 
@@ -491,7 +502,17 @@ def refine(
     if prediction is None:
         prediction = _predictions(similarity, refinement)
     refinement.starved = starved_classes(teacher_prediction, prediction, num_classes)
-    if refinement.starved:
+    if refinement.starved and starved_share and labeled is None:
+        wanted = np.ceil(starved_share * np.bincount(teacher_prediction, minlength=num_classes)).astype(np.int64)
+        bias = share_biases(similarity, refinement, {k: int(wanted[k]) for k in refinement.starved})
+        refinement.log_priors = (refinement.log_priors + bias).astype(np.float32)
+        refinement.starved_share, refinement.starved_bias = float(starved_share), [float(b) for b in bias]
+        log(
+            f"refinement gives classes {refinement.starved} under {DRIFT_KEPT:.0%} of the texts the teacher gives "
+            f"each: their priors raised so that each is the most likely class for {starved_share:.0%} of the teacher's "
+            f"count ({[int(wanted[k]) for k in refinement.starved]} texts), the texts nearest their centroids"
+        )
+    elif refinement.starved:
         log(
             f"refinement gives classes {refinement.starved} under {DRIFT_KEPT:.0%} of the texts the teacher gives "
             "each: the student will rarely predict them"
@@ -589,6 +610,29 @@ def _fit_label_free(
         refinement.log_priors = floored_priors(refinement.log_priors, refinement.teacher_prior)
         refinement.prior_floor = True
     refinement.kappa = fit_kappa(similarity, refinement.log_priors, teacher_prediction, lowest)
+
+
+def share_biases(similarity: np.ndarray, refinement: Refinement, wanted: dict[int, int]) -> np.ndarray:
+    """(K,) additions to the log priors that make each class k in `wanted` the most likely class of at least wanted[k]
+    texts (those its score is nearest the top for), the others' priors unchanged. A class raised can take texts of one
+    raised before it, so the classes are raised in turn until each has its count (at most SHARE_BIAS_PASSES passes;
+    two classes contesting one text may leave one of them a text short).
+    Block by block: O(N) memory beside the similarities."""
+    bias = np.zeros(len(refinement.log_priors), dtype=np.float64)
+    gap = np.empty(len(similarity), dtype=np.float64)  # how far a class's log score is under each row's top one
+    for _ in range(SHARE_BIAS_PASSES):
+        raised = False
+        for k, count in sorted(wanted.items()):
+            for start in range(0, len(similarity), 65_536):
+                scores = refinement.kappa * similarity[start : start + 65_536] + refinement.log_priors + bias
+                gap[start : start + len(scores)] = scores.max(1) - scores[:, k]
+            count = min(max(count, 1), len(gap))
+            if (gap <= 0).sum() < count:
+                bias[k] += float(np.partition(gap, count - 1)[count - 1]) + 1e-4
+                raised = True
+        if not raised:
+            break
+    return bias
 
 
 def _predictions(similarity: np.ndarray, refinement: Refinement) -> np.ndarray:
