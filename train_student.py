@@ -123,6 +123,11 @@ class StudentOptions:
         "train adaptation only on texts whose teacher label is their refined class (the teacher's hypotheses and the "
         "texts' neighbours agree), the surest of them up to each class's --adapt_fraction.",
     )
+    adapt_dev_check: bool = option(
+        True,
+        "with --adapt_rounds and a --dev_file in refinement: refine in the frozen space too and keep the adapted one "
+        "only where the dev labels' held-out likelihood prefers it (default); --noadapt_dev_check keeps it always.",
+    )
     balance: bool | float = option(
         True,
         "balanced distillation (default): draw training rows as often as their classes are rare in the targets, so "
@@ -202,6 +207,7 @@ class StudentOptions:
         self.refine_density_weights = bool(self.refine_density_weights)
         self.refine_prior_floor = bool(self.refine_prior_floor)
         self.refine_drift_guard = bool(self.refine_drift_guard)
+        self.adapt_dev_check = bool(self.adapt_dev_check)
         self.refine_with_dev = bool(self.refine_with_dev)
         self.refine_dev_bias = bool(self.refine_dev_bias)
         propagate = self.refine_propagate
@@ -310,9 +316,11 @@ def build_targets(
     refine_drift_guard: bool = True,
     refine_propagate: float = 0.5,
     refine_starved_share: float = 0.0,
+    adapt_dev_check: bool = True,
 ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record.
-    With `dev` (texts, class indices), refinement moves its centroids toward them and fits its confidence on them."""
+    With `dev` (texts, class indices), refinement moves its centroids toward them and fits its confidence on them; with
+    `adaptation` too and adapt_dev_check, the adapted space is kept only where the dev labels prefer it."""
     if not refine:
         log("refinement off (--norefine): training on the teacher's targets as they are")
         return (
@@ -358,27 +366,45 @@ def build_targets(
         embedding_chunks = lambda: iter([(0, embeddings)])  # noqa: E731
         # A refinement fitted here applies only to texts embedded by the adapted encoder.
         fingerprint = f"adapted:{adapted['key']}"
-    labeled = None
-    if dev is not None:
-        encoder = os.path.join(adapted["directory"], adapt.ENCODER) if adapted else None
-        labeled = refine_mod.LabeledTexts(embed_dev_texts(manifest, dev[0], encoder), dev[1])
-    refined, refinement = refine_mod.refine(
-        teacher_chunks,
-        embedding_chunks,
-        manifest["num_examples"],
-        len(manifest["class_names"]),
-        temperature,
-        log,
-        center=refine_center,
-        free_last_round=refine_free_last_round,
-        labeled=labeled,
-        density_weights=refine_density_weights,
-        dev_bias=refine_dev_bias,
-        prior_floor=refine_prior_floor,
-        drift_guard=refine_drift_guard,
-        propagate=refine_propagate,
-        starved_share=refine_starved_share,
+
+    def refined_in(chunks, encoder: str | None):
+        labeled = None if dev is None else refine_mod.LabeledTexts(embed_dev_texts(manifest, dev[0], encoder), dev[1])
+        return refine_mod.refine(
+            teacher_chunks,
+            chunks,
+            manifest["num_examples"],
+            len(manifest["class_names"]),
+            temperature,
+            log,
+            center=refine_center,
+            free_last_round=refine_free_last_round,
+            labeled=labeled,
+            density_weights=refine_density_weights,
+            dev_bias=refine_dev_bias,
+            prior_floor=refine_prior_floor,
+            drift_guard=refine_drift_guard,
+            propagate=refine_propagate,
+            starved_share=refine_starved_share,
+        )
+
+    refined, refinement = refined_in(
+        embedding_chunks, os.path.join(adapted["directory"], adapt.ENCODER) if adapted else None
     )
+    if adapted and dev is not None and adapt_dev_check:
+        # The dev labels say whether the adapted space serves this task: a round helps where texts cluster by class
+        # and costs where they do not, which no label-free figure tells apart (benchmarks/README.md, "Adaptation").
+        frozen, frozen_refinement = refined_in(refine_mod.embedding_chunks(cache_path, manifest), None)
+        nll = {"adapted": refinement.dev_held_out_nll, "frozen": frozen_refinement.dev_held_out_nll}
+        kept = nll["adapted"] < nll["frozen"]
+        adapted["dev_check"] = {"held_out_nll": {k: round(v, 6) for k, v in nll.items()}, "kept": kept}
+        log(
+            f"adaptation: the {len(dev[1])} dev labels' held-out likelihood prefers the "
+            f"{'adapted' if kept else 'frozen'} space (-log p per dev label {nll['adapted']:.4f} adapted, "
+            f"{nll['frozen']:.4f} frozen): refining in it"
+        )
+        if not kept:
+            refined, refinement, fingerprint = frozen, frozen_refinement, refine_mod.embedding_fingerprint(manifest)
+        del frozen, frozen_refinement
     info = {**refinement.settings(), "embedding_fingerprint": fingerprint, "seconds": round(time.time() - started, 3)}
     if adapted:
         info["adaptation"] = adapted
@@ -995,6 +1021,7 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
         options.refine_drift_guard,
         options.refine_propagate,
         options.refine_starved_share,
+        options.adapt_dev_check,
     )
     log(f"targets built in {time.time() - started:.1f}s")
     return built

@@ -9,6 +9,7 @@ from conftest import keyword_task, make_embedding_model, run_main, write_toy_cac
 
 import train_student
 from zsdistill import adapt, cache, inference, refine, targets
+from zsdistill import teacher as zs_teacher
 
 CLASSES = ["apple", "river", "guitar"]
 
@@ -181,3 +182,51 @@ def test_adaptation_of_a_cache_without_embeddings_is_a_user_error(tmp_path):
 
     with pytest.raises(UserError, match="needs single-label targets and a cache with text embeddings"):
         train_student.build_targets(path, manifest, False, 1.0, refine=True, adaptation=adapt.AdaptSettings())
+
+
+def test_dev_labels_keep_the_adapted_space_only_where_they_prefer_it(tmp_path, monkeypatch):
+    """With --adapt_rounds and a dev set, stage 2 refines in both spaces and keeps the one whose refinement predicts the
+    held-out dev labels better. Where one encoder puts the dev texts anywhere (as a space that lost the task would),
+    the other space is kept: the frozen one with its targets bit for bit those made without adaptation, or the
+    adapted one. --noadapt_dev_check keeps the adapted space always. The record and the card say which."""
+    from zsdistill import card
+
+    path, labels, _ = adapted_cache(tmp_path)
+    manifest_path = os.path.join(path, cache.MANIFEST)
+    manifest = json.load(open(manifest_path))  # the encoder's real fingerprint: the frozen space embeds dev texts too
+    manifest["teacher"]["fingerprint"] = zs_teacher.resolve_teacher(manifest["teacher"]["name_or_path"]).fingerprint
+    cache.write_json_atomic(manifest_path, manifest)
+    manifest, table = cache.load_cache(path)
+    texts = table.column("text").to_pylist()
+    rows = np.concatenate([np.flatnonzero(labels == k)[:6] for k in range(3)])
+    dev = ([texts[i] for i in rows], labels[rows])
+    settings = adapt.AdaptSettings(rounds=1, fraction=0.5, mask_class_names=False, epochs=2, learning_rate=1e-3)
+    build = lambda **kw: train_student.build_targets(path, manifest, False, 1.0, True, dev=dev, **kw)  # noqa: E731
+    embed = train_student.embed_dev_texts
+
+    def scattered_by(adapted: bool):
+        def embed_dev_texts(manifest, texts, encoder=None):
+            if (encoder is not None) != adapted:
+                return embed(manifest, texts, encoder)
+            return refine._unit_rows(np.random.default_rng(0).normal(size=(len(texts), 32)).astype(np.float32))
+
+        return embed_dev_texts
+
+    monkeypatch.setattr(train_student, "embed_dev_texts", scattered_by(adapted=True))
+    frozen_targets, _, frozen = build(adaptation=settings)
+    check = frozen["adaptation"]["dev_check"]
+    assert not check["kept"] and check["held_out_nll"]["frozen"] < check["held_out_nll"]["adapted"]
+    without, _, plain = build()
+    assert np.array_equal(frozen_targets, without) and frozen["embedding_fingerprint"] == plain["embedding_fingerprint"]
+    assert "left unused: the dev labels' held-out likelihood preferred the frozen space" in card.adaptation_text(
+        frozen["adaptation"]
+    )
+    _, _, always = build(adaptation=settings, adapt_dev_check=False)
+    assert always["embedding_fingerprint"].startswith("adapted:") and "dev_check" not in always["adaptation"]
+    monkeypatch.setattr(train_student, "embed_dev_texts", scattered_by(adapted=False))
+    _, _, kept = build(adaptation=settings)
+    check = kept["adaptation"]["dev_check"]
+    assert check["kept"] and check["held_out_nll"]["adapted"] < check["held_out_nll"]["frozen"]
+    assert kept["embedding_fingerprint"] == always["embedding_fingerprint"]
+    assert "kept as the dev labels preferred it" in card.adaptation_text(kept["adaptation"])
+    assert kept["adaptation"]["rounds"][0]["cached"]  # the round was made once, for the first build

@@ -452,5 +452,11 @@ def test_with_adaptation_the_dev_texts_are_embedded_by_the_adapted_encoder(task,
         **QUICK,
     )
     info = json.load(open(os.path.join(student, card.INFO_FILE)))
-    directory = info["refinement"]["adaptation"]["directory"]
-    assert embedded_by == [os.path.join(directory, "encoder")] and info["refinement"]["labeled_texts"]["examples"] == 40
+    adaptation = info["refinement"]["adaptation"]
+    # In the adapted space, then in the frozen one: the dev labels choose between the two (--adapt_dev_check).
+    assert embedded_by == [os.path.join(adaptation["directory"], "encoder"), None]
+    assert info["refinement"]["labeled_texts"]["examples"] == 40 and info["adapt_dev_check"] is True
+    kept = adaptation["dev_check"]["kept"]
+    assert info["refinement"]["embedding_fingerprint"].startswith("adapted:") == kept
+    said = card.adaptation_text(adaptation)
+    assert said and said in open(os.path.join(student, "README.md")).read()

@@ -31,6 +31,30 @@ def _card_data(info: dict):
     )
 
 
+def adaptation_text(adapted: dict | None) -> str:
+    """What the card says about adaptation rounds (train_student.py --adapt_rounds): none, made and kept, or made and
+    left for the frozen space by the dev labels."""
+    if not adapted:
+        return ""
+    rounds = adapted["rounds"]
+    made = (
+        f"{len(rounds)} adaptation round(s) of the embedding model (fine-tuned on "
+        + ", ".join(str(r["texts_trained_on"]) for r in rounds)
+        + " of refinement's surest texts, "
+        + ", ".join("read from the cache" if r["cached"] else f"{r['seconds']:.0f} s" for r in rounds)
+        + ")"
+    )
+    check = adapted.get("dev_check")
+    if check and not check["kept"]:
+        nll = check["held_out_nll"]
+        return (
+            f"; {made} left unused: the dev labels' held-out likelihood preferred the frozen space (-log p per dev "
+            f"label {nll['frozen']:.3f} frozen, {nll['adapted']:.3f} adapted)"
+        )
+    kept = f", kept as the dev labels preferred it ({check['held_out_nll']['adapted']:.3f} against the frozen space's "
+    return f"; in the space of {made}" + (f"{kept}{check['held_out_nll']['frozen']:.3f})" if check else "")
+
+
 def render(info: dict, evaluations: str = "") -> str:
     """The card's text for a student described by its distill_info.json."""
     summary = info["cache_summary"]
@@ -61,6 +85,7 @@ def render(info: dict, evaluations: str = "") -> str:
                 if "rounds_kappa" in refinement
                 else ""
             )
+            + adaptation_text(refinement.get("adaptation"))
             + ("; embeddings centred on the corpus mean" if refinement.get("center") else "")
             + (
                 "; refined again anchored to the texts the teacher is surest of for "

@@ -178,6 +178,7 @@ class Refinement:
     labeled_per_class: list[int] | None = None  # labeled dev texts that joined each class's centroid; None: none
     dev_bias: list[float] | None = None  # what the dev labels added to each log prior (in log_priors); None: none
     dev_bias_std: float | None = None  # the bias's prior standard deviation chosen on the dev labels; None: no bias
+    dev_held_out_nll: float | None = None  # mean -log p(dev label), each dev text scored cross-fitted; None: no dev
     prior_floor: bool = False  # whether the final priors were held up to floored_priors' floor
     drift_guard: bool = False  # whether drifted classes were looked for (label-free refinement only)
     guarded: list[int] = field(default_factory=list)  # the classes that drifted, re-refined anchored to the teacher
@@ -242,6 +243,7 @@ class Refinement:
                 "kappa_fitted_on": f"dev labels, cross-fitted ({CROSS_FIT_FOLDS} folds)",
                 "prior_bias": None if self.dev_bias is None else [round(b, 6) for b in self.dev_bias],
                 "prior_bias_std": self.dev_bias_std,
+                "held_out_nll": None if self.dev_held_out_nll is None else round(self.dev_held_out_nll, 6),
             },
         }
 
@@ -499,6 +501,9 @@ def refine(
             f"it, {CROSS_FIT_FOLDS} folds)"
             + ("; no prior bias: none predicted held-out dev labels better" if dev_bias and std is None else "")
         )
+        # How well this refinement predicts dev labels it did not see: what a choice between two spaces compares.
+        scores = refinement.kappa * held_out.astype(np.float64) + refinement.log_priors
+        refinement.dev_held_out_nll = summed_negative_log_likelihood(scores, labeled.labels) / len(labeled.labels)
     if prediction is None:
         prediction = _predictions(similarity, refinement)
     refinement.starved = starved_classes(teacher_prediction, prediction, num_classes)
