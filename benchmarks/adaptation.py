@@ -18,7 +18,10 @@ the pool's refined labels the round keeps least (its adapted share / frozen shar
 With --dev_per_class k: instead, per task and dev draw (seeds 0 and 1, benchmarks/quality.py's draws of k labeled texts
 a class), refinement with the dev texts as anchors (refine(labeled=...), as train_student.py --dev_file does) in the
 frozen space and in the adapted one (the round is label-free; the dev texts are embedded by the adapted encoder, as
-stage 2 embeds them with --adapt_rounds), and the macro-F1 change in points.
+stage 2 embeds them with --adapt_rounds), both propagated as the student's targets are (the test texts join the
+graph), the macro-F1 change in points, and the held-out dev labels' -log p per label in each space: the one with the
+lower is the space --adapt_dev_check keeps. The round there is seed 0's for both draws (stage 2 trains it with the
+student's seed).
 """
 
 import os
@@ -86,8 +89,11 @@ def main(
     machine = models.hardware_name(torch.device("cpu"))
     print(f"Machine: {machine}; {time.strftime('%Y-%m-%d')}; {settings}\n")
     if dev_per_class:
-        print("| task | dev draw | frozen space + dev labels | adapted + dev labels | macro-F1 change (points) |")
-        print("| --- | --- | --- | --- | --- |")
+        print(
+            "| task | dev draw | frozen space + dev labels | adapted + dev labels | macro-F1 change (points) | "
+            "held-out dev -log p, frozen / adapted | --adapt_dev_check keeps |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
     else:
         print(
             "| task | frozen space | adapted | texts trained on (per round) | round seconds (cached: read) | pool "
@@ -113,11 +119,18 @@ def main(
                 cells = []
                 for t, adapted_by in ((task, None), (adapted_task, encoder)):
                     labeled = refine_rules.dev_draw(task, dev_per_class, draw, encoder=adapted_by)
-                    probabilities = refine_rules.on_test_set(t, refine_rules.fitted(t, labeled=labeled))
+                    refinement = refine_rules.fitted(t, labeled=labeled)
+                    # Propagated, as the student's targets are (the test texts join the graph).
+                    probabilities = refine_rules.propagated(t, refinement)
                     macro_f1 = label_metrics(t["labels"], probabilities, t["class_names"], False)["macro_f1"]
-                    cells.append((refine_rules.cell(t, probabilities), macro_f1))
+                    cells.append((refine_rules.cell(t, probabilities), macro_f1, refinement.dev_held_out_nll))
                 change = 100 * (cells[1][1] - cells[0][1])
-                print(f"| {name} | {draw} | {cells[0][0]} | {cells[1][0]} | {change:+.1f} |", flush=True)
+                keeps = "adapted" if cells[1][2] < cells[0][2] else "frozen"
+                print(
+                    f"| {name} | {draw} | {cells[0][0]} | {cells[1][0]} | {change:+.1f} | {cells[0][2]:.3f} / "
+                    f"{cells[1][2]:.3f} | {keeps} |",
+                    flush=True,
+                )
             continue
         adapted_refinement = refine_rules.fitted(adapted_task)
         adapted = refine_rules.cell(adapted_task, refine_rules.on_test_set(adapted_task, adapted_refinement))

@@ -121,7 +121,7 @@ def run(*args: str) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        sys.exit(f"failed: {' '.join(args)}\n{result.stderr[-3000:]}")
+        sys.exit(f"failed: {' '.join(map(str, args))}\n{result.stderr[-3000:]}")
     return result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
 
 

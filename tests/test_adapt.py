@@ -223,6 +223,10 @@ def test_dev_labels_keep_the_adapted_space_only_where_they_prefer_it(tmp_path, m
     )
     _, _, always = build(adaptation=settings, adapt_dev_check=False)
     assert always["embedding_fingerprint"].startswith("adapted:") and "dev_check" not in always["adaptation"]
+    assert card.adaptation_text(always["adaptation"]) == (
+        "; in the space of 1 adaptation round(s) of the embedding model (fine-tuned on "
+        f"{always['adaptation']['rounds'][0]['texts_trained_on']} of refinement's surest texts, read from the cache)"
+    )
     monkeypatch.setattr(train_student, "embed_dev_texts", scattered_by(adapted=False))
     _, _, kept = build(adaptation=settings)
     check = kept["adaptation"]["dev_check"]

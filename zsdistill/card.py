@@ -51,8 +51,13 @@ def adaptation_text(adapted: dict | None) -> str:
             f"; {made} left unused: the dev labels' held-out likelihood preferred the frozen space (-log p per dev "
             f"label {nll['frozen']:.3f} frozen, {nll['adapted']:.3f} adapted)"
         )
-    kept = f", kept as the dev labels preferred it ({check['held_out_nll']['adapted']:.3f} against the frozen space's "
-    return f"; in the space of {made}" + (f"{kept}{check['held_out_nll']['frozen']:.3f})" if check else "")
+    if not check:
+        return f"; in the space of {made}"
+    nll = check["held_out_nll"]
+    return (
+        f"; in the space of {made}, kept as the dev labels preferred it (-log p per dev label {nll['adapted']:.3f} "
+        f"against the frozen space's {nll['frozen']:.3f})"
+    )
 
 
 def render(info: dict, evaluations: str = "") -> str:
