@@ -28,7 +28,7 @@ from zsdistill import refine as refine_mod  # `refine` is the CLI flag
 from zsdistill import cache as teacher_cache  # `cache` is the CLI flag
 from zsdistill.errors import UserError, run_cli, writing_to
 from zsdistill.metrics import encode_labels, label_metrics
-from zsdistill.options import cli, option, whole_number
+from zsdistill.options import cli, number_in, option, whole_number
 from zsdistill.models import resolve_max_length
 from zsdistill.targets import holdout_split
 
@@ -210,16 +210,12 @@ class StudentOptions:
         self.adapt_dev_check = bool(self.adapt_dev_check)
         self.refine_with_dev = bool(self.refine_with_dev)
         self.refine_dev_bias = bool(self.refine_dev_bias)
-        propagate = self.refine_propagate
-        if not isinstance(propagate, (int, float)) or isinstance(propagate, bool) or not 0 <= propagate <= 0.9:
-            raise UserError(
-                f"--refine_propagate must be a number in [0, 0.9] (0: none; 0.5 measured), got {propagate!r}"
-            )
-        self.refine_propagate = float(propagate)
-        share = self.refine_starved_share
-        if not isinstance(share, (int, float)) or isinstance(share, bool) or not 0 <= share <= 1:
-            raise UserError(f"--refine_starved_share must be a number in [0, 1] (0: none), got {share!r}")
-        self.refine_starved_share = float(share)
+        self.refine_propagate = number_in(
+            self.refine_propagate, "refine_propagate", "a number in [0, 0.9] (0: none; 0.5 measured)", 0, 0.9
+        )
+        self.refine_starved_share = number_in(
+            self.refine_starved_share, "refine_starved_share", "a number in [0, 1] (0: none)", 0, 1
+        )
         try:
             self.holdout_fraction = float(self.holdout_fraction)
         except (TypeError, ValueError):
@@ -356,11 +352,11 @@ def build_targets(
     log(f"refinement: in the text-embedding space of {embedded_by} (cached by stage 1)")
     started = time.time()
     teacher_chunks = lambda: targets.cache_probability_chunks(cache_path, manifest, False)  # noqa: E731
-    embedding_chunks, fingerprint, adapted = (
+    frozen_chunks, frozen_fingerprint = (
         refine_mod.embedding_chunks(cache_path, manifest),
         refine_mod.embedding_fingerprint(manifest),
-        None,
     )
+    embedding_chunks, fingerprint, adapted = frozen_chunks, frozen_fingerprint, None
     if adaptation is not None and adaptation.rounds > 0:
         embeddings, adapted = adapt.adapted_embeddings(cache_path, manifest, adaptation, teacher_chunks, log)
         embedding_chunks = lambda: iter([(0, embeddings)])  # noqa: E731
@@ -393,7 +389,7 @@ def build_targets(
     if adapted and dev is not None and adapt_dev_check:
         # The dev labels say whether the adapted space serves this task: a round helps where texts cluster by class
         # and costs where they do not, which no label-free figure tells apart (benchmarks/README.md, "Adaptation").
-        frozen, frozen_refinement = refined_in(refine_mod.embedding_chunks(cache_path, manifest), None)
+        frozen, frozen_refinement = refined_in(frozen_chunks, None)
         nll = {"adapted": refinement.dev_held_out_nll, "frozen": frozen_refinement.dev_held_out_nll}
         kept = nll["adapted"] < nll["frozen"]
         adapted["dev_check"] = {"held_out_nll": {k: round(v, 6) for k, v in nll.items()}, "kept": kept}
@@ -403,7 +399,7 @@ def build_targets(
             f"{nll['frozen']:.4f} frozen): refining in it"
         )
         if not kept:
-            refined, refinement, fingerprint = frozen, frozen_refinement, refine_mod.embedding_fingerprint(manifest)
+            refined, refinement, fingerprint = frozen, frozen_refinement, frozen_fingerprint
         del frozen, frozen_refinement
     info = {**refinement.settings(), "embedding_fingerprint": fingerprint, "seconds": round(time.time() - started, 3)}
     if adapted:

@@ -45,15 +45,14 @@ def adaptation_text(adapted: dict | None) -> str:
         + ")"
     )
     check = adapted.get("dev_check")
-    if check and not check["kept"]:
-        nll = check["held_out_nll"]
+    if not check:
+        return f"; in the space of {made}"
+    nll = check["held_out_nll"]
+    if not check["kept"]:
         return (
             f"; {made} left unused: the dev labels' held-out likelihood preferred the frozen space (-log p per dev "
             f"label {nll['frozen']:.3f} frozen, {nll['adapted']:.3f} adapted)"
         )
-    if not check:
-        return f"; in the space of {made}"
-    nll = check["held_out_nll"]
     return (
         f"; in the space of {made}, kept as the dev labels preferred it (-log p per dev label {nll['adapted']:.3f} "
         f"against the frozen space's {nll['frozen']:.3f})"

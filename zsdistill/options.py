@@ -30,6 +30,13 @@ def whole_number(value: Any, flag: str, advice: str, minimum: int = 0, allow_non
     return value
 
 
+def number_in(value: Any, flag: str, advice: str, low: float, high: float) -> float:
+    """`value` as a float if a number (not a bool) in [low, high], else a one-line error naming the flag."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise UserError(f"--{flag} must be {advice}, got {value!r}")
+    return float(value)
+
+
 def cli(options_class: type, run: Callable, summary: str, extra: str | None = None, extra_help: str = "") -> Callable:
     """The stage's `main`: takes the fields as keyword arguments (and, with `extra`, any others, passed to `run` as
     the dict `extra`), builds the options (checked) and returns `run(options)` or `run(options, extra)`."""

@@ -152,8 +152,8 @@ DENSITY_REFERENCE_TOTAL = 16_000  # and on fewer with many classes: (at most thi
 PROPAGATE_NEIGHBOURS = 10  # label propagation: each text's neighbours in refinement's space,
 PROPAGATE_REFERENCE_ROWS = 20_000  # sought among at most this many texts (the whole corpus below it)
 PROPAGATE_BLOCK_CELLS = 2**20  # (rows, reference) similarities held at once: about 24 bytes a cell with argpartition
-SHARE_BIAS_PASSES = 10  # share_biases: at most this many passes over the classes it raises
 PROPAGATE_SHARE_STEPS = 200  # at most this many updates of the biases that keep each class's count of texts
+SHARE_BIAS_PASSES = 10  # share_biases: at most this many passes over the classes it raises
 FILE = "refinement.npz"  # in the student directory: lets evaluate.py show the refined teacher on a test cache
 
 # () -> iterator of (start row, float32 array (rows, H) of L2-normalised embeddings, or of (rows, K) posteriors), in
