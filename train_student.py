@@ -435,6 +435,30 @@ def embed_dev_texts(manifest: dict, texts: list[str], encoder: str | None = None
     return embeddings
 
 
+def teacher_classes(cache_path: str, manifest: dict, rows: np.ndarray) -> np.ndarray:
+    """The raw teacher's predicted class (single-label, T = 1) of each of `rows`, read shard by shard."""
+    found = np.empty(len(rows), dtype=np.int64)
+    for start, probabilities in targets.cache_probability_chunks(cache_path, manifest, False):
+        here = (rows >= start) & (rows < start + len(probabilities))
+        found[here] = probabilities[rows[here] - start].argmax(1)
+    return found
+
+
+def compare_with_the_teacher(holdout: dict, holdout_targets: np.ndarray, teacher: np.ndarray, steps: int) -> None:
+    """Refined targets: beside the student's agreement with them on the held-out rows, the raw teacher's (`teacher`:
+    its classes there). A student below the teacher has learned less of its targets than the teacher already knows,
+    usually too few optimizer steps (a 500-text corpus at 2 epochs: benchmarks/README.md, "Small pools")."""
+    holdout["teacher_agreement"] = float((teacher == holdout_targets.argmax(1)).mean())
+    holdout["below_teacher"] = holdout["agreement"] < holdout["teacher_agreement"]
+    if holdout["below_teacher"]:
+        log(
+            f"warning: the student agrees with its targets on {holdout['agreement']:.1%} of the {len(teacher)} "
+            f"held-out texts, the raw teacher on {holdout['teacher_agreement']:.1%}: it has learned less of them than "
+            f"the teacher already knows ({steps} optimizer steps); train longer (--num_train_epochs, --max_steps) or "
+            "at a higher --learning_rate"
+        )
+
+
 def fit_logit_temperature(student_logits: np.ndarray, soft_targets: np.ndarray, multi_label: bool) -> float:
     """The T that makes the student's probabilities softmax(z / T) (sigmoid for multi-label) closest to its
     targets on held-out rows, by cross-entropy. Label-free: it matches the student to what it was taught."""
@@ -1170,6 +1194,9 @@ def train(options: StudentOptions, extra: dict) -> str:
         dev_in_targets=bool(refinement_info.get("labeled_texts")),
     )
     metrics.update(found)
+    if refinement is not None and "holdout" in metrics:  # refined targets: is the student past the raw teacher?
+        teacher = teacher_classes(options.cache, manifest, holdout_rows)
+        compare_with_the_teacher(metrics["holdout"], holdout_targets, teacher, trainer.state.global_step)
 
     # 5. Save a standard classifier plus what made it, atomically; then, if asked, its ONNX export.
     if trainer.is_world_process_zero():

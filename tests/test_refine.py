@@ -958,3 +958,44 @@ def test_propagated_targets_reach_the_student_its_record_and_card(tmp_path):
     assert info["refinement"]["propagate_neighbours"] == refine.PROPAGATE_NEIGHBOURS
     card = open(os.path.join(student, "README.md")).read()
     assert f"then propagated over each text's {refine.PROPAGATE_NEIGHBOURS} nearest texts (alpha 0.5)" in card
+
+
+def test_a_student_below_the_raw_teacher_on_its_targets_is_named(tmp_path, capsys):
+    """Two optimizer steps on texts that carry no signal: on the held-out rows the student agrees with its refined
+    targets less often than the raw teacher does, and the log, distill_info.json and the card say so. Targets that are
+    the teacher's (--norefine) are not compared."""
+    path, _ = toy_cache(tmp_path, "nli", bias=True)
+    base = make_student_base(str(tmp_path / "base"))
+    run = dict(cache=path, student_name_or_path=base, holdout_fraction=0.2, **QUICK)
+    student = train_student.main(output_dir=str(tmp_path / "student"), **run)
+    holdout = json.load(open(os.path.join(student, "distill_info.json")))["metrics"]["holdout"]
+    assert holdout["examples"] == 90 and holdout["teacher_agreement"] >= 0.7, holdout  # the bias: 20% of the rows
+    assert holdout["agreement"] < holdout["teacher_agreement"] and holdout["below_teacher"] is True
+    assert "it has learned less of them than the teacher already knows (2 optimizer steps)" in capsys.readouterr().err
+    assert (
+        f"(the raw teacher's: {holdout['teacher_agreement']:.4f}; **below it"
+        in open(os.path.join(student, "README.md")).read()
+    )
+    plain = train_student.main(output_dir=str(tmp_path / "plain"), refine=False, **run)
+    holdout = json.load(open(os.path.join(plain, "distill_info.json")))["metrics"]["holdout"]
+    assert "teacher_agreement" not in holdout and "below_teacher" not in holdout
+    assert "learned less" not in capsys.readouterr().err
+
+
+def test_the_teacher_comparison_flags_only_a_student_below_the_teacher():
+    targets_there = np.eye(3, dtype=np.float32)[[0, 1, 2, 2]]
+    teacher = np.array([0, 1, 2, 0])  # 3 of 4 of the targets' classes
+    holdout = {"agreement": 0.75}  # as many as the teacher: not below
+    train_student.compare_with_the_teacher(holdout, targets_there, teacher, steps=10)
+    assert holdout == {"agreement": 0.75, "teacher_agreement": 0.75, "below_teacher": False}
+    holdout = {"agreement": 0.5}
+    train_student.compare_with_the_teacher(holdout, targets_there, teacher, steps=10)
+    assert holdout["below_teacher"] is True
+
+
+def test_teacher_classes_gathers_rows_from_every_shard(tmp_path):
+    path, _ = toy_cache(tmp_path, "embedding", bias=True)  # 450 rows in shards of 64
+    manifest, _ = cache.load_cache(path)
+    rows = np.array([449, 0, 64, 63, 200])
+    expected = targets.cache_probabilities(path, manifest, False).argmax(1)[rows]
+    assert np.array_equal(train_student.teacher_classes(path, manifest, rows), expected)

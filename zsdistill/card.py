@@ -70,6 +70,12 @@ def render(info: dict, evaluations: str = "") -> str:
         if "agreement" in holdout
         else "not measured (no held-out rows)"
     )
+    if "teacher_agreement" in holdout:
+        agreement += f" (the raw teacher's: {holdout['teacher_agreement']:.4f}" + (
+            "; **below it: the student learned less of its targets than the teacher knows; train it longer**)"
+            if holdout.get("below_teacher")
+            else ")"
+        )
     labeled = refinement.get("labeled_texts")
     if refinement.get("method"):
         refined = (
