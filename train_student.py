@@ -447,7 +447,7 @@ def teacher_classes(cache_path: str, manifest: dict, rows: np.ndarray) -> np.nda
 def compare_with_the_teacher(holdout: dict, holdout_targets: np.ndarray, teacher: np.ndarray, steps: int) -> None:
     """Refined targets: beside the student's agreement with them on the held-out rows, the raw teacher's (`teacher`:
     its classes there). A student below the teacher has learned less of its targets than the teacher already knows,
-    usually too few optimizer steps (a 500-text corpus at 2 epochs: benchmarks/README.md, "Small pools")."""
+    usually too few optimizer steps (benchmarks/README.md, "Students on a small corpus")."""
     holdout["teacher_agreement"] = float((teacher == holdout_targets.argmax(1)).mean())
     holdout["below_teacher"] = holdout["agreement"] < holdout["teacher_agreement"]
     if holdout["below_teacher"]:
