@@ -293,16 +293,13 @@ def pool_file(directory: str, size: int) -> str:
     whole = os.path.join(directory, "train.txt")
     if not size:
         return whole
-    path = os.path.join(directory, f"train-{size}.txt")
-    if not os.path.exists(path):
-        with open(whole) as f:
-            lines = f.readlines()
-        if size > len(lines):
-            sys.exit(f"--pool_size {size}: the pool of {directory} has {len(lines)} texts")
-        kept = sorted(random.Random(0).sample(range(len(lines)), size))
-        with open(path + ".tmp", "w") as f:
-            f.writelines(lines[i] for i in kept)
-        os.replace(path + ".tmp", path)
+    with open(whole) as f:
+        lines = f.readlines()
+    if size > len(lines):
+        sys.exit(f"--pool_size {size}: the pool of {directory} has {len(lines)} texts")
+    path = os.path.join(directory, f"train-{size}.txt")  # written each time, as draw_dev_file: the same texts
+    with open(path, "w") as f:
+        f.writelines(lines[i] for i in sorted(random.Random(0).sample(range(len(lines)), size)))
     return path
 
 
