@@ -181,6 +181,12 @@ class StudentOptions:
         "is chosen by held-out likelihood on the dev labels. --norefine_dev_bias keeps refinement's priors (the "
         "release before).",
     )
+    refine_dev_agreement: bool = option(
+        True,
+        "with the dev set in refinement: a dev text that the round's own centroid already places in its class counts "
+        f"{refine_mod.AGREED_WEIGHT:g} of a text in that class's weight (it confirms the centroid more than it "
+        "corrects it). --norefine_dev_agreement counts every dev text as one (the release before).",
+    )
     dev_text_column: str = option("text", "text column of a tabular --dev_file.")
     dev_label_column: str = option(
         "label", "label column of a tabular --dev_file (a class name, or a list of names for multi-label)."
@@ -210,6 +216,7 @@ class StudentOptions:
         self.adapt_dev_check = bool(self.adapt_dev_check)
         self.refine_with_dev = bool(self.refine_with_dev)
         self.refine_dev_bias = bool(self.refine_dev_bias)
+        self.refine_dev_agreement = bool(self.refine_dev_agreement)
         self.refine_propagate = number_in(
             self.refine_propagate, "refine_propagate", "a number in [0, 0.9] (0: none; 0.5 measured)", 0, 0.9
         )
@@ -313,6 +320,7 @@ def build_targets(
     refine_propagate: float = 0.5,
     refine_starved_share: float = 0.0,
     adapt_dev_check: bool = True,
+    refine_dev_agreement: bool = True,
 ) -> tuple[np.ndarray, "refine_mod.Refinement | None", dict]:
     """The (N, K) float32 targets the student trains on, the refinement that made them (or None), and its record.
     With `dev` (texts, class indices), refinement moves its centroids toward them and fits its confidence on them; with
@@ -381,6 +389,7 @@ def build_targets(
             drift_guard=refine_drift_guard,
             propagate=refine_propagate,
             starved_share=refine_starved_share,
+            dev_agreement=refine_dev_agreement,
         )
 
     refined, refinement = refined_in(
@@ -1042,6 +1051,7 @@ def targets_for(options: StudentOptions, manifest: dict, seed: int, dev: tuple |
         options.refine_propagate,
         options.refine_starved_share,
         options.adapt_dev_check,
+        options.refine_dev_agreement,
     )
     log(f"targets built in {time.time() - started:.1f}s")
     return built

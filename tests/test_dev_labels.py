@@ -369,6 +369,10 @@ def test_dev_texts_join_refinement_and_the_student_is_calibrated_through_its_tar
     assert "calibrated on 40 dev labels through its targets" in text and "these are optimistic" in text
     assert "centroids moved toward 40 labeled dev texts" in text
     labeled = info["refinement"]["labeled_texts"]
+    assert info["refine_dev_agreement"] and labeled["agreed_weight"] == 0.5
+    assert "(each one refinement already placed right counting as 0.5 of a text)" in text
+    counted_fully = {**info, "refinement": {**info["refinement"], "labeled_texts": {**labeled, "agreed_weight": 1.0}}}
+    assert "already placed right" not in card.render(counted_fully)  # --norefine_dev_agreement
     assert info["refine_dev_bias"] and ("class priors corrected" in text) == bool(labeled["prior_bias"])
     biased = {**info, "refinement": {**info["refinement"], "labeled_texts": {**labeled, "prior_bias": [0.5, -0.25]}}}
     assert "class priors corrected by them (biases +0.50, -0.25)" in card.render(biased)
@@ -413,6 +417,18 @@ def test_dev_texts_join_refinement_and_the_student_is_calibrated_through_its_tar
     info = json.load(open(os.path.join(kept_out, card.INFO_FILE)))
     assert info["refinement"]["labeled_texts"] is None and info["calibration"]["fitted_on"] == "dev labels"
     assert info["refinement"]["kappa"] != with_dev["refinement"]["kappa"]
+
+    counted = train_student.main(
+        cache=path,
+        output_dir=str(tmp_path / "u"),
+        student_name_or_path=base,
+        dev_file=dev,
+        refine_dev_agreement=False,
+        save_strategy="no",
+        **QUICK,
+    )
+    info = json.load(open(os.path.join(counted, card.INFO_FILE)))
+    assert not info["refine_dev_agreement"] and info["refinement"]["labeled_texts"]["agreed_weight"] == 1.0
 
 
 def test_dev_texts_are_not_embedded_by_another_model_than_the_caches(task, tmp_path):

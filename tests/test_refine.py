@@ -999,3 +999,49 @@ def test_teacher_classes_gathers_rows_from_every_shard(tmp_path):
     rows = np.array([449, 0, 64, 63, 200])
     expected = targets.cache_probabilities(path, manifest, False).argmax(1)[rows]
     assert np.array_equal(train_student.teacher_classes(path, manifest, rows), expected)
+
+
+def test_a_dev_text_refinement_already_places_right_counts_half_in_its_anchor():
+    """agreed_counts: per class its labeled texts, those the centroids already score highest in their class counting
+    AGREED_WEIGHT each; anchored then moves a right centroid less toward a few labeled texts' sampling noise."""
+    centroids = np.eye(3, 4, dtype=np.float32)
+    moved = np.array([[1, 0, 0, 0], [1, 0.2, 0, 0], [0, 1, 0, 0], [0.1, 0, 1, 0], [0, 0, 1, 0]], dtype=np.float32)
+    labels = np.array([0, 0, 1, 1, 2])  # the fourth text sits in class 2's direction: refinement places it wrong
+    np.testing.assert_allclose(refine.agreed_counts(moved, labels, centroids, 0.5), [1.0, 1.5, 0.5])
+    np.testing.assert_allclose(refine.agreed_counts(moved, labels, centroids, 1.0), [2.0, 2.0, 1.0])
+
+    # Two clusters the teacher gets right; class 0's eight dev texts are those furthest along a direction of noise
+    # (a skewed draw), all of them placed right by refinement's own centroid: with the rule the anchored centroid
+    # leans less toward that direction, and the record says how the dev texts were counted.
+    rng = np.random.default_rng(0)
+    width, common = 16, np.eye(16)[-1]
+    embeddings = np.concatenate([2 * common + np.eye(width)[k] + 0.3 * rng.normal(size=(150, width)) for k in (0, 1)])
+    embeddings = (embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)).astype(np.float32)
+    labels = np.repeat([0, 1], 150)
+    teacher = np.where(np.eye(2)[labels] > 0, 0.8, 0.2).astype(np.float32)
+    skewed = np.argsort(-embeddings[:150, 5])[:8]
+    dev = np.concatenate([skewed, 150 + np.arange(8)])
+    labeled = refine.LabeledTexts(embeddings[dev], labels[dev])
+    settings = dict(labeled=labeled, free_last_round=False, propagate=0.0)
+    agreed, with_rule = refine_arrays(teacher, embeddings, **settings)
+    full, without = refine_arrays(teacher, embeddings, dev_agreement=False, **settings)
+    assert with_rule.centroids[0, 5] < without.centroids[0, 5] - 0.02  # 0.20 against 0.30 when written
+    assert (agreed.argmax(1) == labels).mean() >= (full.argmax(1) == labels).mean()
+    assert with_rule.settings()["labeled_texts"]["agreed_weight"] == refine.AGREED_WEIGHT == 0.5
+    assert without.settings()["labeled_texts"]["agreed_weight"] == 1.0
+
+
+def test_without_the_agreed_weight_dev_labels_refine_as_the_release_before():
+    """dev_agreement=False (--norefine_dev_agreement) gives the release before's targets with dev labels, as it wrote
+    them on the sink task; the default differs."""
+    embeddings, teacher, labels = sink_task()
+    dev = np.concatenate([np.flatnonzero(labels == k)[:4] for k in range(teacher.shape[1])])
+    labeled = refine.LabeledTexts(embeddings[dev], labels[dev])
+    off, off_refinement = refine_arrays(teacher, embeddings, labeled=labeled, dev_agreement=False)
+    default, _ = refine_arrays(teacher, embeddings, labeled=labeled)
+    assert not np.allclose(default, off)
+    with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_dev_before_agreement.npz")) as before:
+        assert np.array_equal(off.argmax(1), before["targets"].argmax(1))
+        np.testing.assert_allclose(off, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
+        np.testing.assert_allclose(off_refinement.centroids, before["centroids"], atol=1e-6)
+        assert abs(off_refinement.kappa - float(before["kappa"])) < 1e-4

@@ -83,8 +83,13 @@ def render(info: dict, evaluations: str = "") -> str:
             + f" (`{refinement['method']}`, {refinement['rounds']} rounds; "
             f"the refined labels agree with the teacher's on {refinement['agreement_with_teacher']:.1%} of the texts"
             + (
-                f"; centroids moved toward {labeled['examples']} labeled dev texts, confidence fitted on their labels "
-                f"(cross-fitted), kappa {refinement['kappa']:.1f}"
+                f"; centroids moved toward {labeled['examples']} labeled dev texts"
+                + (
+                    f" (each one refinement already placed right counting as {labeled['agreed_weight']:g} of a text)"
+                    if labeled.get("agreed_weight", 1.0) != 1.0
+                    else ""
+                )
+                + f", confidence fitted on their labels (cross-fitted), kappa {refinement['kappa']:.1f}"
                 + (
                     f", class priors corrected by them (biases {', '.join(f'{b:+.2f}' for b in labeled['prior_bias'])})"
                     if labeled.get("prior_bias")

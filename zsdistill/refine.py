@@ -112,6 +112,12 @@ MIN_CHANGE = 0.001
 # refinement's own, weighted n_k : LABELED_PSEUDO_COUNT (n_k labeled texts of k): refinement's centroid counts as this
 # many labeled texts. 8 a class is what few-shot methods start from; measured in benchmarks/README.md.
 LABELED_PSEUDO_COUNT = 8.0
+# A labeled text that refinement's own centroids already score highest in its class counts AGREED_WEIGHT of a text in
+# that class's weight n_k (its mean direction is unchanged): it confirms the centroid more than it corrects it, and on a
+# task whose texts cluster by class full weight let 8 labels a class move right centroids by their sampling noise
+# (nouns-11's first draw lost 0.5-1.2 points of macro-F1 to the label-free student); measured in benchmarks/README.md,
+# "Dev texts refinement already places".
+AGREED_WEIGHT = 0.5
 # With dev labels the targets' confidence is fitted on dev texts each scored by a refinement made without them.
 CROSS_FIT_FOLDS = 2
 # With dev labels each class's log prior may also move by a bias fitted on them together with kappa, under a Gaussian
@@ -178,6 +184,7 @@ class Refinement:
     labeled_per_class: list[int] | None = None  # labeled dev texts that joined each class's centroid; None: none
     dev_bias: list[float] | None = None  # what the dev labels added to each log prior (in log_priors); None: none
     dev_bias_std: float | None = None  # the bias's prior standard deviation chosen on the dev labels; None: no bias
+    agreed_weight: float = AGREED_WEIGHT  # what a labeled text its class's own centroid places right counts (1: a text)
     dev_held_out_nll: float | None = None  # mean -log p(dev label), each dev text scored cross-fitted; None: no dev
     prior_floor: bool = False  # whether the final priors were held up to floored_priors' floor
     drift_guard: bool = False  # whether drifted classes were looked for (label-free refinement only)
@@ -240,6 +247,7 @@ class Refinement:
                 "examples": int(sum(self.labeled_per_class)),
                 "per_class": self.labeled_per_class,
                 "pseudo_count": LABELED_PSEUDO_COUNT,
+                "agreed_weight": self.agreed_weight,
                 "kappa_fitted_on": f"dev labels, cross-fitted ({CROSS_FIT_FOLDS} folds)",
                 "prior_bias": None if self.dev_bias is None else [round(b, 6) for b in self.dev_bias],
                 "prior_bias_std": self.dev_bias_std,
@@ -275,6 +283,15 @@ def anchored(own: np.ndarray, labeled_sums: np.ndarray, counts: np.ndarray) -> n
     class refinement left empty takes the labeled ones')."""
     weight = (counts / (counts + LABELED_PSEUDO_COUNT))[..., None]
     return _unit_rows((1 - weight) * own + weight * _unit_rows(labeled_sums))
+
+
+def agreed_counts(moved: np.ndarray, labels: np.ndarray, centroids: np.ndarray, weight: float) -> np.ndarray:
+    """Per class, its labeled texts counted for anchored's weight: each one, but `weight` each for those the centroids
+    (refinement's own, before anchoring) already score highest in their class. `moved`: the texts in refinement's
+    space."""
+    counts = np.bincount(labels, minlength=len(centroids)).astype(np.float64)
+    right = (moved @ centroids.T).argmax(1) == labels
+    return counts - (1.0 - weight) * np.bincount(labels[right], minlength=len(centroids))
 
 
 def cross_fitted_similarity(labeled: LabeledTexts, num_classes: int, refine_without: Callable) -> np.ndarray:
@@ -433,6 +450,7 @@ def refine(
     drift_guard: bool = True,
     propagate: float = 0.5,
     starved_share: float = 0.0,
+    dev_agreement: bool = True,
 ) -> tuple[np.ndarray, Refinement]:
     """Refined targets (N, K) float32 at `temperature` and the fitted Refinement. Deterministic: no randomness anywhere.
 
@@ -444,14 +462,17 @@ def refine(
     labeled texts (see anchored) and kappa is fitted on their labels instead of the teacher's, each labeled text
     scored by a refinement that did not see it (cross_fitted_similarity: CROSS_FIT_FOLDS more refinements), and with
     `dev_bias` each class's log prior may move by a bias fitted with kappa (choose_bias_std, fit_kappa_and_bias);
-    dev_bias=False gives the release before's. With `prior_floor` and no `labeled` texts each class's final prior is
+    dev_bias=False gives the release before's; dev_agreement=False counts every labeled text fully in its class's
+    anchor weight (rounds; the release before). With `prior_floor` and no `labeled` texts each class's final prior is
     held up to floored_priors' floor (the dev labels' prior bias does this job where there are labels). With
     `drift_guard` and no `labeled` texts, if the targets drift from a class (drifted_classes) the rounds and the fit
     run again with its anchors chosen by the teacher's confidence (rounds' `guarded`); drift_guard=False gives the
     release before's. With `propagate` (alpha; 0 gives the release before's) the final targets, their confidence
     fitted, are spread over the corpus's nearest-neighbour graph (propagated), and `temperature` then acts on them.
     """
-    settings = dict(center=center, free_last_round=free_last_round, density_weights=density_weights)
+    settings = dict(
+        center=center, free_last_round=free_last_round, density_weights=density_weights, dev_agreement=dev_agreement
+    )
     refinement, (teacher_prediction, teacher_confidence) = rounds(
         teacher_chunks, embedding_chunks, num_rows, num_classes, log, labeled=labeled, **settings
     )
@@ -670,17 +691,22 @@ def rounds(
     labeled: LabeledTexts | None = None,
     density_weights: bool = True,
     guarded: list[int] | None = None,
+    dev_agreement: bool = True,
 ) -> tuple[Refinement, tuple[np.ndarray, np.ndarray]]:
     """refine's rounds: the Refinement with its centroids and priors (kappa still the rounds' KAPPA), and the
     teacher's (predicted labels, their probabilities). The `guarded` classes' anchors are chosen by the teacher's
-    confidence (_kept_rows)."""
+    confidence (_kept_rows). With `labeled` texts and dev_agreement, those the round's own centroids already place
+    right count AGREED_WEIGHT each in their class's anchor weight (agreed_counts); dev_agreement=False counts each as
+    one (the release before)."""
     prediction, confidence, prior = _summaries(teacher_chunks(), num_rows, num_classes)
     teacher_prior, teacher_confidence = prior, confidence.copy()
     mean = mean_embedding(embedding_chunks, num_rows) if center else None
     space = (lambda chunk: chunk) if mean is None else (lambda chunk: centered(chunk, mean))  # noqa: E731
     teacher_prediction = prediction.copy()
+    agreed_weight = AGREED_WEIGHT if dev_agreement else 1.0
     if labeled is not None:
         labeled_sums, labeled_counts = labeled.sums_and_counts(space, num_classes)
+        labeled_moved = space(labeled.embeddings.astype(np.float32))
     refinement, settled = None, False
     anchored_rounds = MAX_ROUNDS - 1 if free_last_round else MAX_ROUNDS
     for round_number in range(1, MAX_ROUNDS + 1):
@@ -708,7 +734,10 @@ def rounds(
             sums = sums + weights.T @ moved
         centroids = _unit_rows(sums)  # a class with no kept rows keeps a zero centroid: its score is its prior alone
         if labeled is not None:
-            centroids = anchored(centroids, labeled_sums, labeled_counts)
+            counts = labeled_counts
+            if agreed_weight != 1.0:
+                counts = agreed_counts(labeled_moved, labeled.labels, centroids, agreed_weight)
+            centroids = anchored(centroids, labeled_sums, counts)
         log_priors = np.log(np.clip(prior, 1e-12, None)).astype(np.float32)
         refinement = Refinement(
             centroids.astype(np.float32, copy=False),
@@ -718,6 +747,7 @@ def rounds(
             changed=refinement.changed if refinement else [],
             free_last_round=free,
             density_weights=density_weights,
+            agreed_weight=agreed_weight,
         )
         new_prediction, confidence, prior = _summaries(
             refinement.posterior_chunks(embedding_chunks), num_rows, num_classes
