@@ -358,14 +358,24 @@ def embedding_cache(root, fingerprint: str | None = None) -> tuple[str, str]:
 def test_dev_texts_join_refinement_and_the_student_is_calibrated_through_its_targets(task, tmp_path):
     root, _, _, base = task
     path, dev = embedding_cache(tmp_path)
-    student = train_student.main(
-        cache=path, output_dir=str(tmp_path / "s"), student_name_or_path=base, dev_file=dev, save_strategy="no", **QUICK
-    )
-    info = with_dev = json.load(open(os.path.join(student, card.INFO_FILE)))
+
+    def dev_student_info(folder: str, **options) -> dict:
+        student = train_student.main(
+            cache=path,
+            output_dir=str(tmp_path / folder),
+            student_name_or_path=base,
+            dev_file=dev,
+            save_strategy="no",
+            **QUICK,
+            **options,
+        )
+        return json.load(open(os.path.join(student, card.INFO_FILE)))
+
+    info = with_dev = dev_student_info("s")
     assert info["refinement"]["labeled_texts"]["examples"] == 40 and info["refine_with_dev"]
     assert info["refinement"]["labeled_texts"]["kappa_fitted_on"] == "dev labels, cross-fitted (2 folds)"
     assert info["calibration"]["fitted_on"] == "held-out targets" and info["calibration"]["dev_in_targets"]
-    text = open(os.path.join(student, card.CARD_FILE)).read()
+    text = open(tmp_path / "s" / card.CARD_FILE).read()
     assert "calibrated on 40 dev labels through its targets" in text and "these are optimistic" in text
     assert "centroids moved toward 40 labeled dev texts" in text
     labeled = info["refinement"]["labeled_texts"]
@@ -405,29 +415,11 @@ def test_dev_texts_join_refinement_and_the_student_is_calibrated_through_its_tar
     uneven, unbiased = labeled_as(equal, per_class=[8, 3, 8]), labeled_as(equal, prior_bias=None)
     assert "of every class" not in card.calibration_text(uneven) + card.calibration_text(unbiased)
 
-    kept_out = train_student.main(
-        cache=path,
-        output_dir=str(tmp_path / "t"),
-        student_name_or_path=base,
-        dev_file=dev,
-        refine_with_dev=False,
-        save_strategy="no",
-        **QUICK,
-    )
-    info = json.load(open(os.path.join(kept_out, card.INFO_FILE)))
+    info = dev_student_info("t", refine_with_dev=False)
     assert info["refinement"]["labeled_texts"] is None and info["calibration"]["fitted_on"] == "dev labels"
     assert info["refinement"]["kappa"] != with_dev["refinement"]["kappa"]
 
-    counted = train_student.main(
-        cache=path,
-        output_dir=str(tmp_path / "u"),
-        student_name_or_path=base,
-        dev_file=dev,
-        refine_dev_agreement=False,
-        save_strategy="no",
-        **QUICK,
-    )
-    info = json.load(open(os.path.join(counted, card.INFO_FILE)))
+    info = dev_student_info("u", refine_dev_agreement=False)
     assert not info["refine_dev_agreement"] and info["refinement"]["labeled_texts"]["agreed_weight"] == 1.0
 
 

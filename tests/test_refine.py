@@ -447,6 +447,18 @@ def refine_arrays(teacher: np.ndarray, embeddings: np.ndarray, **kwargs):
     return refine.refine(teacher_chunks, embedding_chunks, len(teacher), teacher.shape[1], **kwargs)
 
 
+def assert_as_stored(targets_: np.ndarray, refinement: refine.Refinement, name: str) -> None:
+    """The targets, and the refinement's kappa, centroids and log priors (those stored), as tests/data/`name` holds
+    them: what the release that wrote them gave. Matmul kernels differ by CPU in the last bits."""
+    with np.load(os.path.join(os.path.dirname(__file__), "data", name)) as before:
+        assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
+        np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)
+        for field in ("centroids", "log_priors"):
+            if field in before.files:
+                np.testing.assert_allclose(getattr(refinement, field), before[field], atol=1e-6)
+        assert abs(refinement.kappa - float(before["kappa"])) < 1e-4
+
+
 def recall(prediction: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float((prediction[labels == k] == k).mean())
 
@@ -483,13 +495,7 @@ def test_refinement_before_centring_is_reachable_and_unchanged(tmp_path):
         drift_guard=False,
         propagate=0.0,
     )
-    with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_before_centering.npz")) as before:
-        assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
-        np.testing.assert_allclose(
-            targets_, before["targets"], atol=1e-6
-        )  # matmul kernels differ by CPU in the last bits
-        np.testing.assert_allclose(refinement.centroids, before["centroids"], atol=1e-6)
-        assert abs(refinement.kappa - float(before["kappa"])) < 1e-4
+    assert_as_stored(targets_, refinement, "refine_before_centering.npz")
     assert (
         refinement.center is None
         and refinement.settings()["center"] is False
@@ -554,11 +560,7 @@ def test_without_density_weights_the_refinement_is_the_release_befores():
     the sink task (dev labels only ever enter through `labeled`)."""
     embeddings, teacher, _ = sink_task()
     targets_, refinement = refine_arrays(teacher, embeddings, density_weights=False, propagate=0.0)
-    with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_dev_labels.npz")) as before:
-        assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
-        np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
-        np.testing.assert_allclose(refinement.centroids, before["centroids"], atol=1e-6)
-        assert abs(refinement.kappa - float(before["kappa"])) < 1e-4
+    assert_as_stored(targets_, refinement, "refine_default_before_dev_labels.npz")
     assert refinement.settings()["labeled_texts"] is None
 
 
@@ -658,11 +660,7 @@ def test_without_the_prior_floor_the_refinement_is_the_release_befores():
     bias decides)."""
     embeddings, teacher, labels = small_class_task()
     targets_, refinement = refine_arrays(teacher, embeddings, drift_guard=False, propagate=0.0)
-    with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_prior_floor.npz")) as before:
-        assert np.array_equal(targets_.argmax(1), before["targets"].argmax(1))
-        np.testing.assert_allclose(targets_, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
-        np.testing.assert_allclose(refinement.log_priors, before["log_priors"], atol=1e-6)
-        assert abs(refinement.kappa - float(before["kappa"])) < 1e-4
+    assert_as_stored(targets_, refinement, "refine_default_before_prior_floor.npz")
     dev = np.concatenate([np.flatnonzero(labels == k)[:4] for k in range(4)])
     labeled = refine.LabeledTexts(embeddings[dev], labels[dev])
     with_dev, fitted = refine_arrays(teacher, embeddings, labeled=labeled, dev_bias=False, prior_floor=True)
@@ -817,9 +815,7 @@ def test_the_drift_guard_keeps_a_class_on_the_texts_the_teacher_is_surest_of():
     assert plain.guarded == [] and plain.settings()["drift_guard"] is False
     assert refinement.settings()["drift_guard"] is True
     # --norefine_drift_guard is the release before's refinement, as it wrote its targets on this task.
-    with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_drift_guard.npz")) as before:
-        assert np.array_equal(unguarded.argmax(1), before["targets"].argmax(1))
-        np.testing.assert_allclose(unguarded, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
+    assert_as_stored(unguarded, plain, "refine_default_before_drift_guard.npz")
     # No class drifts on the clump task: the guard looks and leaves the refinement as it was, bit for bit.
     embeddings, teacher, _ = clump_task()
     looked, looked_refinement = refine_arrays(teacher, embeddings, propagate=0.0)
@@ -906,11 +902,7 @@ def test_propagation_is_the_default_and_0_gives_the_release_befores_targets():
     assert refinement.settings()["propagate"] == 0.5 and off_refinement.settings()["propagate"] is None
     assert (default.argmax(1) == labels).mean() >= (off.argmax(1) == labels).mean() - 0.01
     assert not np.allclose(default, off)
-    with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_default_before_propagation.npz")) as before:
-        assert np.array_equal(off.argmax(1), before["targets"].argmax(1))
-        np.testing.assert_allclose(off, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
-        np.testing.assert_allclose(off_refinement.centroids, before["centroids"], atol=1e-6)
-        assert abs(off_refinement.kappa - float(before["kappa"])) < 1e-4
+    assert_as_stored(off, off_refinement, "refine_default_before_propagation.npz")
 
 
 def test_propagation_with_dev_labels_and_a_temperature():
@@ -1040,8 +1032,4 @@ def test_without_the_agreed_weight_dev_labels_refine_as_the_release_before():
     off, off_refinement = refine_arrays(teacher, embeddings, labeled=labeled, dev_agreement=False)
     default, _ = refine_arrays(teacher, embeddings, labeled=labeled)
     assert not np.allclose(default, off)
-    with np.load(os.path.join(os.path.dirname(__file__), "data", "refine_dev_before_agreement.npz")) as before:
-        assert np.array_equal(off.argmax(1), before["targets"].argmax(1))
-        np.testing.assert_allclose(off, before["targets"], atol=1e-6)  # matmul kernels differ by CPU
-        np.testing.assert_allclose(off_refinement.centroids, before["centroids"], atol=1e-6)
-        assert abs(off_refinement.kappa - float(before["kappa"])) < 1e-4
+    assert_as_stored(off, off_refinement, "refine_dev_before_agreement.npz")
