@@ -264,12 +264,12 @@ class LabeledTexts:
     embeddings: np.ndarray
     labels: np.ndarray
 
-    def sums_and_counts(self, space: Callable, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per class, the sum of its labeled texts in refinement's space (K, H) and their count (K,)."""
+    def in_space(self, space: Callable, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+        """The labeled texts in refinement's space (n, H) and, per class, their sum there (K, H)."""
         moved = space(self.embeddings.astype(np.float32))
         sums = np.zeros((num_classes, moved.shape[1]), dtype=np.float64)
         np.add.at(sums, self.labels, moved)
-        return sums, np.bincount(self.labels, minlength=num_classes).astype(np.float64)
+        return moved, sums
 
 
 def _unit_rows(vectors: np.ndarray) -> np.ndarray:
@@ -287,8 +287,8 @@ def anchored(own: np.ndarray, labeled_sums: np.ndarray, counts: np.ndarray) -> n
 
 def agreed_counts(moved: np.ndarray, labels: np.ndarray, centroids: np.ndarray, weight: float) -> np.ndarray:
     """Per class, its labeled texts counted for anchored's weight: each one, but `weight` each for those the centroids
-    (refinement's own, before anchoring) already score highest in their class. `moved`: the texts in refinement's
-    space."""
+    (refinement's own, before anchoring) already score highest in their class (weight 1: the plain counts, exactly).
+    `moved`: the texts in refinement's space."""
     counts = np.bincount(labels, minlength=len(centroids)).astype(np.float64)
     right = (moved @ centroids.T).argmax(1) == labels
     return counts - (1.0 - weight) * np.bincount(labels[right], minlength=len(centroids))
@@ -705,8 +705,7 @@ def rounds(
     teacher_prediction = prediction.copy()
     agreed_weight = AGREED_WEIGHT if dev_agreement else 1.0
     if labeled is not None:
-        labeled_sums, labeled_counts = labeled.sums_and_counts(space, num_classes)
-        labeled_moved = space(labeled.embeddings.astype(np.float32))
+        labeled_moved, labeled_sums = labeled.in_space(space, num_classes)
     refinement, settled = None, False
     anchored_rounds = MAX_ROUNDS - 1 if free_last_round else MAX_ROUNDS
     for round_number in range(1, MAX_ROUNDS + 1):
@@ -734,9 +733,7 @@ def rounds(
             sums = sums + weights.T @ moved
         centroids = _unit_rows(sums)  # a class with no kept rows keeps a zero centroid: its score is its prior alone
         if labeled is not None:
-            counts = labeled_counts
-            if agreed_weight != 1.0:
-                counts = agreed_counts(labeled_moved, labeled.labels, centroids, agreed_weight)
+            counts = agreed_counts(labeled_moved, labeled.labels, centroids, agreed_weight)
             centroids = anchored(centroids, labeled_sums, counts)
         log_priors = np.log(np.clip(prior, 1e-12, None)).astype(np.float32)
         refinement = Refinement(
@@ -765,7 +762,7 @@ def rounds(
     refinement.agreement_with_teacher = float((prediction == teacher_prediction).mean())
     refinement.teacher_prior = teacher_prior
     if labeled is not None:
-        refinement.labeled_per_class = [int(c) for c in labeled_counts]
+        refinement.labeled_per_class = np.bincount(labeled.labels, minlength=num_classes).tolist()
     refinement.guarded = list(guarded or [])
     return refinement, (teacher_prediction, teacher_confidence)
 
