@@ -168,6 +168,12 @@ def dev_draw(
     return refine.LabeledTexts(embeddings, np.array([task["class_names"].index(r["label"]) for r in rows]))
 
 
+def counted_as_one(task: dict, draw: refine.LabeledTexts) -> tuple[str, np.ndarray]:
+    """The row of the release before refine.AGREED_WEIGHT under a draw: each dev text counted as one, propagated."""
+    refinement = fitted(task, draw, dev_agreement=False)
+    return "... every dev text counted as one (the release before), propagated", propagated(task, refinement)
+
+
 def supervised_probe(task: dict) -> str:
     """Logistic regression on the embeddings of labeled texts outside the test set (at most 6,000)."""
     from sklearn.linear_model import LogisticRegression
@@ -406,9 +412,7 @@ def main(
                 label = f"{k} dev labels a class, seed {seed} (prior bias: " + (f"std {std:g})" if std else "none)")
                 rows.append((label, on_test_set(task, anchored)))
                 rows.append(("... propagated (the default; the test texts join the graph)", propagated(task, anchored)))
-                counted = fitted(task, draw, dev_agreement=False)
-                label = "... every dev text counted as one (the release before), propagated"
-                rows.append((label, propagated(task, counted)))
+                rows.append(counted_as_one(task, draw))
                 rows.append(("... without density weights", on_test_set(task, fitted(task, draw, **before))))
                 rows.append(
                     (
@@ -424,13 +428,7 @@ def main(
                     at_random = fitted(task, draw)
                     rows.append((label, on_test_set(task, at_random)))
                     rows.append(("... propagated", propagated(task, at_random)))
-                    counted = fitted(task, draw, dev_agreement=False)
-                    rows.append(
-                        (
-                            "... every dev text counted as one (the release before), propagated",
-                            propagated(task, counted),
-                        )
-                    )
+                    rows.append(counted_as_one(task, draw))
         print(f"**{name}** ({len(task['class_names'])} classes, {len(task['labels'])} test texts)\n")
         print("| refined targets | accuracy / macro-F1 / ECE (classes lost against the teacher) |\n| --- | --- |")
         for label, probabilities in rows:
