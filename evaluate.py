@@ -18,6 +18,7 @@ from zsdistill import cache, cache_report, card, data, inference, models, refine
 from zsdistill.errors import UserError, run_cli, writing_to
 from zsdistill.metrics import (  # noqa: F401 (evaluate.ECE_BINS and the metrics are this stage's public names)
     ECE_BINS,
+    bootstrap_intervals,
     encode_labels,
     expected_calibration_error,
     label_metrics,
@@ -273,6 +274,8 @@ def markdown_report(report: dict) -> str:
         if refined
         else row("examples/second", teacher_speed, speed["student_examples_per_second"])
     )
+    if "interval_95" in report["student"]["metrics"]:  # reports of releases before it have none
+        lines += ["", interval_text(report)]
     if refined:
         lines += [
             "",
@@ -308,6 +311,23 @@ def markdown_report(report: dict) -> str:
     for name, m in report["student"]["metrics"]["per_class"].items():
         lines.append(f"| {name} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
     return "\n".join(lines) + "\n"
+
+
+def interval_text(report: dict) -> str:
+    """One sentence: each model's 95% bootstrap intervals of accuracy and macro-F1 on this test set."""
+    models_metrics = [("teacher", report.get("teacher", {}).get("metrics"))]
+    models_metrics += [("refined teacher", report.get("refined_teacher", {}).get("metrics"))]
+    models_metrics += [("student", report["student"]["metrics"])]
+    found = [(name, m["interval_95"]) for name, m in models_metrics if m and "interval_95" in m]
+    keys = [("subset accuracy", "subset_accuracy")] if report["multi_label"] else [("accuracy", "accuracy")]
+    parts = [
+        f"{title}: " + ", ".join(f"{name} {i[key][0]:.3f}-{i[key][1]:.3f}" for name, i in found)
+        for title, key in keys + [("macro-F1", "macro_f1")]
+    ]
+    return (
+        f"95% intervals over {found[-1][1]['resamples']:,} bootstrap resamples of the {report['num_examples']} test "
+        f"texts (how far another test set of this size could move them): {'; '.join(parts)}."
+    )
 
 
 def serving_table(runtimes: dict, multi_label: bool) -> list[str]:
@@ -527,6 +547,12 @@ def check_onnx_files(options: EvaluateOptions) -> None:
         )
 
 
+def metrics_with_intervals(true: np.ndarray, probabilities: np.ndarray, class_names: list[str], multi_label: bool):
+    """label_metrics plus `interval_95`: accuracy's and macro-F1's 95% bootstrap intervals on this test set."""
+    intervals = bootstrap_intervals(true, probabilities, multi_label)
+    return {**label_metrics(true, probabilities, class_names, multi_label), "interval_95": intervals}
+
+
 def student_report(options: EvaluateOptions, student, tokenizer, texts, true, class_names, multi_label, device):
     """The report's student part (metrics, speed, and with --onnx the exported runtimes), and its probabilities."""
     log(f"student {options.model} on {len(texts)} examples ({device})")
@@ -541,7 +567,7 @@ def student_report(options: EvaluateOptions, student, tokenizer, texts, true, cl
         "class_names": class_names,
         "multi_label": multi_label,
         "hardware": models.hardware_name(device),
-        "student": {"metrics": label_metrics(true, probabilities, class_names, multi_label)},
+        "student": {"metrics": metrics_with_intervals(true, probabilities, class_names, multi_label)},
         "speed": {"student_examples_per_second": speed, "student_batch_size": options.batch_size},
     }
     if options.onnx:
@@ -577,7 +603,7 @@ def teacher_report(report: dict, options: EvaluateOptions, manifest: dict, table
         "cache": os.path.abspath(options.teacher_cache),
         "cache_key": manifest["key"],
         "name_or_path": manifest["teacher"]["name_or_path"],
-        "metrics": label_metrics(true, teacher_probabilities, class_names, multi_label),
+        "metrics": metrics_with_intervals(true, teacher_probabilities, class_names, multi_label),
     }
     report["agreement"] = agreement(student_probabilities, teacher_probabilities, multi_label)
     refined = refined_teacher(options.model, options.teacher_cache, manifest)
@@ -587,7 +613,7 @@ def teacher_report(report: dict, options: EvaluateOptions, manifest: dict, table
     elif refined is not None:
         report["refined_teacher"] = {
             "method": refined[1],
-            "metrics": label_metrics(true, refined[0], class_names, multi_label),
+            "metrics": metrics_with_intervals(true, refined[0], class_names, multi_label),
         }
     report["cache_report"] = cache_report.build(options.teacher_cache, manifest, log)
     if not multi_label:

@@ -27,7 +27,7 @@ from zsdistill import __version__, adapt, card, data, serving, targets
 from zsdistill import refine as refine_mod  # `refine` is the CLI flag
 from zsdistill import cache as teacher_cache  # `cache` is the CLI flag
 from zsdistill.errors import UserError, run_cli, writing_to
-from zsdistill.metrics import encode_labels, label_metrics
+from zsdistill.metrics import bootstrap_intervals, encode_labels, label_metrics
 from zsdistill.options import cli, number_in, option, whole_number
 from zsdistill.models import resolve_max_length
 from zsdistill.targets import holdout_split
@@ -887,9 +887,15 @@ def calibrate_on_holdout(
         names = [trainer.model.config.id2label[i] for i in range(trainer.model.config.num_labels)]
         if fitted_on:
             metrics_found["dev_before_calibration"] = dev_metrics(dev_logits, dev_labels, names, multi_label)
-        found = dev_metrics(dev_logits * logit_scale, dev_labels, names, multi_label)
+        found = dev_metrics(dev_logits * logit_scale, dev_labels, names, multi_label, intervals=True)
         metrics_found["dev"] = {"examples": len(dev_labels), **found}
-        log(f"dev ({len(dev_labels)} labeled texts): " + ", ".join(f"{k} {v:.4f}" for k, v in found.items()))
+        interval = found.pop("interval_95")
+        log(
+            f"dev ({len(dev_labels)} labeled texts): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in found.items())
+            + "; 95% intervals: "
+            + ", ".join(f"{k} {v[0]:.3f}-{v[1]:.3f}" for k, v in interval.items() if k != "resamples")
+        )
     per_class = np.ndim(logit_scale) == 1
     calibration = {
         "logit_scale": [float(v) for v in logit_scale] if per_class else logit_scale,
@@ -966,11 +972,16 @@ def dev_dataset(dev: tuple[list[str], np.ndarray], tokenizer, max_length: int, n
     return Dataset.from_dict({**tokenizer(texts, truncation=True, max_length=max_length), "labels": labels.tolist()})
 
 
-def dev_metrics(logits: np.ndarray, one_hot: np.ndarray, class_names: list[str], multi_label: bool) -> dict:
-    """Accuracy (subset accuracy and micro-F1 for multi-label), macro-F1 and ECE of logits against dev labels."""
+def dev_metrics(
+    logits: np.ndarray, one_hot: np.ndarray, class_names: list[str], multi_label: bool, intervals: bool = False
+) -> dict:
+    """Accuracy (subset accuracy and micro-F1 for multi-label), macro-F1 and ECE of logits against dev labels; with
+    `intervals`, also accuracy's and macro-F1's 95% bootstrap intervals (`interval_95`): a few labels move a lot."""
     true = one_hot.astype(np.int64) if multi_label else one_hot.argmax(1)
-    found = label_metrics(true, serving.probabilities(logits, multi_label), class_names, multi_label)
-    return {k: v for k, v in found.items() if isinstance(v, float)}
+    probabilities = serving.probabilities(logits, multi_label)
+    found = label_metrics(true, probabilities, class_names, multi_label)
+    found = {k: v for k, v in found.items() if isinstance(v, float)}
+    return {**found, "interval_95": bootstrap_intervals(true, probabilities, multi_label)} if intervals else found
 
 
 def training_arguments(options: StudentOptions, extra: dict):

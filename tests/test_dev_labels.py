@@ -58,6 +58,10 @@ def test_the_temperature_is_fitted_on_the_dev_labels_and_the_dev_metrics_are_kep
     assert info["metrics"]["dev_before_calibration"]["ece"] != dev_metrics["ece"]
     text = open(os.path.join(student, card.CARD_FILE)).read()
     assert "| confidence | calibrated on 40 dev labels" in text and "| dev set | 40 labeled texts: accuracy" in text
+    # How far 40 labels could move the figures: their bootstrap interval, in the record and on the card.
+    low, high = dev_metrics["interval_95"]["accuracy"]
+    assert low <= dev_metrics["accuracy"] <= high and low < high and dev_metrics["interval_95"]["resamples"] == 1000
+    assert f"accuracy {dev_metrics['accuracy']:.4f} (95% interval {low:.2f}-{high:.2f})" in text
 
 
 def test_dev_metrics_at_every_evaluation_step_choose_the_best_model(task, tmp_path):

@@ -47,6 +47,41 @@ def test_multi_label_metrics_by_hand():
     assert m["outcomes"][1] == [1, 0, 1, 1]  # b: tn, fp, fn, tp
 
 
+def test_resampled_scores_match_the_metrics_and_intervals_narrow_with_more_texts():
+    from zsdistill.metrics import accuracy_and_macro_f1, bootstrap_intervals
+
+    rng = np.random.default_rng(0)
+    true = rng.integers(0, 4, 400)
+    true[true == 3] = 2  # class 3 has no text; predicted for a few
+    probabilities = rng.dirichlet(np.ones(4), 400)
+    probabilities[np.arange(400) % 3 == 0, true[np.arange(400) % 3 == 0]] += 1.0  # right a third of the time or more
+    names = ["a", "b", "c", "d"]
+    whole = evaluate.single_label_metrics(true, probabilities, names)
+    assert accuracy_and_macro_f1(probabilities.argmax(1), true, np.arange(400), 4) == pytest.approx(
+        (whole["accuracy"], whole["macro_f1"])
+    )
+    rows = rng.integers(0, 400, 400)  # one resample, as the bootstrap draws it
+    again = evaluate.single_label_metrics(true[rows], probabilities[rows], names)
+    assert accuracy_and_macro_f1(probabilities.argmax(1), true, rows, 4) == pytest.approx(
+        (again["accuracy"], again["macro_f1"])
+    )
+    many = (rng.random((300, 3)) < 0.3).astype(int)
+    scores = rng.random((300, 3))
+    multi = evaluate.multi_label_metrics(many, scores, names[:3])
+    assert accuracy_and_macro_f1(scores > 0.5, many, np.arange(300), 3) == pytest.approx(
+        (multi["subset_accuracy"], multi["macro_f1"])
+    )
+    # The interval holds the figure, is the same for a seed, and is about half as wide on four times the texts.
+    small = bootstrap_intervals(true[:100], probabilities[:100], False)
+    large = bootstrap_intervals(true, probabilities, False)
+    assert large == bootstrap_intervals(true, probabilities, False) and large["resamples"] == 1000
+    assert large["accuracy"][0] < whole["accuracy"] < large["accuracy"][1]
+    assert large["macro_f1"][0] < whole["macro_f1"] < large["macro_f1"][1]
+    ratio = (small["accuracy"][1] - small["accuracy"][0]) / (large["accuracy"][1] - large["accuracy"][0])
+    assert 1.5 < ratio < 2.7
+    assert set(bootstrap_intervals(many, scores, True)) == {"resamples", "subset_accuracy", "macro_f1"}
+
+
 def test_agreement():
     a = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     b = np.array([[0.7, 0.3], [0.4, 0.6], [0.3, 0.7]])
@@ -125,6 +160,10 @@ def test_end_to_end_report(teachers, labeled, tmp_path):
     assert report["hardware"].endswith(" threads)")  # the CPU's model name and thread count (--no_cuda)
     markdown = (out / "report.md").read_text()
     assert "| metric | teacher | student |" in markdown and "| accuracy |" in markdown
+    student_interval = report["student"]["metrics"]["interval_95"]["accuracy"]
+    assert student_interval[0] <= report["student"]["metrics"]["accuracy"] <= student_interval[1]
+    assert "95% intervals over 1,000 bootstrap resamples of the 16 test texts" in markdown
+    assert f"student {student_interval[0]:.3f}-{student_interval[1]:.3f}" in markdown
     assert "| metric | teacher | student |" in result.stdout
     # The label-free report of the test cache follows, each of its warnings checked against the labels.
     assert "## Look before you train" in markdown and (out / "shares.png").exists()

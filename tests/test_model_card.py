@@ -86,10 +86,13 @@ def test_evaluate_adds_its_results_to_the_card_and_touches_nothing_else(student_
         )
     text = ModelCard.load(os.path.join(student, card.CARD_FILE)).text
     assert text.count(card.EVALUATION_HEADING) == 1 and "`test.jsonl`" in text
+    student_m, teacher_m = report["student"]["metrics"], report["teacher"]["metrics"]
+    (low, high), (t_low, t_high) = student_m["interval_95"]["accuracy"], teacher_m["interval_95"]["accuracy"]
     assert (
-        f"| accuracy | {report['student']['metrics']['accuracy']:.4f} | "
-        f"{report['teacher']['metrics']['accuracy']:.4f} |" in text
+        f"| accuracy | {student_m['accuracy']:.4f} ({low:.3f}-{high:.3f}) | "
+        f"{teacher_m['accuracy']:.4f} ({t_low:.3f}-{t_high:.3f}) |" in text
     )
+    assert "In brackets: 95% intervals over 1,000 bootstrap resamples of the test texts." in text
     assert f"| ECE (15 bins) | {report['student']['metrics']['ece']:.4f} |" in text
     assert others() == before
 

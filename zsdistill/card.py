@@ -236,9 +236,14 @@ def calibration_text(info: dict) -> str:
 def _dev(dev: dict, info: dict) -> str:
     first = ("subset accuracy", "subset_accuracy") if "subset_accuracy" in dev else ("accuracy", "accuracy")
     shaped = (info.get("calibration") or {}).get("dev_in_targets")
+    interval = dev.get("interval_95")  # absent in cards of releases before it
+
+    def spread(key: str) -> str:
+        return f" (95% interval {interval[key][0]:.2f}-{interval[key][1]:.2f})" if interval else ""
+
     return (
-        f"{dev['examples']} labeled texts: {first[0]} {dev[first[1]]:.4f}, macro-F1 {dev['macro_f1']:.4f}, "
-        f"ECE {dev['ece']:.4f} ("
+        f"{dev['examples']} labeled texts: {first[0]} {dev[first[1]]:.4f}{spread(first[1])}, macro-F1 "
+        f"{dev['macro_f1']:.4f}{spread('macro_f1')}, ECE {dev['ece']:.4f} ("
         + (
             "they also shaped the targets, so these are optimistic; not a test set)"
             if shaped
@@ -330,8 +335,16 @@ def add_evaluation(
         "| metric | " + " | ".join(name for name, _ in columns) + " |",
         "| --- " * (len(columns) + 1) + "|",
     ]
+
+    def cell(m: dict, key: str) -> str:  # with its 95% bootstrap interval where the report has one
+        interval = m.get("interval_95", {}).get(key)
+        return f"{m[key]:.4f}" + (f" ({interval[0]:.3f}-{interval[1]:.3f})" if interval else "")
+
     for title, key in keys:
-        section.append(f"| {title} | " + " | ".join(f"{m[key]:.4f}" for _, m in columns) + " |")
+        section.append(f"| {title} | " + " | ".join(cell(m, key) for _, m in columns) + " |")
+    resamples = next((m["interval_95"]["resamples"] for _, m in columns if "interval_95" in m), None)
+    if resamples:
+        section += ["", f"In brackets: 95% intervals over {resamples:,} bootstrap resamples of the test texts."]
     before = text.split("\n" + EVALUATION_HEADING + "\n")[0].rstrip("\n")
     with atomic_file(path) as f:
         f.write(before + "\n\n" + "\n".join(section) + "\n")

@@ -6,6 +6,7 @@ import numpy as np
 from zsdistill.errors import UserError
 
 ECE_BINS = 15
+BOOTSTRAP_RESAMPLES = 1000
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -70,6 +71,47 @@ def multi_label_metrics(true: np.ndarray, probabilities: np.ndarray, class_names
         "outcomes": multilabel_confusion_matrix(true, predicted)
         .reshape(len(class_names), 4)
         .tolist(),  # per class: tn, fp, fn, tp
+    }
+
+
+def accuracy_and_macro_f1(predicted: np.ndarray, true: np.ndarray, rows: np.ndarray, num_classes: int) -> tuple:
+    """Accuracy (subset accuracy for multi-label 0/1 matrices) and macro-F1 over all classes of `rows` of the
+    examples, as single_label_metrics and multi_label_metrics give them, without sklearn (bootstrap_intervals calls it
+    a thousand times)."""
+    predicted, true = predicted[rows], true[rows]
+    if predicted.ndim == 2:  # multi-label
+        predicted, true = predicted.astype(bool), true.astype(bool)
+        accuracy = (predicted == true).all(1).mean()
+        hits, predicted_count, true_count = (predicted & true).sum(0), predicted.sum(0), true.sum(0)
+    else:
+        right = predicted == true
+        accuracy = right.mean()
+        hits = np.bincount(true, weights=right, minlength=num_classes)
+        predicted_count = np.bincount(predicted, minlength=num_classes)
+        true_count = np.bincount(true, minlength=num_classes)
+    both = predicted_count + true_count  # F1 = 2 tp / (predicted + true), 0 where a class is neither (sklearn's)
+    return float(accuracy), float(np.where(both > 0, 2 * hits / np.maximum(both, 1), 0.0).mean())
+
+
+def bootstrap_intervals(
+    true: np.ndarray, probabilities: np.ndarray, multi_label: bool, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict:
+    """95% percentile intervals of accuracy (subset accuracy for multi-label) and macro-F1 over `resamples` bootstrap
+    resamples of the examples: how far another labeled set of the same size could move them. ECE has none: its
+    estimate on a sample is biased upward, and its bootstrap more so."""
+    predicted = probabilities > 0.5 if multi_label else probabilities.argmax(1)
+    rng = np.random.default_rng(seed)
+    scores = np.array(
+        [
+            accuracy_and_macro_f1(predicted, true, rng.integers(0, len(true), len(true)), probabilities.shape[1])
+            for _ in range(resamples)
+        ]
+    )
+    low, high = np.percentile(scores, [2.5, 97.5], axis=0)
+    return {
+        "resamples": resamples,
+        "subset_accuracy" if multi_label else "accuracy": [float(low[0]), float(high[0])],
+        "macro_f1": [float(low[1]), float(high[1])],
     }
 
 
