@@ -247,6 +247,12 @@ def subsample_sweep(names: list[str], setting: str, values: list[float], subsamp
         print(f"| {label} | " + " | ".join(cells) + f" | {np.mean(means):.4f} |", flush=True)
 
 
+def lost_summed(lost: list[str]) -> str:
+    """Classes lost over several runs: their count, then each class with how many runs lost it."""
+    named = ", ".join(f"{c} x{lost.count(c)}" for c in sorted(set(lost)))
+    return f"{len(lost)}{': ' + named if named else ''}"
+
+
 def small_pools(names: list[str], sizes: list[int], subsamples: int, work_dir: str) -> None:
     """The default refinement on small pools: per task and pool size, `subsamples` random subsamples of the pool
     (issue 26's set D has 475 texts; these tasks' pools have 2,500-8,000), the targets propagated as the student is
@@ -264,10 +270,9 @@ def small_pools(names: list[str], sizes: list[int], subsamples: int, work_dir: s
                 probabilities = propagated(sub, fitted(sub))
                 scores.append(label_metrics(task["labels"], probabilities, task["class_names"], False)["macro_f1"])
                 lost += lost_classes(task, probabilities.argmax(1))
-            named = ", ".join(f"{c} x{lost.count(c)}" for c in sorted(set(lost)))
             print(
                 f"| {name} | {size} | {teacher:.3f} | {np.mean(scores):.3f} ± {np.std(scores):.3f} | "
-                f"{len(lost)}{': ' + named if named else ''} |",
+                f"{lost_summed(lost)} |",
                 flush=True,
             )
 
@@ -293,11 +298,10 @@ def dev_draw_spread(names: list[str], per_class: int, draws: int, work_dir: str)
                 macro_f1s.append(m["macro_f1"])
                 lost += lost_classes(task, probabilities.argmax(1))
             design = f"{per_class} x {len(task['class_names'])} at random" if at_random else f"{per_class} a class"
-            named = ", ".join(f"{c} x{lost.count(c)}" for c in sorted(set(lost)))
             print(
                 f"| {name} | {design} | {np.median(eces):.3f} ({min(eces):.3f}-{max(eces):.3f}) | "
                 f"{sum(e > 0.08 for e in eces)} of {draws} | {np.median(macro_f1s):.3f} "
-                f"({min(macro_f1s):.3f}-{max(macro_f1s):.3f}) | {len(lost)}{': ' + named if named else ''} |",
+                f"({min(macro_f1s):.3f}-{max(macro_f1s):.3f}) | {lost_summed(lost)} |",
                 flush=True,
             )
 
